@@ -1,0 +1,32 @@
+"""Fused kernels for HOPE / Titans memories, with readable PyTorch references.
+
+Public ops (each in its own folder: reference.py, triton.py, cuda.py):
+
+- :func:`titan_memory_update`  chunk-parallel Titans / DGD memory update and read-out
+- :func:`teach_signal`         cross-entropy and its gradient w.r.t. the hidden states, without logits
+- :func:`cms_update`           one Continuum Memory System level update over a filled buffer
+
+``backend="auto"`` picks the fastest implementation available for the tensors' device
+(cuda > triton > cpp > reference); ``HOPE_BACKEND=<name>`` or ``backend=<name>`` forces one.
+"""
+from hope_kernels.dispatch import available_backends, resolve_backend
+from hope_kernels.titan_memory_update import (
+    LinearMemoryState,
+    MLPMemoryState,
+    titan_memory_update,
+)
+from hope_kernels.teach_signal import teach_signal
+from hope_kernels.cms_update import CMSParams, CMSStats, cms_update
+
+__all__ = [
+    "titan_memory_update",
+    "LinearMemoryState",
+    "MLPMemoryState",
+    "teach_signal",
+    "cms_update",
+    "CMSParams",
+    "CMSStats",
+    "available_backends",
+    "resolve_backend",
+]
+__version__ = "0.1.0"

@@ -1,0 +1,92 @@
+"""Argument checks shared by the public ops: each error names the argument and what was expected."""
+from __future__ import annotations
+
+import os
+from typing import Iterable, Sequence
+
+import torch
+
+FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+
+
+def _compiling() -> bool:
+    try:
+        return torch.compiler.is_compiling()
+    except AttributeError:  # pragma: no cover - very old torch
+        return False
+
+
+def value_checks_enabled() -> bool:
+    """Value checks (gate ranges, finite values) read tensor data and so synchronise a GPU.
+
+    They run unless ``HOPE_SKIP_VALUE_CHECKS=1`` or the call is being traced by torch.compile.
+    """
+    return os.environ.get("HOPE_SKIP_VALUE_CHECKS", "0") != "1" and not _compiling()
+
+
+def check_tensor(
+    name: str,
+    t,
+    *,
+    ndim: int | None = None,
+    dtypes: Sequence[torch.dtype] | None = FLOAT_DTYPES,
+    device: torch.device | None = None,
+) -> torch.Tensor:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if ndim is not None and t.dim() != ndim:
+        raise ValueError(f"{name} must have {ndim} dimensions, got shape {tuple(t.shape)}")
+    if dtypes is not None and t.dtype not in dtypes:
+        names = ", ".join(str(d).replace("torch.", "") for d in dtypes)
+        raise TypeError(f"{name} must have dtype in ({names}), got {str(t.dtype).replace('torch.', '')}")
+    if device is not None and t.device != device:
+        raise ValueError(f"{name} must be on device {device} (like the other inputs), got {t.device}")
+    return t
+
+
+def check_shape(name: str, t: torch.Tensor, expected: Iterable[int], what: str = "") -> None:
+    expected = tuple(int(e) for e in expected)
+    if tuple(t.shape) != expected:
+        hint = f" ({what})" if what else ""
+        raise ValueError(f"{name} must have shape {expected}{hint}, got {tuple(t.shape)}")
+
+
+def check_range(name: str, t: torch.Tensor, low: float, high: float) -> None:
+    """Check low <= t <= high and finite (skipped when value checks are off)."""
+    if not value_checks_enabled() or t.numel() == 0:
+        return
+    lo, hi = torch.aminmax(t.detach().float())
+    lo, hi = float(lo), float(hi)
+    if not (lo == lo and hi == hi):  # NaN
+        raise ValueError(f"{name} contains NaN; expected values in [{low}, {high}]")
+    if lo < low or hi > high:
+        raise ValueError(f"{name} must lie in [{low}, {high}], got values in [{lo:.4g}, {hi:.4g}]")
+
+
+def check_positive_int(name: str, v) -> int:
+    if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
+        raise ValueError(f"{name} must be a positive int, got {v!r}")
+    return v
+
+
+def check_choice(name: str, v, choices: Sequence[str]) -> str:
+    if v not in choices:
+        raise ValueError(f"{name} must be one of {tuple(choices)}, got {v!r}")
+    return v
+
+
+def check_float(name: str, v, low: float | None = None, high: float | None = None) -> float:
+    if isinstance(v, torch.Tensor):
+        if v.numel() != 1:
+            raise ValueError(f"{name} must be a scalar, got a tensor of shape {tuple(v.shape)}")
+        v = float(v)
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        raise TypeError(f"{name} must be a float, got {type(v).__name__}")
+    v = float(v)
+    if v != v:
+        raise ValueError(f"{name} must not be NaN")
+    if low is not None and v < low:
+        raise ValueError(f"{name} must be >= {low}, got {v}")
+    if high is not None and v > high:
+        raise ValueError(f"{name} must be <= {high}, got {v}")
+    return v

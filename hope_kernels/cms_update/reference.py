@@ -1,0 +1,87 @@
+"""Reference CMS level update (NL eq. 70-71; nl_l2_precond: NL eq. 27-29). Ground truth and CPU path."""
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+
+RMS_EPS = 1e-6
+
+
+class CMSParams(NamedTuple):
+    """Per-sample weights of one CMS level f(x) = x + W2 gelu(W1 rmsnorm(x))."""
+
+    w1: torch.Tensor  # [B, E, D]
+    w2: torch.Tensor  # [B, D, E]
+
+
+class CMSStats(NamedTuple):
+    update_count: int  # updates applied by this call (one per filled buffer)
+    w1_update_norm: torch.Tensor  # [B] ||W1_new - W1_old||_F per sample
+    w2_update_norm: torch.Tensor  # [B]
+
+
+def rmsnorm(x: torch.Tensor, eps: float = RMS_EPS) -> torch.Tensor:
+    """Parameter-free RMSNorm over the last dim (the level's gain lives outside the fast weights)."""
+    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+
+
+def gelu_grad(h: torch.Tensor) -> torch.Tensor:
+    """d gelu(h) / dh for the exact (erf) GELU."""
+    cdf = 0.5 * (1.0 + torch.erf(h / math.sqrt(2.0)))
+    pdf = torch.exp(-0.5 * h * h) / math.sqrt(2.0 * math.pi)
+    return cdf + h * pdf
+
+
+def cms_forward(w1: torch.Tensor, w2: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """f(x) = x + W2 gelu(W1 rmsnorm(x)) with per-sample weights; x [B, T, D] -> [B, T, D]."""
+    n = rmsnorm(x.float())
+    h = torch.einsum("bed,btd->bte", w1.float(), n)
+    return (x.float() + torch.einsum("bde,bte->btd", w2.float(), F.gelu(h))).to(x.dtype)
+
+
+@torch.no_grad()
+def cms_update_reference(
+    params: CMSParams,
+    momenta: CMSParams,
+    x: torch.Tensor,
+    delta: torch.Tensor,
+    lr: float,
+    beta: float,
+    precond: bool,
+    inplace: bool = False,
+) -> tuple[CMSParams, CMSParams, CMSStats]:
+    w1, w2 = params.w1.float(), params.w2.float()
+    n = rmsnorm(x.float())  # [B, C, D]
+    d = delta.float()
+    h = torch.einsum("bed,bcd->bce", w1, n)  # [B, C, E]
+    a = F.gelu(h)
+    # g = sum_t J_W f(x_t)^T delta_t: one reduction over the C buffered tokens per weight
+    g2 = torch.einsum("bcd,bce->bde", d, a)  # dW2 [B, D, E]
+    dh = torch.einsum("bde,bcd->bce", w2, d) * gelu_grad(h)
+    g1 = torch.einsum("bce,bcd->bed", dh, n)  # dW1 [B, E, D]
+    m1 = beta * momenta.w1.float() + g1
+    m2 = beta * momenta.w2.float() + g2
+    if precond:
+        # nl_l2_precond (NL eq. 27-29): W1 <- W1 (I - lr xbar xbar^T) - lr m
+        xbar = n.mean(dim=1)  # [B, D]
+        w1_new = w1 - lr * torch.einsum("bed,bd->be", w1, xbar)[:, :, None] * xbar[:, None, :] - lr * m1
+    else:
+        w1_new = w1 - lr * m1
+    w2_new = w2 - lr * m2
+    stats = CMSStats(
+        update_count=1,
+        w1_update_norm=(w1_new - w1).flatten(1).norm(dim=1),
+        w2_update_norm=(w2_new - w2).flatten(1).norm(dim=1),
+    )
+    if inplace:
+        params.w1.copy_(w1_new)
+        params.w2.copy_(w2_new)
+        momenta.w1.copy_(m1)
+        momenta.w2.copy_(m2)
+        return params, momenta, stats
+    new_params = CMSParams(w1_new.to(params.w1.dtype), w2_new.to(params.w2.dtype))
+    new_momenta = CMSParams(m1.to(momenta.w1.dtype), m2.to(momenta.w2.dtype))
+    return new_params, new_momenta, stats
