@@ -1,6 +1,179 @@
-"""Placeholder: the chunk-parallel reference is being written (see docs/kernels/titan_memory.md)."""
+"""Chunk-parallel PyTorch reference of ``titan_memory_update`` (see docs/kernels/titan_memory.md).
+
+Titans (arXiv 2501.00663) eq. 12-14 with chunk-start gradients (sec. 3.2); DGD rule of Nested
+Learning (arXiv 2512.24695) eq. 56-57 (numbering as cited in the issue).
+
+- rule ``titans``: the dual form; per chunk a handful of [L, L] / [L, D] matmuls, no per-token
+  weight matrices. The L x L decay matrix G and the vector c come from their stable recurrences
+  (never from dividing cumulative products), so gates at exactly 0 are fine.
+- rule ``dgd``: a per-token recursion inside each chunk on running weight states (all gradients are
+  still taken at the chunk-start state W_c); the compact UT/Lambda form is left to the kernels.
+
+Loops over chunks (and, for the L x L recurrences, over tokens of a chunk) run in Python, vectorised
+over batch and head. Computes in fp32 (float64 when q is float64); plain autograd gives gradients.
+"""
 from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from hope_kernels.titan_memory_update.state import LinearMemoryState, MLPMemoryState
+
+_INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
+KEY_NORM_EPS = 1e-6
+
+
+def gelu(x: torch.Tensor) -> torch.Tensor:
+    """Exact (erf) GELU."""
+    return F.gelu(x)
+
+
+def gelu_grad(x: torch.Tensor) -> torch.Tensor:
+    """d/dx gelu(x) = Phi(x) + x phi(x), written out so autograd can differentiate through it."""
+    return 0.5 * (1.0 + torch.erf(x * (1.0 / math.sqrt(2.0)))) + x * torch.exp(-0.5 * x * x) * _INV_SQRT_2PI
+
+
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def memory_apply(state, x: torch.Tensor, memory: str) -> torch.Tensor:
+    """Read the memory: M(x) for x [B, H, T, Dk] at a fixed state (weights [B, H, ...])."""
+    if memory == "linear":
+        return x @ state.W.transpose(-1, -2)
+    if memory == "mlp":
+        return x + gelu(x @ state.W2.transpose(-1, -2)) @ state.W1.transpose(-1, -2)
+    raise ValueError(f"memory must be one of ('linear', 'mlp'), got {memory!r}")
+
+
+def unit_keys(k: torch.Tensor) -> torch.Tensor:
+    """k^ = k / max(||k||, 1e-6) (a zero key gives no preconditioning instead of NaN)."""
+    return k / k.norm(dim=-1, keepdim=True).clamp_min(KEY_NORM_EPS)
+
+
+def chunk_decay_terms(eta: torch.Tensor, keep: torch.Tensor):
+    """Per-chunk decay coefficients of the dual form, by stable recurrences.
+
+    eta, keep (= 1 - alpha): [B, H, L]. Returns
+      P [B, H, L, L]: P[t, i] = prod_{i<j<=t} eta_j (i <= t, else 0)   -- momentum carry,
+      G [B, H, L, L]: G[t, i] = keep_t G[t-1, i] + P[t, i]              -- weight carry of theta_i u_i,
+      A, Bk, c [B, H, L]: A_t = prod eta, Bk_t = prod keep, c_t = keep_t c_{t-1} + A_t.
+    """
+    L = eta.shape[-1]
+    eye = torch.eye(L, dtype=eta.dtype, device=eta.device)
+    P_rows, G_rows, A, Bk, c = [], [], [], [], []
+    P_prev = torch.zeros_like(eta)
+    G_prev = torch.zeros_like(eta)
+    A_prev = torch.ones_like(eta[..., 0])
+    B_prev = torch.ones_like(eta[..., 0])
+    c_prev = torch.zeros_like(eta[..., 0])
+    for t in range(L):
+        a_t, b_t = eta[..., t], keep[..., t]
+        P_t = a_t[..., None] * P_prev + eye[t]
+        G_t = b_t[..., None] * G_prev + P_t
+        A_t = a_t * A_prev
+        B_t = b_t * B_prev
+        c_t = b_t * c_prev + A_t
+        P_rows.append(P_t)
+        G_rows.append(G_t)
+        A.append(A_t)
+        Bk.append(B_t)
+        c.append(c_t)
+        P_prev, G_prev, A_prev, B_prev, c_prev = P_t, G_t, A_t, B_t, c_t
+    return (torch.stack(P_rows, -2), torch.stack(G_rows, -2), torch.stack(A, -1), torch.stack(Bk, -1),
+            torch.stack(c, -1))
+
+
+def _dual_read(W0, S0, x_q, x_k, err, theta, G, Bk, c):
+    """W_t x_q for every t of a chunk, W_t = Bk_t W0 + c_t S0 - sum_{i<=t} G[t,i] theta_i err_i x_k_i^T."""
+    scores = (G * theta[..., None, :]) * (x_q @ x_k.transpose(-1, -2))  # [B, H, L, L], lower triangular
+    return (Bk[..., None] * (x_q @ W0.transpose(-1, -2)) + c[..., None] * (x_q @ S0.transpose(-1, -2))
+            - scores @ err)
+
+
+def _dual_end(W0, S0, x_k, err, theta, P, G, A, Bk, c):
+    """End-of-chunk (W_L, S_L) of the dual form: two matmuls per weight."""
+    wG = (G[..., -1, :] * theta)[..., None]  # [B, H, L, 1]
+    wP = (P[..., -1, :] * theta)[..., None]
+    W_end = Bk[..., -1, None, None] * W0 + c[..., -1, None, None] * S0 - err.transpose(-1, -2) @ (wG * x_k)
+    S_end = A[..., -1, None, None] * S0 - err.transpose(-1, -2) @ (wP * x_k)
+    return W_end, S_end
+
+
+def _titans_chunk(memory, st, q, k, v, theta, eta, keep):
+    P, G, A, Bk, c = chunk_decay_terms(eta, keep)
+    if memory == "linear":
+        err = k @ st.W.transpose(-1, -2) - v  # e_i = W_c k_i - v_i
+        out = _dual_read(st.W, st.S, q, k, err, theta, G, Bk, c)
+        W, S = _dual_end(st.W, st.S, k, err, theta, P, G, A, Bk, c)
+        return out, LinearMemoryState(W, S)
+    W1, W2, S1, S2 = st
+    h = k @ W2.transpose(-1, -2)  # [B, H, L, E]
+    a = gelu(h)
+    err = k + a @ W1.transpose(-1, -2) - v  # [B, H, L, D]
+    g = (err @ W1) * gelu_grad(h)  # dl/dh: u2_i = g_i k_i^T, u1_i = e_i a_i^T
+    hq = _dual_read(W2, S2, q, k, g, theta, G, Bk, c)
+    aq = gelu(hq)
+    out = q + _dual_read(W1, S1, aq, a, err, theta, G, Bk, c)
+    W1n, S1n = _dual_end(W1, S1, a, err, theta, P, G, A, Bk, c)
+    W2n, S2n = _dual_end(W2, S2, k, g, theta, P, G, A, Bk, c)
+    return out, MLPMemoryState(W1n, W2n, S1n, S2n)
+
+
+def _outer(col, row):
+    return col[..., :, None] * row[..., None, :]
+
+
+def _dgd_chunk(memory, st, q, k, v, theta, eta, keep):
+    """Per-token recursion on running weights; gradients all at the chunk-start state st."""
+    L = q.shape[-2]
+    k_hat = unit_keys(k)
+    outs = []
+    if memory == "linear":
+        err = k @ st.W.transpose(-1, -2) - v
+        W, S = st.W, st.S
+        for t in range(L):
+            th, b = theta[..., t, None, None], keep[..., t, None, None]
+            S = eta[..., t, None, None] * S - th * _outer(err[..., t, :], k[..., t, :])
+            # W (b I - theta k^ k^T) = b W - theta (W k^) k^T
+            W = b * W - th * _outer((W @ k_hat[..., t, :, None])[..., 0], k_hat[..., t, :]) + S
+            outs.append((W @ q[..., t, :, None])[..., 0])
+        return torch.stack(outs, -2), LinearMemoryState(W, S)
+    W1, W2, S1, S2 = st
+    h = k @ W2.transpose(-1, -2)
+    a = gelu(h)
+    err = k + a @ W1.transpose(-1, -2) - v
+    g = (err @ W1) * gelu_grad(h)
+    for t in range(L):
+        th, b, m = theta[..., t, None, None], keep[..., t, None, None], eta[..., t, None, None]
+        S1 = m * S1 - th * _outer(err[..., t, :], a[..., t, :])
+        S2 = m * S2 - th * _outer(g[..., t, :], k[..., t, :])
+        W1 = b * W1 + S1
+        W2 = b * W2 - th * _outer((W2 @ k_hat[..., t, :, None])[..., 0], k_hat[..., t, :]) + S2
+        q_t = q[..., t, :]
+        hq = (W2 @ q_t[..., None])[..., 0]
+        outs.append(q_t + (W1 @ gelu(hq)[..., None])[..., 0])
+    return torch.stack(outs, -2), MLPMemoryState(W1, W2, S1, S2)
 
 
 def titan_memory_update_reference(q, k, v, lr, momentum, decay, chunk_size, memory, rule, state):
-    raise NotImplementedError("titan_memory_update reference not written yet")
+    """Chunk-parallel reference; same contract as ``titan_memory_update`` (arguments already checked)."""
+    dt = compute_dtype(q)
+    q_, k_, v_ = q.to(dt), k.to(dt), v.to(dt)
+    theta, eta, keep = lr.to(dt), momentum.to(dt), 1.0 - decay.to(dt)
+    st = type(state)(*(x.to(dt) for x in state))
+    chunk_fn = _titans_chunk if rule == "titans" else _dgd_chunk
+    T = q.shape[-2]
+    outs = []
+    for s in range(0, T, chunk_size):
+        e = min(s + chunk_size, T)
+        out_c, st = chunk_fn(memory, st, q_[..., s:e, :], k_[..., s:e, :], v_[..., s:e, :],
+                             theta[..., s:e], eta[..., s:e], keep[..., s:e])
+        outs.append(out_c)
+    return torch.cat(outs, -2).to(q.dtype), st
+
+
+__all__ = ["titan_memory_update_reference", "memory_apply", "gelu", "gelu_grad", "unit_keys",
+           "chunk_decay_terms", "compute_dtype"]
