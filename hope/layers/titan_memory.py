@@ -1,0 +1,100 @@
+"""Titans neural long-term memory layer (Titans sec. 3.1-3.2) over ``hope_kernels.titan_memory_update``.
+
+x -> q, k, v projections -> causal depthwise conv -> SiLU -> per head; q, k L2-normalised.
+Data-dependent gates per token and head: lr theta_t, momentum eta_t, decay (forget) alpha_t, each
+sigmoid(W x + b) (Titans eq. 13-14). The memory (linear or 2-layer residual MLP per head) starts
+from learnable weights expanded over the batch, so the outer loss meta-learns its initial state.
+Output: RMSNorm(M_t(q_t)) * SiLU(W_g x), then W_out.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from hope.layers.conv import CausalDepthwiseConv
+from hope.layers.norms import RMSNorm, check_input, l2_normalize
+from hope_kernels.titan_memory_update.state import LinearMemoryState, MLPMemoryState
+
+
+def init_memory_params(module: nn.Module, prefix: str, n: int, head_dim: int, hidden: int, memory: str):
+    """Register the learnable initial weights of ``n`` per-head memories (leading dim n)."""
+    if memory == "mlp":
+        # M(x) = x + W1 gelu(W2 x): W2 [E, D] reads x, W1 [D, E] writes back; W1 small so M ~ identity
+        w1 = torch.randn(n, head_dim, hidden) * 0.02
+        w2 = torch.randn(n, hidden, head_dim) / math.sqrt(head_dim)
+        module.register_parameter(f"{prefix}_w1", nn.Parameter(w1))
+        module.register_parameter(f"{prefix}_w2", nn.Parameter(w2))
+    else:
+        module.register_parameter(f"{prefix}_w", nn.Parameter(torch.randn(n, head_dim, head_dim) * 0.02))
+
+
+def initial_memory_state(module: nn.Module, prefix: str, memory: str, batch_size: int):
+    """State [B, n, ...] from the learnable initial weights (graph kept), zero momenta."""
+    if memory == "mlp":
+        w1 = getattr(module, f"{prefix}_w1").float()
+        w2 = getattr(module, f"{prefix}_w2").float()
+        W1 = w1.unsqueeze(0).expand(batch_size, *w1.shape)
+        W2 = w2.unsqueeze(0).expand(batch_size, *w2.shape)
+        return MLPMemoryState(W1, W2, torch.zeros_like(W1), torch.zeros_like(W2))
+    w = getattr(module, f"{prefix}_w").float()
+    W = w.unsqueeze(0).expand(batch_size, *w.shape)
+    return LinearMemoryState(W, torch.zeros_like(W))
+
+
+def memory_delta_norm(new, old) -> torch.Tensor:
+    """||W_end - W_start|| over the weights, per sample (telemetry: memory update magnitude; a detached
+    0-d tensor, turned into a float once per forward to avoid one device sync per layer)."""
+    with torch.no_grad():
+        n = new[0].new_zeros((), dtype=torch.float32)
+        for a, b in zip(new, old):
+            if a.shape == b.shape and a.dim() == 4 and a is not b:
+                n = n + (a.float() - b.float()).pow(2).sum()
+        return (n / max(1, new[0].shape[0])).sqrt()
+
+
+class TitanMemory(nn.Module):
+    """Titans memory as a sequence mixer (the LMM layer); ``forward(x, state) -> (y, state, metrics)``."""
+
+    def __init__(self, dim: int, n_heads: int, *, memory: str = "mlp", expansion: int = 2, chunk_size: int = 64,
+                 rule: str = "titans", conv_window: int = 4, backend: str = "auto"):
+        super().__init__()
+        self.dim, self.n_heads, self.head_dim = dim, n_heads, dim // n_heads
+        self.memory, self.chunk_size, self.rule, self.backend = memory, chunk_size, rule, backend
+        self.qkv = nn.Linear(dim, 3 * dim, bias=False)
+        self.conv = CausalDepthwiseConv(3 * dim, conv_window)
+        self.gates = nn.Linear(dim, 3 * n_heads, bias=True)
+        init_memory_params(self, "mem", n_heads, self.head_dim, expansion * self.head_dim, memory)
+        self.out_norm = RMSNorm(self.head_dim)
+        self.gate = nn.Linear(dim, dim, bias=False)
+        self.out = nn.Linear(dim, dim, bias=False)
+        self._gate_bias = (-4.0, 1.0, -6.0)  # lr ~0.018, momentum ~0.73, decay ~0.0025 at init
+
+    def reset_gate_bias(self):
+        with torch.no_grad():
+            H = self.n_heads
+            for i, b in enumerate(self._gate_bias):
+                self.gates.bias[i * H:(i + 1) * H] = b
+
+    def forward(self, x: torch.Tensor, state: dict | None = None):
+        check_input("x", x, self.dim)
+        B, T, D = x.shape
+        H, Dh = self.n_heads, self.head_dim
+        state = state or {}
+        qkv, conv_cache = self.conv(self.qkv(x), state.get("conv"))
+        qkv = F.silu(qkv).view(B, T, 3, H, Dh).permute(2, 0, 3, 1, 4)  # [3, B, H, T, Dh]
+        q, k, v = l2_normalize(qkv[0]), l2_normalize(qkv[1]), qkv[2]
+        gates = torch.sigmoid(self.gates(x).float()).view(B, T, 3, H).permute(2, 0, 3, 1)  # [3, B, H, T]
+        mem0 = state.get("mem")
+        if mem0 is None:
+            mem0 = initial_memory_state(self, "mem", self.memory, B)
+        from hope_kernels import titan_memory_update
+
+        y, mem = titan_memory_update(q, k, v, gates[0], gates[1], gates[2], chunk_size=self.chunk_size,
+                                     memory=self.memory, rule=self.rule, state=mem0, backend=self.backend)
+        y = self.out_norm(y).transpose(1, 2).reshape(B, T, D).to(x.dtype)
+        y = self.out(y * F.silu(self.gate(x)))
+        metrics = {"memory_update_norm": memory_delta_norm(mem, mem0), "memory_lr_mean": gates[0].detach().mean()}
+        return y, {"conv": conv_cache, "mem": mem}, metrics

@@ -1,0 +1,214 @@
+"""Model configuration: one dataclass for the three architectures, with validation and presets.
+
+Titans = arXiv 2501.00663, Nested Learning (NL) = arXiv 2512.24695.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, fields
+
+ARCHS = ("hope", "titan", "transformer")
+TITAN_VARIANTS = ("lmm", "mag")
+RULES = ("titans", "dgd")
+TEACH_SIGNALS = ("shared", "exact")
+MEMORIES = ("linear", "mlp")
+BACKENDS = ("auto", "cuda", "triton", "cpp", "reference")
+
+
+@dataclass
+class ModelConfig:
+    """All architecture hyper-parameters. Fields that an arch does not use are ignored by it.
+
+    Shared: ``vocab_size``, ``d_model``, ``n_layers``, ``n_heads`` (head dim = d_model / n_heads),
+    ``max_seq_len``, ``ffn_hidden`` (SwiGLU width of transformer and titan blocks), ``rope_theta``,
+    ``norm_eps``, ``backend`` (passed to every hope_kernels op). The LM head is always tied to the
+    embedding (F1).
+
+    TITAN: ``titan_variant`` ``"lmm"`` (memory is the mixer) or ``"mag"`` (sliding-window attention
+    gated by the memory), ``memory`` (``"linear"``/``"mlp"``), ``memory_expansion`` (hidden width
+    of the mlp memory per head, as a multiple of the head dim), ``chunk_size`` (memory update
+    chunk), ``window`` (mag attention window), ``persistent_tokens`` (learnable tokens prepended).
+
+    HOPE: ``selfmod`` (self-modifying Titans on; off = generators k/v/q/eta/alpha are static),
+    ``adaptive_q`` (M_q is a self-modified memory too), ``mem_chunk_size`` (M_mem, default 64),
+    ``gen_chunk_size`` (the generator memories, default 8), ``conv_window`` (causal depthwise conv
+    on the q/k/v inputs), ``cms_periods`` (update period of each CMS level, fastest first),
+    ``cms_levels`` (how many of them are used: the CMS depth ablation; 0 = no CMS),
+    ``cms_hidden`` (hidden width of each level), ``cms_lr``, ``cms_beta``, ``cms_precond``
+    (nl_l2_precond, NL eq. 27-29), ``teach_signal`` (``"shared"`` head delta to every level, or
+    ``"exact"`` d loss / d level output).
+
+    Both memory archs: ``rule`` (``"titans"`` Titans eq. 13-14 or ``"dgd"`` NL eq. 56-57).
+    """
+
+    arch: str = "hope"
+    vocab_size: int = 32000
+    d_model: int = 768
+    n_layers: int = 12
+    n_heads: int = 12
+    max_seq_len: int = 2048
+    ffn_hidden: int = 2048
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-6
+    init_std: float = 0.02
+    backend: str = "auto"
+    rule: str = "titans"
+    # TITAN
+    titan_variant: str = "lmm"
+    memory: str = "mlp"
+    memory_expansion: int = 2
+    chunk_size: int = 64
+    window: int = 512
+    persistent_tokens: int = 0
+    # HOPE
+    selfmod: bool = True
+    adaptive_q: bool = True
+    mem_chunk_size: int = 64
+    gen_chunk_size: int = 8
+    conv_window: int = 4
+    cms_periods: tuple = (16, 64, 256)
+    cms_levels: int = 3
+    cms_hidden: int = 1024
+    cms_lr: float = 1e-3
+    cms_beta: float = 0.9
+    cms_precond: bool = False
+    teach_signal: str = "shared"
+
+    def __post_init__(self):
+        if isinstance(self.cms_periods, list):
+            self.cms_periods = tuple(self.cms_periods)
+        self.validate()
+
+    # ---------------------------------------------------------------- validation
+    def validate(self) -> "ModelConfig":
+        def choice(name, choices):
+            v = getattr(self, name)
+            if v not in choices:
+                raise ValueError(f"ModelConfig.{name} must be one of {choices}, got {v!r}")
+
+        def pos_int(name, allow_zero=False):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int):
+                raise TypeError(f"ModelConfig.{name} must be an int, got {type(v).__name__}")
+            if v < 0 or (v == 0 and not allow_zero):
+                raise ValueError(f"ModelConfig.{name} must be {'>= 0' if allow_zero else '> 0'}, got {v}")
+
+        def pos_float(name, allow_zero=False, high=None):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)):
+                raise TypeError(f"ModelConfig.{name} must be a float, got {type(v).__name__}")
+            if not (v > 0 or (allow_zero and v == 0)) or (high is not None and v > high):
+                rng = f"in [0, {high}]" if high is not None else ("> 0" if not allow_zero else ">= 0")
+                raise ValueError(f"ModelConfig.{name} must be {rng}, got {v}")
+
+        def boolean(name):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"ModelConfig.{name} must be a bool, got {type(getattr(self, name)).__name__}")
+
+        choice("arch", ARCHS)
+        choice("titan_variant", TITAN_VARIANTS)
+        choice("rule", RULES)
+        choice("teach_signal", TEACH_SIGNALS)
+        choice("memory", MEMORIES)
+        choice("backend", BACKENDS)
+        for name in ("vocab_size", "d_model", "n_layers", "n_heads", "max_seq_len", "ffn_hidden",
+                     "memory_expansion", "chunk_size", "window", "mem_chunk_size", "gen_chunk_size",
+                     "conv_window", "cms_hidden"):
+            pos_int(name)
+        pos_int("persistent_tokens", allow_zero=True)
+        pos_int("cms_levels", allow_zero=True)
+        pos_float("rope_theta")
+        pos_float("norm_eps")
+        pos_float("init_std")
+        pos_float("cms_lr", allow_zero=True)
+        pos_float("cms_beta", allow_zero=True, high=1.0)
+        for name in ("selfmod", "adaptive_q", "cms_precond"):
+            boolean(name)
+        if self.d_model % self.n_heads != 0:
+            raise ValueError(
+                f"ModelConfig.d_model ({self.d_model}) must be divisible by ModelConfig.n_heads ({self.n_heads})"
+            )
+        if (self.d_model // self.n_heads) % 2 != 0:
+            raise ValueError(f"ModelConfig.n_heads must give an even head dim for RoPE, got "
+                             f"d_model/n_heads = {self.d_model // self.n_heads}")
+        if not isinstance(self.cms_periods, tuple) or not all(
+            isinstance(p, int) and not isinstance(p, bool) and p > 0 for p in self.cms_periods
+        ):
+            raise ValueError(f"ModelConfig.cms_periods must be a tuple of positive ints, got {self.cms_periods!r}")
+        if self.cms_levels > len(self.cms_periods):
+            raise ValueError(
+                f"ModelConfig.cms_levels ({self.cms_levels}) must be <= len(cms_periods) ({len(self.cms_periods)})"
+            )
+        return self
+
+    # ---------------------------------------------------------------- helpers
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_heads
+
+    @property
+    def active_cms_periods(self) -> tuple:
+        return tuple(self.cms_periods[: self.cms_levels])
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["cms_periods"] = list(self.cms_periods)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ModelConfig":
+        if not isinstance(d, dict):
+            raise TypeError(f"ModelConfig.from_dict needs a dict, got {type(d).__name__}")
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"unknown ModelConfig keys {unknown}; known: {sorted(known)}")
+        return cls(**d)
+
+    def replace(self, **changes) -> "ModelConfig":
+        return dataclasses.replace(self, **changes)
+
+
+# ------------------------------------------------------------------------- presets
+_SMOKE = dict(vocab_size=2048, d_model=128, n_layers=4, n_heads=4, max_seq_len=256, ffn_hidden=384,
+              chunk_size=32, window=64, mem_chunk_size=32, gen_chunk_size=8, cms_periods=(4, 16, 64),
+              cms_levels=3, cms_hidden=256, memory_expansion=2)
+# Pilot: 12 x 768, vocab 32000, seq 2048; widths tuned so each arch has 160M +-5% parameters.
+_PILOT = dict(vocab_size=32000, d_model=768, n_layers=12, n_heads=12, max_seq_len=2048, window=512,
+              chunk_size=64, mem_chunk_size=64, gen_chunk_size=8, cms_periods=(16, 64, 256), cms_levels=3)
+_MID = dict(vocab_size=32000, d_model=1024, n_layers=24, n_heads=16, max_seq_len=4096, window=1024,
+            chunk_size=64, mem_chunk_size=64, gen_chunk_size=8, cms_periods=(16, 64, 256), cms_levels=3)
+
+_PRESETS: dict[str, dict] = {
+    "smoke-transformer": dict(_SMOKE, arch="transformer"),
+    "smoke-titan": dict(_SMOKE, arch="titan", titan_variant="mag", ffn_hidden=320),
+    "smoke-titan-lmm": dict(_SMOKE, arch="titan", titan_variant="lmm", ffn_hidden=320),
+    "smoke-hope": dict(_SMOKE, arch="hope", cms_hidden=192),
+    "pilot-transformer": dict(_PILOT, arch="transformer", ffn_hidden=3840),
+    "pilot-titan": dict(_PILOT, arch="titan", titan_variant="mag", ffn_hidden=2496, memory_expansion=2),
+    "pilot-titan-lmm": dict(_PILOT, arch="titan", titan_variant="lmm", ffn_hidden=3520, memory_expansion=2),
+    "pilot-hope": dict(_PILOT, arch="hope", cms_hidden=1536, memory_expansion=2),
+    "mid-transformer": dict(_MID, arch="transformer", ffn_hidden=4096),
+    "mid-titan": dict(_MID, arch="titan", titan_variant="mag", ffn_hidden=2304),
+    "mid-hope": dict(_MID, arch="hope", cms_hidden=1600),
+}
+
+
+def preset_names() -> list[str]:
+    return sorted(_PRESETS)
+
+
+def preset(name: str, **overrides) -> ModelConfig:
+    """A named config (``smoke-*``: CPU minutes; ``pilot-*``: 160M; ``mid-*``), with field overrides."""
+    if not isinstance(name, str):
+        raise TypeError(f"name must be a str, got {type(name).__name__}")
+    if name not in _PRESETS:
+        raise ValueError(f"name must be one of {preset_names()}, got {name!r}")
+    known = {f.name for f in fields(ModelConfig)}
+    unknown = sorted(set(overrides) - known)
+    if unknown:
+        raise ValueError(f"unknown ModelConfig keys {unknown} in overrides")
+    return ModelConfig(**{**_PRESETS[name], **overrides})
+
+
+__all__ = ["ModelConfig", "preset", "preset_names", "ARCHS", "TITAN_VARIANTS", "RULES", "TEACH_SIGNALS"]

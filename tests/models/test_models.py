@@ -1,0 +1,100 @@
+"""Every architecture: shapes, causality, loss == CE of the logits, gradients reach every parameter,
+bad inputs raise errors naming the argument."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from hope.models import ModelOutput, ModelState, build_model
+from hope.models.online import online_forward
+from tests.models._util import ARCH_CONFIGS, batch, tiny
+
+ARCHS = list(ARCH_CONFIGS)
+
+
+@pytest.mark.parametrize("name", ARCHS)
+def test_shapes_loss_and_causality(name):
+    torch.manual_seed(0)
+    cfg = tiny(name)
+    model = build_model(cfg).eval()
+    assert model.config is cfg
+    ids, labels = batch(cfg, B=2, T=16)
+    out = model(ids, labels=labels, return_logits=True, return_state=True)
+    assert isinstance(out, ModelOutput)
+    assert out.hidden.shape == (2, 16, cfg.d_model) and out.logits.shape == (2, 16, cfg.vocab_size)
+    assert out.teach_delta.shape == (2, 16, cfg.d_model) and not out.teach_delta.requires_grad
+    ce = F.cross_entropy(out.logits.reshape(-1, cfg.vocab_size), labels.reshape(-1), ignore_index=-100)
+    torch.testing.assert_close(out.loss, ce, rtol=1e-5, atol=1e-5)
+    assert torch.isfinite(out.loss) and out.metrics["teach_signal_norm"] > 0
+    if cfg.arch == "transformer":
+        assert out.state is None
+    else:
+        assert isinstance(out.state, ModelState) and out.state.pos == 16
+        for key in ("memory_update_norm", "memory_lr_mean"):
+            assert out.metrics[key] > 0, key
+    # changing a future token leaves every earlier output unchanged
+    t = 9
+    ids2 = ids.clone()
+    ids2[:, t] = (ids2[:, t] + 1) % cfg.vocab_size
+    out2 = model(ids2, return_logits=True)
+    torch.testing.assert_close(out2.logits[:, :t], out.logits[:, :t], rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(out2.logits[:, t], out.logits[:, t])
+
+
+def _assert_all_grads(model):
+    bad = [n for n, p in model.named_parameters()
+           if p.grad is None or not torch.isfinite(p.grad).all() or p.grad.abs().sum() == 0]
+    assert not bad, f"parameters without a finite nonzero gradient: {bad}"
+
+
+@pytest.mark.parametrize("name", ARCHS)
+def test_every_parameter_gets_a_gradient_parallel(name):
+    torch.manual_seed(0)
+    model = build_model(tiny(name)).train()
+    ids, labels = batch(model.config, T=16)
+    model(ids, labels=labels).loss.backward()
+    _assert_all_grads(model)
+
+
+@pytest.mark.parametrize("name", ["titan-mag", "hope"])
+def test_every_parameter_gets_a_gradient_online(name):
+    torch.manual_seed(0)
+    model = build_model(tiny(name)).train()
+    ids, labels = batch(model.config, T=16)
+    online_forward(model, ids, labels, segment_len=8).loss.backward()
+    _assert_all_grads(model)
+
+
+def test_bad_inputs_name_the_argument():
+    model = build_model(tiny("hope"))
+    ids, labels = batch(model.config)
+    with pytest.raises(TypeError, match="input_ids"):
+        model(ids.float())
+    with pytest.raises(ValueError, match="input_ids"):
+        model(ids[0])
+    with pytest.raises(ValueError, match="input_ids"):
+        model(ids + model.config.vocab_size)
+    with pytest.raises(ValueError, match="labels"):
+        model(ids, labels=labels[:, :-1])
+    with pytest.raises(TypeError, match="state"):
+        model(ids, state={"mem": None})
+    with pytest.raises(TypeError, match="return_logits"):
+        model(ids, return_logits=1)
+    with pytest.raises(ValueError, match="batch size"):
+        model(ids, state=model(ids[:1], return_state=True).state)
+    with pytest.raises(ValueError, match="segment_len"):
+        online_forward(model, ids, labels, segment_len=0)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", ARCHS)
+def test_bf16_autocast_step_on_gpu(name):
+    torch.manual_seed(0)
+    model = build_model(tiny(name)).cuda().train()
+    ids, labels = batch(model.config, T=32)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        out = model(ids.cuda(), labels=labels.cuda())
+    out.loss.backward()
+    assert torch.isfinite(out.loss)
+    _assert_all_grads(model)
+    fp32 = model(ids.cuda(), labels=labels.cuda()).loss
+    assert abs(float(out.loss) - float(fp32)) < 0.05
