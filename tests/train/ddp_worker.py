@@ -1,0 +1,33 @@
+"""Run under torchrun by test_ddp: trains the real Trainer, then each rank writes what it saw and its weights."""
+import hashlib
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+from hope.train import Trainer, load_config
+
+
+def main():
+    config, out = sys.argv[1], Path(sys.argv[2])
+    cfg = load_config(config, sys.argv[3:])
+    trainer = Trainer(cfg)
+    rank = trainer.info.rank
+    first = trainer.prepared.build_loader("train", cfg.batch_size, cfg.seq_len, seed=cfg.seed, rank=rank,
+                                          world_size=trainer.info.world_size)
+    first_batch = next(first)["input_ids"]
+    backend = trainer.info.backend
+    trainer.train()
+    digest = hashlib.sha256()
+    for name, tensor in sorted(trainer.model.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    (out / f"rank{rank}.json").write_text(json.dumps({
+        "params_sha256": digest.hexdigest(), "first_batch": first_batch[:, :8].tolist(), "backend": backend,
+        "world_size": trainer.info.world_size, "finite": all(bool(torch.isfinite(p).all())
+                                                              for p in trainer.model.parameters())}))
+
+
+if __name__ == "__main__":
+    main()
