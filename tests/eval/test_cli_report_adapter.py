@@ -1,0 +1,153 @@
+"""Checkpoint loading errors, the zeroshot/niah CLI end to end, report rendering, the lm-eval adapter."""
+import json
+
+import pytest
+import torch
+
+from hope.eval.__main__ import main as eval_main
+from hope.eval.loading import check_tokenizer, load_for_eval
+from hope.models import build_model
+from hope.report.__main__ import main as report_main
+from hope.train.checkpoint import save_checkpoint
+from tests.models._util import tiny
+
+
+def _save(run_dir, model, tokenizer, step=1):
+    state = {"step": step, "tokens_seen": 0, "model_config": model.config.to_dict(),
+             "tokenizer": {"path": str(tokenizer.path), "sha256": tokenizer.sha256}, "config": {},
+             "val_loss": None, "complete": True}
+    return save_checkpoint(run_dir, step, model, {}, state)
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory, tokenizer):
+    torch.manual_seed(0)
+    d = tmp_path_factory.mktemp("runs") / "hope-test"
+    _save(d, build_model(tiny("hope", vocab_size=tokenizer.vocab_size, max_seq_len=512)), tokenizer)
+    return d
+
+
+def test_strict_loading_rejects_mismatched_keys(tmp_path, tokenizer):
+    torch.manual_seed(0)
+    d = tmp_path / "bad"
+    model = build_model(tiny("hope", vocab_size=tokenizer.vocab_size))
+    step = _save(d, model, tokenizer)
+    # state.json now describes a different architecture than the saved weights
+    sj = json.loads((step / "state.json").read_text())
+    sj["model_config"] = tiny("transformer", vocab_size=tokenizer.vocab_size).to_dict()
+    (step / "state.json").write_text(json.dumps(sj))
+    with pytest.raises((ValueError, RuntimeError), match="(?i)missing|unexpected"):
+        load_for_eval(d)
+    with pytest.raises(ValueError, match="checkpoint"):
+        load_for_eval(tmp_path / "nope")
+
+
+def test_tokenizer_mismatch_stops_with_message(run_dir, tokenizer, tmp_path, filler_text):
+    with pytest.raises(ValueError, match="tokenizer mismatch"):
+        check_tokenizer(tokenizer, "0" * 64, 10_000)
+    with pytest.raises(ValueError, match="tokenizer mismatch"):
+        check_tokenizer(tokenizer, tokenizer.sha256, 100)
+    from hope.data.tokenizer import train_tokenizer
+    (tmp_path / "t.txt").write_text(filler_text)
+    other = train_tokenizer([tmp_path / "t.txt"], tmp_path / "other", vocab_size=400)
+    with pytest.raises(ValueError, match="tokenizer mismatch"):
+        load_for_eval(run_dir, tokenizer_path=other.path)
+    assert eval_main(["zeroshot", "--checkpoint", str(run_dir), "--tokenizer", str(other.path), "--no-wandb",
+                      "--tasks", "navigate", "--limit", "1"]) == 2
+
+
+def test_zeroshot_and_niah_cli_then_report(run_dir, tmp_path, capsys):
+    out = tmp_path / "eval"
+    rc = eval_main(["zeroshot", "--checkpoint", str(run_dir), "--tasks", "social_iqa,navigate", "--limit", "4",
+                    "--memorize", "--memorize-paths", "titan,cms", "--memorize-steps", "2", "--out", str(out),
+                    "--no-wandb", "--batch-size", "4"])
+    assert rc == 0
+    res = json.loads((out / "zeroshot.json").read_text())
+    for t in ("social_iqa", "navigate", "average"):
+        for m in ("acc", "acc_norm", "acc_memorize", "acc_norm_memorize"):
+            assert 0.0 <= res["metrics"][t][m] <= 1.0
+    assert res["metrics"]["social_iqa"]["n"] == 4 and res["arch"] == "hope"
+    assert eval_main(["zeroshot", "--checkpoint", str(run_dir), "--tasks", "nope", "--no-wandb", "--out", str(out)]) == 2
+    assert "known embedded tasks" in capsys.readouterr().err
+    rc = eval_main(["niah", "--checkpoint", str(run_dir), "--lengths", "128,256", "--depths", "0,0.5,1",
+                    "--kinds", "passkey", "--seeds", "1", "--memorize", "--out", str(out), "--no-wandb"])
+    assert rc == 0
+    niah = json.loads((out / "niah.json").read_text())
+    assert [r["length"] for r in niah["rows"]] == [128] * 3 + [256] * 3
+    # a second "run" (a Transformer baseline JSON) so the report shows deltas
+    base = dict(res, arch="transformer")
+    base["metrics"] = {t: {k: (v * 0.5 if k != "n" and k != "seconds" else v) for k, v in m.items()}
+                       for t, m in res["metrics"].items()}
+    bdir = tmp_path / "transformer-run" / "eval"
+    bdir.mkdir(parents=True)
+    (bdir / "zeroshot.json").write_text(json.dumps(base))
+    cont = {"suite": "continual", "segments": ["a", "b"], "steps_per_segment": 5, "batch_size": 2, "seq_len": 16,
+            "results": {"hope": {"loss_matrix": [[1.0, 3.0], [2.0, 1.0]], "avg_final_loss": 1.5,
+                                 "mean_forgetting": 1.0, "backward_transfer": -1.0, "forgetting": [1.0, 0.0]}}}
+    (bdir / "continual.json").write_text(json.dumps(cont))
+    md_path = tmp_path / "reports" / "results.md"
+    assert report_main([str(out.parent), str(bdir.parent), "--out", str(md_path),
+                        "--plots", str(tmp_path / "reports" / "plots")]) == 0
+    md = md_path.read_text()
+    assert "## Zero-shot multiple choice" in md and "## Needle in a haystack" in md and "## Continual learning" in md
+    assert "Baseline for deltas: `transformer:transformer-run`" in md
+    avg_row = next(l for l in md.splitlines() if l.startswith("| average"))
+    delta = 100 * (res["metrics"]["average"]["acc"] - base["metrics"]["average"]["acc"])
+    assert f"{delta:+.1f}" in avg_row
+    assert "| hope | 1.500 | 1.000 | -1.000 |" in md
+    assert (tmp_path / "reports" / "plots" / "zeroshot_average.png").exists()
+    assert report_main([str(tmp_path / "missing")]) == 2
+
+
+def test_lm_eval_adapter_methods(tokenizer):
+    from hope.eval.lm_eval_adapter import HopeLM
+    from hope.eval.scoring import score_continuations
+
+    torch.manual_seed(0)
+    model = build_model(tiny("transformer", vocab_size=tokenizer.vocab_size, max_seq_len=64)).eval()
+    lm = HopeLM(model=model, tokenizer=tokenizer, batch_size=2)
+    reqs = [("In the beginning God created", " the heaven"), ("And the earth was ", "without form")]
+    got = lm.loglikelihood(reqs)
+    ctx = [tokenizer.bos_id] + tokenizer.encode("In the beginning God created")
+    want = score_continuations(model, [(ctx, tokenizer.encode(" the heaven"))])[0].logprob
+    assert got[0][0] == pytest.approx(want, abs=1e-5) and isinstance(got[1][1], bool)
+    # trailing context space moves onto the continuation, as the harness does
+    assert got[1][0] == pytest.approx(lm.loglikelihood([("And the earth was", " without form")])[0][0], abs=1e-5)
+    text = "And God said, Let there be light: and there was light. " * 6
+    rolled = lm.loglikelihood_rolling([(text,)])[0]
+    ids = [tokenizer.bos_id] + tokenizer.encode(text)
+    assert len(ids) > 64  # exercises the windowing
+    assert rolled < 0 and torch.isfinite(torch.tensor(rolled))
+    gen = lm.generate_until([("And God said", {"until": ["\n"], "max_gen_toks": 5})])
+    assert isinstance(gen[0], str) and "\n" not in gen[0]
+
+
+def test_lm_eval_harness_on_local_jsonl_task(tokenizer, tmp_path):
+    lm_eval = pytest.importorskip("lm_eval")
+    from lm_eval.tasks import TaskManager
+
+    from hope.eval.lm_eval_adapter import HopeLM
+
+    data = tmp_path / "toy.jsonl"
+    rows = [{"q": "In the beginning God created the", "choices": ["heaven", "sea"], "label": 0},
+            {"q": "And God said, Let there be", "choices": ["light", "dark"], "label": 0}]
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tmp_path / "hope_toy.yaml").write_text(
+        "task: hope_toy\ndataset_path: json\n"
+        f"dataset_kwargs:\n  data_files:\n    test: {data}\n"
+        "test_split: test\noutput_type: multiple_choice\ndoc_to_text: '{{q}}'\n"
+        "doc_to_choice: '{{choices}}'\ndoc_to_target: label\n"
+        "metric_list:\n  - metric: acc\n  - metric: acc_norm\n")
+    torch.manual_seed(0)
+    model = build_model(tiny("transformer", vocab_size=tokenizer.vocab_size, max_seq_len=64)).eval()
+    lm = HopeLM(model=model, tokenizer=tokenizer, batch_size=2)
+    out = lm_eval.simple_evaluate(model=lm, tasks=["hope_toy"], task_manager=TaskManager(include_path=str(tmp_path)))
+    r = out["results"]["hope_toy"]
+    assert 0.0 <= r["acc,none"] <= 1.0 and 0.0 <= r["acc_norm,none"] <= 1.0
+    # the harness's acc equals ours on the same requests
+    from hope.eval.scoring import choice_metrics
+    ours = []
+    for row in rows:
+        lls = [x for x, _ in lm.loglikelihood([(row["q"], " " + c) for c in row["choices"]])]
+        ours.append(choice_metrics(lls, [" " + c for c in row["choices"]], row["label"])["acc"])
+    assert r["acc,none"] == pytest.approx(sum(ours) / len(ours))
