@@ -1,0 +1,238 @@
+"""teach_signal: the reference against F.cross_entropy + autograd, then every backend against the reference."""
+from __future__ import annotations
+
+import importlib
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from hope_kernels import dispatch
+from hope_kernels.teach_signal import OP, teach_signal
+from hope_kernels.testing import assert_rel_close, triton_interpret_enabled
+
+HAS_CUDA = torch.cuda.is_available()
+DEV = torch.device("cuda" if HAS_CUDA else "cpu")
+# (N, D, V): V never a multiple of the tiles, N = 1, N not a multiple of the token block
+SIZES = [(1, 16, 37), (37, 33, 101), (64, 48, 130)]
+
+
+def _inputs(N, D, V, device=DEV, dtype=torch.float32, seed=0, n_ignored=0):
+    g = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(N, D, generator=g).to(device, dtype)
+    weight = (torch.randn(V, D, generator=g) * D**-0.5 * 3).to(device, dtype)
+    targets = torch.randint(0, V, (N,), generator=g)
+    targets[torch.randperm(N, generator=g)[:n_ignored]] = -100
+    return hidden, weight, targets.to(device)
+
+
+def _autograd_truth(hidden, weight, targets, ignore_index=-100):
+    """Independent ground truth: F.cross_entropy on materialised fp32 logits, grads by autograd."""
+    h = hidden.detach().float().requires_grad_()
+    w = weight.detach().float().requires_grad_()
+    loss = F.cross_entropy(h @ w.t(), targets, ignore_index=ignore_index)
+    loss.backward()
+    return loss.detach(), h.grad, w.grad
+
+
+def _run(backend, hidden, weight, targets, ignore_index=-100):
+    h = hidden.detach().clone().requires_grad_()
+    w = weight.detach().clone().requires_grad_()
+    loss, delta = teach_signal(h, w, targets, ignore_index=ignore_index, backend=backend)
+    loss.backward()
+    return loss.detach(), delta, h.grad, w.grad
+
+
+def _backends(device):
+    names = list(dispatch.available_backends(OP, device))
+    if device.type == "cpu" and triton_interpret_enabled() and "triton" not in names:
+        names.append("triton")
+    return [b for b in names if b != "reference"]
+
+
+# ---------------------------------------------------------------- reference semantics
+@pytest.mark.parametrize("size", SIZES, ids=lambda s: "x".join(map(str, s)))
+def test_reference_matches_cross_entropy_and_autograd(size):
+    hidden, weight, targets = _inputs(*size, n_ignored=size[0] // 4)
+    loss_t, dh_t, dw_t = _autograd_truth(hidden, weight, targets)
+    loss, delta, dh, dw = _run("reference", hidden, weight, targets)
+    assert_rel_close("loss", loss, loss_t, 1e-6)
+    assert_rel_close("delta", delta, dh_t, 1e-5)
+    assert_rel_close("d hidden", dh, dh_t, 1e-5)
+    assert_rel_close("d weight", dw, dw_t, 1e-5)
+    assert not delta.requires_grad and delta.dtype == hidden.dtype
+
+
+def test_reference_delta_finite_difference_float64():
+    """delta = d loss / d hidden, against central differences of the float64 loss on every entry.
+
+    The reference accumulates in fp32, so its delta is compared at fp32 accuracy; the differences
+    themselves are taken on the exact float64 loss so they carry no fp32 rounding.
+    """
+    hidden, weight, targets = _inputs(5, 4, 7, device="cpu", dtype=torch.float64)
+    targets[1] = -100
+
+    def loss64(h):
+        return F.cross_entropy(h @ weight.t(), targets, ignore_index=-100)
+
+    _, delta = teach_signal(hidden, weight, targets, backend="reference")
+    eps = 1e-6
+    fd = torch.zeros_like(hidden)
+    for i in range(hidden.shape[0]):
+        for j in range(hidden.shape[1]):
+            hp, hm = hidden.clone(), hidden.clone()
+            hp[i, j] += eps
+            hm[i, j] -= eps
+            fd[i, j] = (loss64(hp) - loss64(hm)) / (2 * eps)
+    assert_rel_close("delta vs finite differences", delta, fd, 1e-6)
+    assert torch.all(delta[1] == 0)
+
+
+def test_reference_all_ignored_gives_zero_not_nan():
+    hidden, weight, targets = _inputs(6, 8, 11, device="cpu")
+    targets[:] = -100
+    loss, delta = teach_signal(hidden, weight, targets, backend="reference")
+    assert float(loss) == 0.0 and torch.all(delta == 0)
+
+
+# ---------------------------------------------------------------- backends vs the reference
+@pytest.mark.parametrize("backend", _backends(DEV))
+@pytest.mark.parametrize("size", SIZES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("n_ignored", [0, 3], ids=["all-valid", "ignored-rows"])
+def test_backend_matches_reference_fp32(backend, size, n_ignored):
+    hidden, weight, targets = _inputs(*size, n_ignored=min(n_ignored, size[0] - 1))
+    ref = _run("reference", hidden, weight, targets)
+    out = _run(backend, hidden, weight, targets)
+    for name, a, e in zip(("loss", "delta", "d hidden", "d weight"), out, ref):
+        assert_rel_close(f"{backend} {name}", a, e, 2e-5)
+    assert out[1].dtype == hidden.dtype and not out[1].requires_grad
+
+
+@pytest.mark.parametrize("backend", _backends(DEV))
+def test_backend_all_ignored_and_custom_ignore_index(backend):
+    hidden, weight, targets = _inputs(9, 16, 40)
+    targets[:] = 7
+    loss, delta = teach_signal(hidden, weight, targets, ignore_index=7, backend=backend)
+    assert float(loss) == 0.0 and torch.all(delta == 0)
+    targets[::2] = 3  # ignore_index=3 drops those rows, the others (target 7) count
+    ref = _run("reference", hidden, weight, targets, ignore_index=3)
+    out = _run(backend, hidden, weight, targets, ignore_index=3)
+    for name, a, e in zip(("loss", "delta", "d hidden", "d weight"), out, ref):
+        assert_rel_close(f"{backend} {name}", a, e, 2e-5)
+
+
+@pytest.mark.parametrize("backend", _backends(DEV))
+def test_backend_hidden_only_grad_and_no_grad(backend):
+    """Without weight grads the kernel skips dW; under no_grad it still returns loss and delta."""
+    hidden, weight, targets = _inputs(20, 16, 50)
+    h = hidden.clone().requires_grad_()
+    loss, delta = teach_signal(h, weight, targets, backend=backend)
+    (2.0 * loss).backward()
+    _, ref_delta = teach_signal(hidden, weight, targets, backend="reference")
+    assert_rel_close("2 * delta", h.grad, 2.0 * ref_delta, 2e-5)
+    with torch.no_grad():
+        loss_ng, delta_ng = teach_signal(hidden, weight, targets, backend=backend)
+    assert_rel_close("no_grad delta", delta_ng, ref_delta, 2e-5)
+
+
+@pytest.mark.parametrize("backend", _backends(DEV))
+def test_backend_nan_hidden_is_not_hidden(backend):
+    """A NaN in a valid row poisons the loss and that row's delta, as in the reference."""
+    hidden, weight, targets = _inputs(17, 16, 33)
+    hidden[4, 2] = float("nan")
+    loss, delta = teach_signal(hidden, weight, targets, backend=backend)
+    assert torch.isnan(loss)
+    assert torch.isnan(delta[4]).any()
+
+
+def test_triton_backend_registered_where_triton_runs():
+    pytest.importorskip("triton")
+    if not (HAS_CUDA or triton_interpret_enabled()):
+        pytest.skip("triton needs CUDA or TRITON_INTERPRET=1")
+    assert "triton" in dispatch.available_backends(OP, DEV)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_backend_half_hidden_fp32_accumulation(backend, dtype):
+    hidden, weight, targets = _inputs(300, 128, 1000, device="cuda", dtype=dtype, n_ignored=20)
+    loss_t, dh_t, dw_t = _autograd_truth(hidden, weight, targets)
+    loss, delta, dh, dw = _run(backend, hidden, weight, targets)
+    assert delta.dtype == dtype and dh.dtype == dtype and dw.dtype == dtype
+    assert_rel_close("loss", loss, loss_t, 1e-3)
+    assert_rel_close("delta", delta, dh_t, 2e-2)
+    assert_rel_close("d weight", dw, dw_t, 2e-2)
+
+
+@pytest.mark.gpu
+def test_triton_large_vocab_gpu():
+    hidden, weight, targets = _inputs(1000, 256, 32003, device="cuda", n_ignored=100)
+    ref = _run("reference", hidden, weight, targets)
+    out = _run("triton", hidden, weight, targets)
+    for name, a, e in zip(("loss", "delta", "d hidden", "d weight"), out, ref):
+        assert_rel_close(f"triton {name}", a, e, 1e-4)
+
+
+# ---------------------------------------------------------------- custom op and torch.compile
+def test_custom_op_traces_under_compile_fullgraph():
+    pytest.importorskip("triton")
+    if not (HAS_CUDA or triton_interpret_enabled()):
+        pytest.skip("triton needs CUDA or TRITON_INTERPRET=1")
+    ts_triton = importlib.import_module("hope_kernels.teach_signal.triton")
+
+    def step(h, w, t):
+        loss, delta = ts_triton.teach_signal_triton(h, w, t, -100)
+        return loss * 2.0, delta
+
+    hidden, weight, targets = _inputs(19, 16, 45, n_ignored=2)
+    torch._dynamo.reset()
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    h = hidden.clone().requires_grad_()
+    w = weight.clone().requires_grad_()
+    loss, delta = compiled(h, w, targets)
+    loss.backward()
+    ref = _run("reference", hidden, weight, targets)
+    assert_rel_close("compiled loss", loss / 2.0, ref[0], 2e-5)
+    assert_rel_close("compiled delta", delta, ref[1], 2e-5)
+    assert_rel_close("compiled d hidden", h.grad / 2.0, ref[2], 2e-5)
+    assert_rel_close("compiled d weight", w.grad / 2.0, ref[3], 2e-5)
+
+
+def test_custom_op_opcheck():
+    pytest.importorskip("triton")
+    if not (HAS_CUDA or triton_interpret_enabled()):
+        pytest.skip("triton needs CUDA or TRITON_INTERPRET=1")
+    importlib.import_module("hope_kernels.teach_signal.triton")
+
+    hidden, weight, targets = _inputs(8, 16, 33)
+    torch.library.opcheck(torch.ops.hope.teach_signal_triton.default, (hidden, weight, targets, -100, False),
+                          test_utils=("test_schema", "test_faketensor"))
+
+
+# ---------------------------------------------------------------- bad input names the argument
+@pytest.mark.parametrize(
+    "mutate,exc,word",
+    [
+        (lambda h, w, t: (h[0], w, t), ValueError, "hidden"),
+        (lambda h, w, t: (h, w[:, :-1], t), ValueError, "weight"),
+        (lambda h, w, t: (h, w.double(), t), TypeError, "weight"),
+        (lambda h, w, t: (h, w, t[:-1]), ValueError, "targets"),
+        (lambda h, w, t: (h, w, t.float()), TypeError, "targets"),
+        (lambda h, w, t: (h, w, torch.full_like(t, 10_000)), ValueError, "targets"),
+        (lambda h, w, t: (h.tolist(), w, t), TypeError, "hidden"),
+    ],
+    ids=["hidden-1d", "weight-D", "weight-dtype", "targets-N", "targets-dtype", "targets-range", "hidden-list"],
+)
+def test_bad_input_names_the_argument(mutate, exc, word):
+    hidden, weight, targets = _inputs(6, 8, 11, device="cpu")
+    with pytest.raises(exc, match=word):
+        teach_signal(*mutate(hidden, weight, targets))
+
+
+def test_bad_ignore_index_and_backend():
+    hidden, weight, targets = _inputs(6, 8, 11, device="cpu")
+    with pytest.raises(TypeError, match="ignore_index"):
+        teach_signal(hidden, weight, targets, ignore_index=1.5)
+    with pytest.raises(ValueError, match="backend"):
+        teach_signal(hidden, weight, targets, backend="nope")
