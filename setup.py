@@ -1,11 +1,12 @@
-"""Build script: the package is pure Python; csrc/ extensions are added by hope_build when possible."""
+"""Build script: the package is pure Python plus optional csrc/ extensions (see docs/kernels/csrc.md)."""
+import os
+import sys
+
 from setuptools import setup
 
-try:
-    from csrc.build import extension_modules_and_cmdclass
-except ImportError:  # csrc/build.py missing in a partial checkout
-    ext_modules, cmdclass = [], {}
-else:
-    ext_modules, cmdclass = extension_modules_and_cmdclass()
+# pip runs this file from a temp cwd under some frontends: make csrc/ importable from the project root
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from csrc.build import extension_modules_and_cmdclass  # noqa: E402
 
+ext_modules, cmdclass = extension_modules_and_cmdclass()
 setup(ext_modules=ext_modules, cmdclass=cmdclass)

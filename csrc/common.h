@@ -1,0 +1,37 @@
+// Shared input checks: every failure names the argument (TORCH_CHECK -> c10::Error -> RuntimeError in Python).
+#pragma once
+#include <torch/extension.h>
+
+#define HOPE_CHECK_FLOAT3(name, t)                                                                     \
+  TORCH_CHECK((t).dim() == 3, #name " must be 3-D, got ", (t).dim(), "-D");                            \
+  TORCH_CHECK((t).scalar_type() == at::kFloat, #name " must be float32, got ", (t).scalar_type());   \
+  TORCH_CHECK((t).is_contiguous(), #name " must be contiguous")
+
+#define HOPE_CHECK_SHAPE(name, t, ...)                                                                 \
+  TORCH_CHECK((t).sizes() == at::IntArrayRef({__VA_ARGS__}), #name " has shape ", (t).sizes(),        \
+              ", expected ", at::IntArrayRef({__VA_ARGS__}))
+
+namespace hope {
+constexpr float kRmsEps = 1e-6f;
+constexpr float kInvSqrt2 = 0.70710678118654752f;
+constexpr float kInvSqrt2Pi = 0.39894228040143268f;
+
+// Checks shared by the CPU and CUDA cms_update entry points; returns nothing, throws on bad input.
+inline void check_cms_inputs(const at::Tensor& w1, const at::Tensor& w2, const at::Tensor& m1,
+                             const at::Tensor& m2, const at::Tensor& x, const at::Tensor& delta) {
+  HOPE_CHECK_FLOAT3(x, x);
+  HOPE_CHECK_FLOAT3(delta, delta);
+  HOPE_CHECK_FLOAT3(w1, w1);
+  HOPE_CHECK_FLOAT3(w2, w2);
+  HOPE_CHECK_FLOAT3(m1, m1);
+  HOPE_CHECK_FLOAT3(m2, m2);
+  const int64_t B = x.size(0), C = x.size(1), D = x.size(2), E = w1.size(1);
+  HOPE_CHECK_SHAPE(delta, delta, B, C, D);
+  HOPE_CHECK_SHAPE(w1, w1, B, E, D);
+  HOPE_CHECK_SHAPE(w2, w2, B, D, E);
+  HOPE_CHECK_SHAPE(m1, m1, B, E, D);
+  HOPE_CHECK_SHAPE(m2, m2, B, D, E);
+  for (const at::Tensor* t : {&delta, &w1, &w2, &m1, &m2})
+    TORCH_CHECK(t->device() == x.device(), "all tensors must be on x's device ", x.device(), ", got ", t->device());
+}
+}  // namespace hope
