@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 
 from hope_kernels import _ext, dispatch
-from hope_kernels.cms_update.reference import CMSParams, CMSStats
+from hope_kernels.cms_update.reference import CMSParams, finish_update
 
 OP = "cms_update"
 
@@ -19,18 +19,7 @@ def _wrap(ext_fn):
             w1, w2, momenta.w1.contiguous(), momenta.w2.contiguous(),
             x.float().contiguous(), delta.float().contiguous(), float(lr), float(beta), bool(precond),
         )
-        stats = CMSStats(
-            update_count=1,
-            w1_update_norm=(w1_new - w1).flatten(1).norm(dim=1),
-            w2_update_norm=(w2_new - w2).flatten(1).norm(dim=1),
-        )
-        if inplace:
-            params.w1.copy_(w1_new)
-            params.w2.copy_(w2_new)
-            momenta.w1.copy_(m1_new)
-            momenta.w2.copy_(m2_new)
-            return params, momenta, stats
-        return CMSParams(w1_new, w2_new), CMSParams(m1_new, m2_new), stats
+        return finish_update(params, momenta, CMSParams(w1_new, w2_new), CMSParams(m1_new, m2_new), inplace)
 
     return cms_update_ext
 

@@ -71,17 +71,24 @@ def cms_update_reference(
     else:
         w1_new = w1 - lr * m1
     w2_new = w2 - lr * m2
+    return finish_update(params, momenta, CMSParams(w1_new, w2_new), CMSParams(m1, m2), inplace)
+
+
+def finish_update(
+    params: CMSParams, momenta: CMSParams, new_params: CMSParams, new_momenta: CMSParams, inplace: bool
+) -> tuple[CMSParams, CMSParams, CMSStats]:
+    """Shared by every backend: update-norm telemetry, then write back in place or return fresh tensors."""
     stats = CMSStats(
         update_count=1,
-        w1_update_norm=(w1_new - w1).flatten(1).norm(dim=1),
-        w2_update_norm=(w2_new - w2).flatten(1).norm(dim=1),
+        w1_update_norm=(new_params.w1.float() - params.w1.float()).flatten(1).norm(dim=1),
+        w2_update_norm=(new_params.w2.float() - params.w2.float()).flatten(1).norm(dim=1),
     )
     if inplace:
-        params.w1.copy_(w1_new)
-        params.w2.copy_(w2_new)
-        momenta.w1.copy_(m1)
-        momenta.w2.copy_(m2)
+        params.w1.copy_(new_params.w1)
+        params.w2.copy_(new_params.w2)
+        momenta.w1.copy_(new_momenta.w1)
+        momenta.w2.copy_(new_momenta.w2)
         return params, momenta, stats
-    new_params = CMSParams(w1_new.to(params.w1.dtype), w2_new.to(params.w2.dtype))
-    new_momenta = CMSParams(m1.to(momenta.w1.dtype), m2.to(momenta.w2.dtype))
-    return new_params, new_momenta, stats
+    fresh_params = CMSParams(new_params.w1.to(params.w1.dtype), new_params.w2.to(params.w2.dtype))
+    fresh_momenta = CMSParams(new_momenta.w1.to(momenta.w1.dtype), new_momenta.w2.to(momenta.w2.dtype))
+    return fresh_params, fresh_momenta, stats
