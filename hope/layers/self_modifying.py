@@ -62,7 +62,7 @@ class SelfModifyingTitans(nn.Module):
         xin = torch.stack([xk, xv, xk, xk, xq], dim=1)  # [B, G, H, L, Dh], order = GENERATORS
         out = mlp_read(W1, W2, xin)
         k = l2_normalize(out[:, 0])
-        v = out[:, 1]
+        v = l2_normalize(out[:, 1])  # bounded values keep the self-generated targets M(v) from compounding
         gates = torch.sigmoid(torch.einsum("bghld,ghd->bghl", out[:, 2:4], self.gate_readout)
                               + self.gate_bias[None, :, :, None])
         q = l2_normalize(out[:, 4])
