@@ -1,0 +1,414 @@
+"""Triton ``titan_memory_update`` for the linear memory, rules ``titans`` and ``dgd``, forward and backward.
+
+The op splits in two (docs/kernels/titan_memory.md, "kernel split"):
+
+1. ``chunk_terms.linear_chunk_terms``: every state-independent per-chunk term (decay matrices, the
+   q.k / k^.k score matrices, the dgd UT transform (I + M)^-1) for all chunks at once, with batched
+   PyTorch ops; autograd differentiates it.
+2. Two kernels that carry the state, one program per (value block, batch * head), looping over chunks
+   with W and S [BV, Dk] on chip:
+   - ``_linear_fwd_kernel``: outputs and the final state; in the backward pass it is re-run to store the
+     chunk-start states (nothing but the inputs is kept between forward and backward).
+   - ``_linear_bwd_kernel``: walks the chunks in reverse with the gradient of the state on chip and
+     writes the gradients of q, k, k^, v, every chunk term and the initial state. Gradients that sum
+     over the value dimension are written per value block and summed afterwards (no atomics).
+
+Registered through ``torch.library.custom_op`` (``hope::titan_linear_fwd`` / ``hope::titan_linear_bwd``
+with fake implementations and ``register_autograd``), so ``torch.compile(fullgraph=True)`` traces models
+that use it. The mlp memory runs on the reference (see ``titan_memory_update``).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from hope_kernels import dispatch
+from hope_kernels.titan_memory_update.chunk_terms import linear_chunk_terms
+from hope_kernels.titan_memory_update.state import LinearMemoryState
+
+OP = "titan_memory_update"
+N_VEC = 7  # rows of LinearChunkTerms.vec: Bc, c, Bp, cp, wg, wp, wb
+
+
+@triton.jit
+def _linear_fwd_kernel(
+    p_q, p_k, p_kh, p_v, p_aqk, p_akk, p_tinv, p_aqw, p_vec, p_end, p_w0, p_s0,
+    p_o, p_wT, p_sT, p_states,
+    T, Tp, NC, C, Dk, Dv,
+    BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, DGD: tl.constexpr,
+    WRITE_OUT: tl.constexpr, STORE_STATES: tl.constexpr, PRECISION: tl.constexpr,
+):
+    i_v, i_bh = tl.program_id(0), tl.program_id(1)
+    o_t = tl.arange(0, BT)
+    o_k = tl.arange(0, BK)
+    o_v = i_v * BV + tl.arange(0, BV)
+    m_k = o_k < Dk
+    m_v = o_v < Dv
+    m_state = m_v[:, None] & m_k[None, :]
+    o_state = i_bh * Dv * Dk + o_v[:, None] * Dk + o_k[None, :]
+    b_W = tl.load(p_w0 + o_state, mask=m_state, other=0.0).to(tl.float32)
+    b_S = tl.load(p_s0 + o_state, mask=m_state, other=0.0).to(tl.float32)
+    for i_c in range(0, NC):
+        t0 = i_c * C
+        m_t = (o_t < C) & (t0 + o_t < T)
+        m_tt = m_t[:, None] & m_t[None, :]
+        m_tk = m_t[:, None] & m_k[None, :]
+        m_tv = m_t[:, None] & m_v[None, :]
+        if STORE_STATES:
+            o_st = (i_bh * NC + i_c) * 2 * Dv * Dk + o_v[:, None] * Dk + o_k[None, :]
+            tl.store(p_states + o_st, b_W, mask=m_state)
+            tl.store(p_states + o_st + Dv * Dk, b_S, mask=m_state)
+        o_tk = i_bh * T * Dk + (t0 + o_t)[:, None] * Dk + o_k[None, :]
+        o_tv = i_bh * T * Dv + (t0 + o_t)[:, None] * Dv + o_v[None, :]
+        o_tt = (i_bh * NC + i_c) * C * C + o_t[:, None] * C + o_t[None, :]
+        o_vec = (i_bh * NC + i_c) * 7 * C + o_t
+        o_end = (i_bh * NC + i_c) * 3
+        b_k = tl.load(p_k + o_tk, mask=m_tk, other=0.0).to(tl.float32)
+        b_v = tl.load(p_v + o_tv, mask=m_tv, other=0.0).to(tl.float32)
+        b_wg = tl.load(p_vec + o_vec + 4 * C, mask=m_t, other=0.0)
+        b_wp = tl.load(p_vec + o_vec + 5 * C, mask=m_t, other=0.0)
+        b_BL = tl.load(p_end + o_end)
+        b_cL = tl.load(p_end + o_end + 1)
+        b_AL = tl.load(p_end + o_end + 2)
+        # errors of every token of the chunk at the chunk-start state: E = K W^T - V
+        b_E = tl.dot(b_k, tl.trans(b_W), input_precision=PRECISION) - b_v
+        if WRITE_OUT:
+            b_q = tl.load(p_q + o_tk, mask=m_tk, other=0.0).to(tl.float32)
+            b_Bc = tl.load(p_vec + o_vec, mask=m_t, other=0.0)
+            b_c = tl.load(p_vec + o_vec + C, mask=m_t, other=0.0)
+            b_aqk = tl.load(p_aqk + o_tt, mask=m_tt, other=0.0)
+            b_o = (b_Bc[:, None] * tl.dot(b_q, tl.trans(b_W), input_precision=PRECISION)
+                   + b_c[:, None] * tl.dot(b_q, tl.trans(b_S), input_precision=PRECISION)
+                   - tl.dot(b_aqk, b_E, input_precision=PRECISION))
+        b_Wn = b_BL * b_W + b_cL * b_S - tl.dot(tl.trans(b_E * b_wg[:, None]), b_k, input_precision=PRECISION)
+        if DGD:
+            # pseudo-values w_t = W_{t-1} k^_t by the UT transform: w = (I + M)^-1 R
+            o_tkh = i_bh * Tp * Dk + (t0 + o_t)[:, None] * Dk + o_k[None, :]
+            b_kh = tl.load(p_kh + o_tkh, mask=m_tk, other=0.0)
+            b_Bp = tl.load(p_vec + o_vec + 2 * C, mask=m_t, other=0.0)
+            b_cp = tl.load(p_vec + o_vec + 3 * C, mask=m_t, other=0.0)
+            b_wb = tl.load(p_vec + o_vec + 6 * C, mask=m_t, other=0.0)
+            b_akk = tl.load(p_akk + o_tt, mask=m_tt, other=0.0)
+            b_tinv = tl.load(p_tinv + o_tt, mask=m_tt, other=0.0)
+            b_R = (b_Bp[:, None] * tl.dot(b_kh, tl.trans(b_W), input_precision=PRECISION)
+                   + b_cp[:, None] * tl.dot(b_kh, tl.trans(b_S), input_precision=PRECISION)
+                   - tl.dot(b_akk, b_E, input_precision=PRECISION))
+            b_w = tl.dot(b_tinv, b_R, input_precision=PRECISION)
+            if WRITE_OUT:
+                b_aqw = tl.load(p_aqw + o_tt, mask=m_tt, other=0.0)
+                b_o -= tl.dot(b_aqw, b_w, input_precision=PRECISION)
+            b_Wn -= tl.dot(tl.trans(b_w * b_wb[:, None]), b_kh, input_precision=PRECISION)
+        if WRITE_OUT:
+            tl.store(p_o + o_tv, b_o.to(p_o.dtype.element_ty), mask=m_tv)
+        b_S = b_AL * b_S - tl.dot(tl.trans(b_E * b_wp[:, None]), b_k, input_precision=PRECISION)
+        b_W = b_Wn
+    tl.store(p_wT + o_state, b_W, mask=m_state)
+    tl.store(p_sT + o_state, b_S, mask=m_state)
+
+
+@triton.jit
+def _linear_bwd_kernel(
+    p_q, p_k, p_kh, p_v, p_aqk, p_akk, p_tinv, p_aqw, p_vec, p_end, p_states,
+    p_do, p_dwT, p_dsT,
+    p_dq, p_dk, p_dkh, p_dv, p_daqk, p_dakk, p_dtinv, p_daqw, p_dvec, p_dend, p_dw0, p_ds0,
+    T, Tp, NC, C, Dk, Dv, B_H,
+    BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, DGD: tl.constexpr, PRECISION: tl.constexpr,
+):
+    i_v, i_bh = tl.program_id(0), tl.program_id(1)
+    o_t = tl.arange(0, BT)
+    o_k = tl.arange(0, BK)
+    o_v = i_v * BV + tl.arange(0, BV)
+    m_k = o_k < Dk
+    m_v = o_v < Dv
+    m_state = m_v[:, None] & m_k[None, :]
+    o_state = i_bh * Dv * Dk + o_v[:, None] * Dk + o_k[None, :]
+    # gradient of the state after the current chunk (starts as that of the final state)
+    b_dW = tl.load(p_dwT + o_state, mask=m_state, other=0.0)
+    b_dS = tl.load(p_dsT + o_state, mask=m_state, other=0.0)
+    # partial (per value block) outputs live at i_v * (size of one copy)
+    part_tk = i_v * B_H * Tp * Dk
+    part_tt = i_v * B_H * NC * C * C
+    part_vec = i_v * B_H * NC * 7 * C
+    part_end = i_v * B_H * NC * 3
+    for i_r in range(0, NC):
+        i_c = NC - 1 - i_r
+        t0 = i_c * C
+        m_t = (o_t < C) & (t0 + o_t < T)
+        m_tt = m_t[:, None] & m_t[None, :]
+        m_tk = m_t[:, None] & m_k[None, :]
+        m_tv = m_t[:, None] & m_v[None, :]
+        o_st = (i_bh * NC + i_c) * 2 * Dv * Dk + o_v[:, None] * Dk + o_k[None, :]
+        b_W = tl.load(p_states + o_st, mask=m_state, other=0.0)
+        b_S = tl.load(p_states + o_st + Dv * Dk, mask=m_state, other=0.0)
+        o_tk = i_bh * T * Dk + (t0 + o_t)[:, None] * Dk + o_k[None, :]
+        o_tkp = i_bh * Tp * Dk + (t0 + o_t)[:, None] * Dk + o_k[None, :]
+        o_tv = i_bh * T * Dv + (t0 + o_t)[:, None] * Dv + o_v[None, :]
+        o_tt = (i_bh * NC + i_c) * C * C + o_t[:, None] * C + o_t[None, :]
+        o_vec = (i_bh * NC + i_c) * 7 * C + o_t
+        o_end = (i_bh * NC + i_c) * 3
+        b_q = tl.load(p_q + o_tk, mask=m_tk, other=0.0).to(tl.float32)
+        b_k = tl.load(p_k + o_tk, mask=m_tk, other=0.0).to(tl.float32)
+        b_v = tl.load(p_v + o_tv, mask=m_tv, other=0.0).to(tl.float32)
+        b_do = tl.load(p_do + o_tv, mask=m_tv, other=0.0).to(tl.float32)
+        b_aqk = tl.load(p_aqk + o_tt, mask=m_tt, other=0.0)
+        b_Bc = tl.load(p_vec + o_vec, mask=m_t, other=0.0)
+        b_c = tl.load(p_vec + o_vec + C, mask=m_t, other=0.0)
+        b_wg = tl.load(p_vec + o_vec + 4 * C, mask=m_t, other=0.0)
+        b_wp = tl.load(p_vec + o_vec + 5 * C, mask=m_t, other=0.0)
+        b_BL = tl.load(p_end + o_end)
+        b_cL = tl.load(p_end + o_end + 1)
+        b_AL = tl.load(p_end + o_end + 2)
+
+        b_E = tl.dot(b_k, tl.trans(b_W), input_precision=PRECISION) - b_v
+        b_QW = tl.dot(b_q, tl.trans(b_W), input_precision=PRECISION)
+        b_QS = tl.dot(b_q, tl.trans(b_S), input_precision=PRECISION)
+        b_kdW = tl.dot(b_k, tl.trans(b_dW), input_precision=PRECISION)  # row i: dW_L k_i
+        b_kdS = tl.dot(b_k, tl.trans(b_dS), input_precision=PRECISION)
+        # titans part: O = diag(Bc) Q W^T + diag(c) Q S^T - Aqk E; W_L, S_L as in the forward kernel
+        b_dE = (-tl.dot(tl.trans(b_aqk), b_do, input_precision=PRECISION)
+                - b_wg[:, None] * b_kdW - b_wp[:, None] * b_kdS)
+        b_daqk = -tl.dot(b_do, tl.trans(b_E), input_precision=PRECISION)
+        b_dBc = tl.sum(b_do * b_QW, axis=1)
+        b_dc = tl.sum(b_do * b_QS, axis=1)
+        b_dwg = -tl.sum(b_E * b_kdW, axis=1)
+        b_dwp = -tl.sum(b_E * b_kdS, axis=1)
+        b_dBL = tl.sum(tl.sum(b_dW * b_W, axis=1), axis=0)
+        b_dcL = tl.sum(tl.sum(b_dW * b_S, axis=1), axis=0)
+        b_dAL = tl.sum(tl.sum(b_dS * b_S, axis=1), axis=0)
+        b_dq = (b_Bc[:, None] * tl.dot(b_do, b_W, input_precision=PRECISION)
+                + b_c[:, None] * tl.dot(b_do, b_S, input_precision=PRECISION))
+        b_dk = (-tl.dot(b_E * b_wg[:, None], b_dW, input_precision=PRECISION)
+                - tl.dot(b_E * b_wp[:, None], b_dS, input_precision=PRECISION))
+        b_dW0 = tl.dot(tl.trans(b_do * b_Bc[:, None]), b_q, input_precision=PRECISION) + b_BL * b_dW
+        b_dS0 = (tl.dot(tl.trans(b_do * b_c[:, None]), b_q, input_precision=PRECISION)
+                 + b_cL * b_dW + b_AL * b_dS)
+        if DGD:
+            b_kh = tl.load(p_kh + o_tkp, mask=m_tk, other=0.0)
+            b_Bp = tl.load(p_vec + o_vec + 2 * C, mask=m_t, other=0.0)
+            b_cp = tl.load(p_vec + o_vec + 3 * C, mask=m_t, other=0.0)
+            b_wb = tl.load(p_vec + o_vec + 6 * C, mask=m_t, other=0.0)
+            b_akk = tl.load(p_akk + o_tt, mask=m_tt, other=0.0)
+            b_tinv = tl.load(p_tinv + o_tt, mask=m_tt, other=0.0)
+            b_aqw = tl.load(p_aqw + o_tt, mask=m_tt, other=0.0)
+            b_KhW = tl.dot(b_kh, tl.trans(b_W), input_precision=PRECISION)
+            b_KhS = tl.dot(b_kh, tl.trans(b_S), input_precision=PRECISION)
+            b_R = b_Bp[:, None] * b_KhW + b_cp[:, None] * b_KhS - tl.dot(b_akk, b_E, input_precision=PRECISION)
+            b_w = tl.dot(b_tinv, b_R, input_precision=PRECISION)
+            b_khdW = tl.dot(b_kh, tl.trans(b_dW), input_precision=PRECISION)
+            # O -= Aqw w and W_L -= w^T diag(wb) K^
+            b_dw = -tl.dot(tl.trans(b_aqw), b_do, input_precision=PRECISION) - b_wb[:, None] * b_khdW
+            b_daqw = -tl.dot(b_do, tl.trans(b_w), input_precision=PRECISION)
+            b_dwb = -tl.sum(b_w * b_khdW, axis=1)
+            b_dkh = -tl.dot(b_w * b_wb[:, None], b_dW, input_precision=PRECISION)
+            # w = Tinv R
+            b_dR = tl.dot(tl.trans(b_tinv), b_dw, input_precision=PRECISION)
+            b_dtinv = tl.dot(b_dw, tl.trans(b_R), input_precision=PRECISION)
+            # R = diag(Bp) K^ W^T + diag(cp) K^ S^T - Akk E
+            b_dBp = tl.sum(b_dR * b_KhW, axis=1)
+            b_dcp = tl.sum(b_dR * b_KhS, axis=1)
+            b_dkh += (b_Bp[:, None] * tl.dot(b_dR, b_W, input_precision=PRECISION)
+                      + b_cp[:, None] * tl.dot(b_dR, b_S, input_precision=PRECISION))
+            b_dW0 += tl.dot(tl.trans(b_dR * b_Bp[:, None]), b_kh, input_precision=PRECISION)
+            b_dS0 += tl.dot(tl.trans(b_dR * b_cp[:, None]), b_kh, input_precision=PRECISION)
+            b_dakk = -tl.dot(b_dR, tl.trans(b_E), input_precision=PRECISION)
+            b_dE -= tl.dot(tl.trans(b_akk), b_dR, input_precision=PRECISION)
+            tl.store(p_dkh + part_tk + o_tkp, b_dkh, mask=m_tk)
+            tl.store(p_daqw + part_tt + o_tt, b_daqw, mask=m_tt)
+            tl.store(p_dtinv + part_tt + o_tt, b_dtinv, mask=m_tt)
+            tl.store(p_dakk + part_tt + o_tt, b_dakk, mask=m_tt)
+            tl.store(p_dvec + part_vec + o_vec + 2 * C, b_dBp, mask=m_t)
+            tl.store(p_dvec + part_vec + o_vec + 3 * C, b_dcp, mask=m_t)
+            tl.store(p_dvec + part_vec + o_vec + 6 * C, b_dwb, mask=m_t)
+        # E = K W^T - V
+        b_dk += tl.dot(b_dE, b_W, input_precision=PRECISION)
+        b_dW0 += tl.dot(tl.trans(b_dE), b_k, input_precision=PRECISION)
+        tl.store(p_dv + o_tv, (-b_dE).to(p_dv.dtype.element_ty), mask=m_tv)
+        tl.store(p_dq + part_tk + o_tkp, b_dq, mask=m_tk)
+        tl.store(p_dk + part_tk + o_tkp, b_dk, mask=m_tk)
+        tl.store(p_daqk + part_tt + o_tt, b_daqk, mask=m_tt)
+        tl.store(p_dvec + part_vec + o_vec, b_dBc, mask=m_t)
+        tl.store(p_dvec + part_vec + o_vec + C, b_dc, mask=m_t)
+        tl.store(p_dvec + part_vec + o_vec + 4 * C, b_dwg, mask=m_t)
+        tl.store(p_dvec + part_vec + o_vec + 5 * C, b_dwp, mask=m_t)
+        tl.store(p_dend + part_end + o_end, b_dBL)
+        tl.store(p_dend + part_end + o_end + 1, b_dcL)
+        tl.store(p_dend + part_end + o_end + 2, b_dAL)
+        b_dW = b_dW0
+        b_dS = b_dS0
+    tl.store(p_dw0 + o_state, b_dW, mask=m_state)
+    tl.store(p_ds0 + o_state, b_dS, mask=m_state)
+
+
+def _blocks(C: int, Dk: int, Dv: int) -> tuple[int, int, int]:
+    """(BT, BK, BV): tl.dot needs every dimension >= 16; the state block is [BV, BK] fp32 on chip."""
+    BT = max(16, triton.next_power_of_2(C))
+    BK = max(16, triton.next_power_of_2(Dk))
+    BV = max(16, min(64, triton.next_power_of_2(Dv)))
+    return BT, BK, BV
+
+
+def _precision(dtype: torch.dtype) -> str:
+    # fp32 inputs follow torch's matmul setting (exact fp32 unless TF32 is allowed); half inputs use TF32
+    # for the fp32 state products (their own rounding is already coarser)
+    if dtype == torch.float32:
+        return "tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee"
+    return "tf32"
+
+
+def _num_warps(BK: int, BV: int) -> int:
+    return 8 if BK * BV >= 128 * 64 else 4
+
+
+def _run_fwd(q, k, kh, v, aqk, akk, tinv, aqw, vec, end, W0, S0, C, dgd, write_out, store_states):
+    B, H, T, Dk = q.shape
+    Dv = v.shape[-1]
+    NC = vec.shape[2]
+    Tp = NC * C
+    BT, BK, BV = _blocks(C, Dk, Dv)
+    dev = q.device
+    out = torch.empty(B, H, T, Dv, device=dev, dtype=q.dtype) if write_out else q.new_empty(0)
+    WT = torch.empty(B, H, Dv, Dk, device=dev, dtype=torch.float32)
+    ST = torch.empty_like(WT)
+    states = (torch.empty(B, H, NC, 2, Dv, Dk, device=dev, dtype=torch.float32) if store_states
+              else WT.new_empty(0))
+    grid = (triton.cdiv(Dv, BV), B * H)
+    _linear_fwd_kernel[grid](
+        q, k, kh if dgd else k, v, aqk, akk if dgd else aqk, tinv if dgd else aqk, aqw if dgd else aqk,
+        vec, end, W0, S0, out, WT, ST, states,
+        T, Tp, NC, C, Dk, Dv,
+        BT=BT, BK=BK, BV=BV, DGD=dgd, WRITE_OUT=write_out, STORE_STATES=store_states,
+        PRECISION=_precision(q.dtype), num_warps=_num_warps(BK, BV),
+    )
+    return out, WT, ST, states
+
+
+def _contiguous(*xs):
+    return [x.contiguous() if x is not None else None for x in xs]
+
+
+@torch.library.custom_op("hope::titan_linear_fwd", mutates_args=())
+def titan_linear_fwd(
+    q: torch.Tensor, k: torch.Tensor, kh: Optional[torch.Tensor], v: torch.Tensor, aqk: torch.Tensor,
+    akk: Optional[torch.Tensor], tinv: Optional[torch.Tensor], aqw: Optional[torch.Tensor],
+    vec: torch.Tensor, end: torch.Tensor, W0: torch.Tensor, S0: torch.Tensor, chunk_size: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(out [B, H, T, Dv] in q's dtype, W_T, S_T fp32); dgd when ``kh`` is given."""
+    q, k, kh, v, aqk, akk, tinv, aqw, vec, end, W0, S0 = _contiguous(q, k, kh, v, aqk, akk, tinv, aqw, vec, end, W0, S0)
+    out, WT, ST, _ = _run_fwd(q, k, kh, v, aqk, akk, tinv, aqw, vec, end, W0, S0, chunk_size,
+                              kh is not None, write_out=True, store_states=False)
+    return out, WT, ST
+
+
+@titan_linear_fwd.register_fake
+def _(q, k, kh, v, aqk, akk, tinv, aqw, vec, end, W0, S0, chunk_size):
+    B, H, T, _ = q.shape
+    return (q.new_empty(B, H, T, v.shape[-1]), W0.new_empty(W0.shape, dtype=torch.float32),
+            S0.new_empty(S0.shape, dtype=torch.float32))
+
+
+@torch.library.custom_op("hope::titan_linear_bwd", mutates_args=())
+def titan_linear_bwd(
+    do: torch.Tensor, dWT: torch.Tensor, dST: torch.Tensor,
+    q: torch.Tensor, k: torch.Tensor, kh: Optional[torch.Tensor], v: torch.Tensor, aqk: torch.Tensor,
+    akk: Optional[torch.Tensor], tinv: Optional[torch.Tensor], aqw: Optional[torch.Tensor],
+    vec: torch.Tensor, end: torch.Tensor, W0: torch.Tensor, S0: torch.Tensor, chunk_size: int,
+) -> list[torch.Tensor]:
+    """Gradients [dq, dk, dkh, dv, daqk, dakk, dtinv, daqw, dvec, dend, dW0, dS0] (empty where not dgd)."""
+    do, dWT, dST, q, k, kh, v, aqk, akk, tinv, aqw, vec, end, W0, S0 = _contiguous(
+        do, dWT, dST, q, k, kh, v, aqk, akk, tinv, aqw, vec, end, W0, S0)
+    dgd = kh is not None
+    B, H, T, Dk = q.shape
+    Dv = v.shape[-1]
+    NC = vec.shape[2]
+    C = chunk_size
+    Tp = NC * C
+    BT, BK, BV = _blocks(C, Dk, Dv)
+    NV = triton.cdiv(Dv, BV)
+    dev = q.device
+    # recompute the chunk-start states (the forward pass kept only its inputs)
+    _, _, _, states = _run_fwd(q, k, kh, v, aqk, akk, tinv, aqw, vec, end, W0, S0, C, dgd,
+                               write_out=False, store_states=True)
+    f32 = dict(device=dev, dtype=torch.float32)
+    dq = torch.zeros(NV, B, H, Tp, Dk, **f32)
+    dk = torch.zeros_like(dq)
+    dkh = torch.zeros_like(dq) if dgd else dq.new_empty(0)
+    dv = torch.empty(B, H, T, Dv, device=dev, dtype=v.dtype)
+    dmat = lambda: torch.zeros(NV, B, H, NC, C, C, **f32)  # noqa: E731
+    daqk = dmat()
+    dakk, dtinv, daqw = (dmat(), dmat(), dmat()) if dgd else (daqk.new_empty(0) for _ in range(3))
+    dvec = torch.zeros(NV, B, H, NC, N_VEC, C, **f32)
+    dend = torch.zeros(NV, B, H, NC, 3, **f32)
+    dW0 = torch.empty(B, H, Dv, Dk, **f32)
+    dS0 = torch.empty_like(dW0)
+    _linear_bwd_kernel[(NV, B * H)](
+        q, k, kh if dgd else k, v, aqk, akk if dgd else aqk, tinv if dgd else aqk, aqw if dgd else aqk,
+        vec, end, states, do, dWT, dST,
+        dq, dk, dkh if dgd else dq, dv, daqk, dakk if dgd else daqk, dtinv if dgd else daqk,
+        daqw if dgd else daqk, dvec, dend, dW0, dS0,
+        T, Tp, NC, C, Dk, Dv, B * H,
+        BT=BT, BK=BK, BV=BV, DGD=dgd, PRECISION=_precision(q.dtype), num_warps=_num_warps(BK, BV),
+    )
+    red = lambda x: x.sum(0) if x.numel() else x  # noqa: E731  (sum the per-value-block partials)
+    dq, dk = red(dq)[:, :, :T].to(q.dtype), red(dk)[:, :, :T].to(k.dtype)
+    return [dq, dk, red(dkh), dv, red(daqk), red(dakk), red(dtinv), red(daqw), red(dvec), red(dend), dW0, dS0]
+
+
+@titan_linear_bwd.register_fake
+def _(do, dWT, dST, q, k, kh, v, aqk, akk, tinv, aqw, vec, end, W0, S0, chunk_size):
+    empty = q.new_empty(0, dtype=torch.float32)
+    opt = lambda x: torch.empty_like(x, dtype=torch.float32) if x is not None else empty  # noqa: E731
+    return [torch.empty_like(q), torch.empty_like(k), opt(kh), torch.empty_like(v), torch.empty_like(aqk),
+            opt(akk), opt(tinv), opt(aqw), torch.empty_like(vec), torch.empty_like(end),
+            torch.empty_like(W0, dtype=torch.float32), torch.empty_like(S0, dtype=torch.float32)]
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, kh, v, aqk, akk, tinv, aqw, vec, end, W0, S0, chunk_size = inputs
+    ctx.save_for_backward(q, k, kh, v, aqk, akk, tinv, aqw, vec, end, W0, S0)
+    ctx.chunk_size = chunk_size
+
+
+def _backward(ctx, d_out, d_WT, d_ST):
+    q, k, kh, v, aqk, akk, tinv, aqw, vec, end, W0, S0 = ctx.saved_tensors
+    B, H, T, _ = q.shape
+    if d_out is None:
+        d_out = q.new_zeros(B, H, T, v.shape[-1])
+    d_WT = torch.zeros_like(W0, dtype=torch.float32) if d_WT is None else d_WT.float()
+    d_ST = torch.zeros_like(S0, dtype=torch.float32) if d_ST is None else d_ST.float()
+    grads = torch.ops.hope.titan_linear_bwd(d_out, d_WT, d_ST, q, k, kh, v, aqk, akk, tinv, aqw, vec, end,
+                                            W0, S0, ctx.chunk_size)
+    dgd = kh is not None
+    dq, dk, dkh, dv, daqk, dakk, dtinv, daqw, dvec, dend, dW0, dS0 = grads
+    if not dgd:
+        dkh = dakk = dtinv = daqw = None
+    return dq, dk, dkh, dv, daqk, dakk, dtinv, daqw, dvec, dend, dW0.to(W0.dtype), dS0.to(S0.dtype), None
+
+
+titan_linear_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+def titan_memory_update_triton(q, k, v, lr, momentum, decay, chunk_size, memory, rule, state):
+    """Linear memory on Triton; same contract as ``titan_memory_update_reference`` (arguments checked)."""
+    if memory != "linear":
+        raise NotImplementedError(
+            "the triton backend of titan_memory_update implements memory='linear' only; "
+            "memory='mlp' runs on backend='reference' (backend='auto' picks it)")
+    if q.dtype == torch.float64:
+        raise TypeError("the triton backend of titan_memory_update takes fp32/bf16/fp16 q, k, v; use "
+                        "backend='reference' for float64")
+    dgd = rule == "dgd"
+    terms = linear_chunk_terms(q, k, lr, momentum, decay, chunk_size, dgd)
+    W0, S0 = state.W.float(), state.S.float()
+    out, WT, ST = torch.ops.hope.titan_linear_fwd(
+        q, k, terms.khat, v, terms.aqk, terms.akk, terms.tinv, terms.aqw, terms.vec, terms.end, W0, S0,
+        chunk_size)
+    return out, LinearMemoryState(WT, ST)
+
+
+#: memories this backend implements; the others fall back to the reference under backend="auto"
+MEMORIES = ("linear",)
+
+dispatch.register(OP, "triton", titan_memory_update_triton, supports=dispatch.triton_supports)
