@@ -14,6 +14,8 @@ from hope_kernels.titan_memory_update.state import LinearMemoryState, MLPMemoryS
 OP = "titan_memory_update"
 MEMORIES = ("linear", "mlp")
 RULES = ("titans", "dgd")
+#: backends that implement the linear memory only (mlp falls back to the reference under "auto")
+LINEAR_ONLY_BACKENDS = ("triton",)
 
 dispatch.register(OP, "reference", titan_memory_update_reference)
 try:
@@ -114,6 +116,12 @@ def titan_memory_update(
     else:
         _check_state(state, memory, B, H, Dk, Dv, dev)
     impl = dispatch.resolve_backend(OP, dev, backend)
+    if memory == "mlp" and impl.backend in LINEAR_ONLY_BACKENDS:
+        if backend != "auto":
+            raise NotImplementedError(
+                f"backend={backend!r} of titan_memory_update implements memory='linear' only; use "
+                f"backend='auto' (runs memory='mlp' on the reference) or backend='reference'")
+        impl = dispatch.resolve_backend(OP, dev, "reference")  # auto or $HOPE_BACKEND: best that runs mlp
     return impl.fn(q, k, v, lr, momentum, decay, chunk_size, memory, rule, state)
 
 

@@ -262,6 +262,11 @@ def _num_warps(BK: int, BV: int) -> int:
     return 8 if BK * BV >= 128 * 64 else 4
 
 
+def _empty(*shape, device, dtype) -> torch.Tensor:
+    """Every buffer a kernel must fill entirely (tests replace this with a NaN-poisoning allocator)."""
+    return torch.empty(*shape, device=device, dtype=dtype)
+
+
 def _run_fwd(q, k, kh, v, aqk, akk, tinv, aqw, vec, end, W0, S0, C, dgd, write_out, store_states):
     B, H, T, Dk = q.shape
     Dv = v.shape[-1]
@@ -269,10 +274,10 @@ def _run_fwd(q, k, kh, v, aqk, akk, tinv, aqw, vec, end, W0, S0, C, dgd, write_o
     Tp = NC * C
     BT, BK, BV = _blocks(C, Dk, Dv)
     dev = q.device
-    out = torch.empty(B, H, T, Dv, device=dev, dtype=q.dtype) if write_out else q.new_empty(0)
-    WT = torch.empty(B, H, Dv, Dk, device=dev, dtype=torch.float32)
-    ST = torch.empty_like(WT)
-    states = (torch.empty(B, H, NC, 2, Dv, Dk, device=dev, dtype=torch.float32) if store_states
+    out = _empty(B, H, T, Dv, device=dev, dtype=q.dtype) if write_out else q.new_empty(0)
+    WT = _empty(B, H, Dv, Dk, device=dev, dtype=torch.float32)
+    ST = _empty(B, H, Dv, Dk, device=dev, dtype=torch.float32)
+    states = (_empty(B, H, NC, 2, Dv, Dk, device=dev, dtype=torch.float32) if store_states
               else WT.new_empty(0))
     grid = (triton.cdiv(Dv, BV), B * H)
     _linear_fwd_kernel[grid](
@@ -335,14 +340,14 @@ def titan_linear_bwd(
     dq = torch.zeros(NV, B, H, Tp, Dk, **f32)
     dk = torch.zeros_like(dq)
     dkh = torch.zeros_like(dq) if dgd else dq.new_empty(0)
-    dv = torch.empty(B, H, T, Dv, device=dev, dtype=v.dtype)
+    dv = _empty(B, H, T, Dv, device=dev, dtype=v.dtype)
     dmat = lambda: torch.zeros(NV, B, H, NC, C, C, **f32)  # noqa: E731
     daqk = dmat()
     dakk, dtinv, daqw = (dmat(), dmat(), dmat()) if dgd else (daqk.new_empty(0) for _ in range(3))
     dvec = torch.zeros(NV, B, H, NC, N_VEC, C, **f32)
     dend = torch.zeros(NV, B, H, NC, 3, **f32)
-    dW0 = torch.empty(B, H, Dv, Dk, **f32)
-    dS0 = torch.empty_like(dW0)
+    dW0 = _empty(B, H, Dv, Dk, **f32)
+    dS0 = _empty(B, H, Dv, Dk, **f32)
     _linear_bwd_kernel[(NV, B * H)](
         q, k, kh if dgd else k, v, aqk, akk if dgd else aqk, tinv if dgd else aqk, aqw if dgd else aqk,
         vec, end, states, do, dWT, dST,
@@ -352,17 +357,18 @@ def titan_linear_bwd(
         BT=BT, BK=BK, BV=BV, DGD=dgd, PRECISION=_precision(q.dtype), num_warps=_num_warps(BK, BV),
     )
     red = lambda x: x.sum(0) if x.numel() else x  # noqa: E731  (sum the per-value-block partials)
-    dq, dk = red(dq)[:, :, :T].to(q.dtype), red(dk)[:, :, :T].to(k.dtype)
+    dq = red(dq)[:, :, :T].to(q.dtype).contiguous()
+    dk = red(dk)[:, :, :T].to(k.dtype).contiguous()
     return [dq, dk, red(dkh), dv, red(daqk), red(dakk), red(dtinv), red(daqw), red(dvec), red(dend), dW0, dS0]
 
 
 @titan_linear_bwd.register_fake
 def _(do, dWT, dST, q, k, kh, v, aqk, akk, tinv, aqw, vec, end, W0, S0, chunk_size):
-    empty = q.new_empty(0, dtype=torch.float32)
-    opt = lambda x: torch.empty_like(x, dtype=torch.float32) if x is not None else empty  # noqa: E731
-    return [torch.empty_like(q), torch.empty_like(k), opt(kh), torch.empty_like(v), torch.empty_like(aqk),
-            opt(akk), opt(tinv), opt(aqw), torch.empty_like(vec), torch.empty_like(end),
-            torch.empty_like(W0, dtype=torch.float32), torch.empty_like(S0, dtype=torch.float32)]
+    # real outputs are fresh contiguous tensors (gradients of half q/k/v in their dtype, the rest fp32)
+    f32 = lambda x: (q.new_empty(x.shape, dtype=torch.float32) if x is not None  # noqa: E731
+                     else q.new_empty(0, dtype=torch.float32))
+    return [q.new_empty(q.shape), k.new_empty(k.shape), f32(kh), v.new_empty(v.shape), f32(aqk), f32(akk),
+            f32(tinv), f32(aqw), f32(vec), f32(end), f32(W0), f32(S0)]
 
 
 def _setup_context(ctx, inputs, output):
