@@ -8,9 +8,8 @@ and pct_roofline compares it with the measured device-to-device copy bandwidth (
 """
 from __future__ import annotations
 
-import time
-
 import torch
+from _timing import peak_mb, time_ms
 
 from hope_kernels import dispatch
 from hope_kernels.cms_update import CMSParams, cms_update
@@ -22,25 +21,13 @@ GPU_SHAPES = [(8, 64, 768), (8, 1, 768), (8, 16, 768), (8, 256, 768), (8, 1024, 
 CPU_SHAPES = [(2, 16, 64), (4, 64, 128)]
 
 
-def _time_ms(fn, device: torch.device) -> float:
-    if device.type == "cuda":
-        import triton.testing
-
-        return float(triton.testing.do_bench(fn, warmup=10, rep=100, return_mode="median"))
-    fn()
-    times = []
-    for _ in range(7):
-        t0 = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - t0) * 1e3)
-    return sorted(times)[len(times) // 2]
 
 
 def copy_bandwidth_gbs(device: torch.device, nbytes: int = 2**30) -> float:
     """Measured roofline: bytes read + written per second by a plain device copy."""
     src = torch.empty(nbytes // 4, dtype=torch.float32, device=device).fill_(1.0)
     dst = torch.empty_like(src)
-    ms = _time_ms(lambda: dst.copy_(src), device)
+    ms = time_ms(lambda: dst.copy_(src), device)
     return 2 * nbytes / (ms * 1e-3) / 1e9
 
 
@@ -71,7 +58,7 @@ def run(device="cuda") -> list[dict]:
         for impl, fn in impls.items():
             try:
                 fn()
-                ms = _time_ms(fn, device)
+                ms = time_ms(fn, device)
             except Exception as exc:  # noqa: BLE001 - e.g. no C++ compiler for inductor on this host
                 rows.append({"op": "cms_update", "impl": impl, "shape": f"B{B} C{C} D{D} E{E}", "error": repr(exc)[:200]})
                 continue

@@ -11,9 +11,8 @@ time_vs_eager, mem_vs_eager.
 """
 from __future__ import annotations
 
-import time
-
 import torch
+from _timing import peak_mb, time_ms
 
 from hope_kernels import dispatch
 from hope_kernels.teach_signal import teach_signal
@@ -23,29 +22,8 @@ GPU_SHAPES = [(4096, 768, 32000), (16384, 768, 32000), (32768, 768, 32000), (409
 CPU_SHAPES = [(256, 64, 1000), (1024, 128, 4000)]
 
 
-def _time_ms(fn, device: torch.device) -> float:
-    if device.type == "cuda":
-        import triton.testing
-
-        return float(triton.testing.do_bench(fn, warmup=5, rep=50, return_mode="median"))
-    fn()
-    times = []
-    for _ in range(5):
-        t0 = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - t0) * 1e3)
-    return sorted(times)[len(times) // 2]
 
 
-def _peak_mb(fn, device: torch.device) -> float | None:
-    if device.type != "cuda":
-        return None
-    torch.cuda.synchronize(device)
-    base = torch.cuda.memory_allocated(device)
-    torch.cuda.reset_peak_memory_stats(device)
-    fn()
-    torch.cuda.synchronize(device)
-    return (torch.cuda.max_memory_allocated(device) - base) / 2**20
 
 
 def _inputs(N, D, V, device, dtype):
@@ -106,8 +84,8 @@ def run(device="cuda") -> list[dict]:
         for impl, step in _steps(hidden, weight, targets, device).items():
             try:
                 step()  # compile / autotune outside the timing
-                ms = _time_ms(step, device)
-                peak = _peak_mb(step, device)
+                ms = time_ms(step, device)
+                peak = peak_mb(step, device)
             except torch.cuda.OutOfMemoryError as exc:  # the logits path does not fit at the largest shapes
                 rows.append({"op": "teach_signal", "impl": impl, "shape": shape, "pass": "fwd+bwd", "error": f"OOM: {exc}"[:200]})
                 torch.cuda.empty_cache()

@@ -1,0 +1,137 @@
+"""titan_memory_update timings and peak memory: ``run(device) -> list[dict]`` (called by bench/gpu_suite.py).
+
+Linear memory, chunk 64, fwd and fwd+bwd (gradients to q, k, v, the gates and the initial state):
+  eager    the PyTorch reference (titans: dual form per chunk; dgd: per-token loop inside chunks)
+  compile  torch.compile of the reference
+  triton   chunk terms in batched PyTorch + the state-carrying Triton kernels
+  fla      fla's chunk_gated_delta_rule (fla-core, when importable) on the shared case: rule titans with
+           momentum 0 has the same per-chunk work as a gated delta rule (different update point), so only
+           its time is compared, not its output
+Issue targets (GPU): triton >= 10x eager, >= 2x compile, within 1.5x of fla on the shared case, at
+B=8 H=12 D=64 T=2048 and B=1 H=16 D=128 T=16384.
+"""
+from __future__ import annotations
+
+import torch
+from _timing import peak_mb, time_ms
+
+from hope_kernels.titan_memory_update import LinearMemoryState, titan_memory_update
+from hope_kernels.titan_memory_update.reference import titan_memory_update_reference
+
+GPU_SHAPES = [(8, 12, 2048, 64), (1, 16, 16384, 128)]  # (B, H, T, D)
+CPU_SHAPES = [(1, 2, 128, 16)]
+CHUNK = 64
+# the eager dgd reference loops over tokens in Python: too slow to time at T=16384
+EAGER_MAX_TOKENS_DGD = 4096
+
+
+def _inputs(B, H, T, D, device, dtype, momentum_zero=False):
+    g = torch.Generator().manual_seed(0)
+    rnd = lambda *s: torch.randn(*s, generator=g).to(device)  # noqa: E731
+    q, k = (torch.nn.functional.normalize(rnd(B, H, T, D), dim=-1).to(dtype) for _ in range(2))
+    v = rnd(B, H, T, D).to(dtype)
+    lr = torch.rand(B, H, T, generator=g).to(device) * 0.5
+    momentum = torch.zeros(B, H, T, device=device) if momentum_zero else torch.rand(B, H, T, generator=g).to(device)
+    decay = torch.rand(B, H, T, generator=g).to(device) * 0.1
+    state = [torch.zeros(B, H, D, D, device=device), torch.zeros(B, H, D, D, device=device)]
+    return [q, k, v, lr, momentum, decay], state
+
+
+def _ours(fn, rule):
+    def call(q, k, v, lr, mo, de, W0, S0):
+        out, st = fn(q, k, v, lr, mo, de, CHUNK, "linear", rule, LinearMemoryState(W0, S0))
+        return out, st.W
+    return call
+
+
+def _fla_call():
+    try:
+        from fla.ops.gated_delta_rule import chunk_gated_delta_rule
+    except ImportError:
+        return None
+
+    def call(q, k, v, lr, mo, de, W0, S0):
+        # fla layout [B, T, H, D]; g = log(1 - decay); beta = lr; the state is [B, H, Dk, Dv]
+        out, final = chunk_gated_delta_rule(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), g=torch.log1p(-de).transpose(1, 2),
+            beta=lr.transpose(1, 2), initial_state=W0.transpose(-1, -2), output_final_state=True)
+        return out, final
+    return call
+
+
+def _step(call, args, state, backward):
+    leaves = [t.detach().clone().requires_grad_(backward) for t in args + state]
+
+    def step():
+        for t in leaves:
+            t.grad = None
+        if not backward:
+            with torch.no_grad():
+                call(*leaves)
+            return
+        out, final = call(*leaves)
+        (out.float().square().sum() + final.float().sum()).backward()
+    return step
+
+
+def run(device="cuda") -> list[dict]:
+    device = torch.device(device)
+    on_gpu = device.type == "cuda"
+    shapes = GPU_SHAPES if on_gpu else CPU_SHAPES
+    dtype = torch.bfloat16 if on_gpu else torch.float32
+    impls = {"eager": titan_memory_update_reference,
+             "compile": torch.compile(titan_memory_update_reference, dynamic=False)}
+    if on_gpu:
+        from hope_kernels.titan_memory_update.triton import titan_memory_update_triton
+
+        impls["triton"] = titan_memory_update_triton
+    rows = []
+    for B, H, T, D in shapes:
+        for rule in ("titans", "dgd"):
+            shared = rule == "titans"  # momentum 0: the case fla's gated delta rule also covers
+            args, state = _inputs(B, H, T, D, device, dtype, momentum_zero=shared)
+            shape = f"B{B} H{H} T{T} D{D} C{CHUNK} {str(dtype).replace('torch.', '')}"
+            calls = {name: _ours(fn, rule) for name, fn in impls.items()}
+            if shared and on_gpu and _fla_call() is not None:
+                calls["fla"] = _fla_call()
+            for backward in (False, True):
+                base = {}
+                for impl, call in calls.items():
+                    row = {"op": "titan_memory_update", "impl": impl, "rule": rule, "shape": shape,
+                           "pass": "fwd+bwd" if backward else "fwd"}
+                    if impl == "eager" and rule == "dgd" and T > EAGER_MAX_TOKENS_DGD:
+                        rows.append(dict(row, skipped=f"per-token Python loop; T > {EAGER_MAX_TOKENS_DGD}"))
+                        continue
+                    if impl == "compile" and rule == "dgd" and not on_gpu:
+                        rows.append(dict(row, skipped="compiling the unrolled per-token loop takes minutes on 2 CPU cores"))
+                        continue
+                    try:
+                        step = _step(call, args, state, backward)
+                        step()  # compile / JIT outside the timing
+                        ms = time_ms(step, device)
+                        peak = peak_mb(step, device)
+                    except Exception as exc:  # OOM or a peer that rejects the shape: report, go on
+                        rows.append(dict(row, error=repr(exc)[:300]))
+                        if on_gpu:
+                            torch.cuda.empty_cache()
+                        continue
+                    row.update(median_ms=round(ms, 3), peak_mb=None if peak is None else round(peak, 1))
+                    base[impl] = ms
+                    rows.append(row)
+                for row in rows:
+                    if row.get("shape") == shape and row.get("rule") == rule and "median_ms" in row and \
+                            row["pass"] == ("fwd+bwd" if backward else "fwd"):
+                        for ref in ("eager", "compile", "fla"):
+                            if ref in base and row["impl"] != ref:
+                                row[f"speedup_vs_{ref}"] = round(base[ref] / row["median_ms"], 2)
+            del args, state
+            if on_gpu:
+                torch.cuda.empty_cache()
+    return rows
+
+
+if __name__ == "__main__":
+    import sys
+
+    for r in run(sys.argv[1] if len(sys.argv) > 1 else ("cuda" if torch.cuda.is_available() else "cpu")):
+        print(r)
