@@ -63,7 +63,19 @@ class GuardConfig:
 @dataclass
 class DistConfig:
     backend: str = "auto"          # auto: nccl on GPU, gloo on CPU
-    fsdp: bool = False             # FSDP2 (torch.distributed.fsdp.fully_shard) instead of DDP
+    fsdp: bool = False             # FSDP2 (torch.distributed.fsdp.fully_shard) instead of replicated weights
+
+
+def check_fsdp(cfg: "TrainConfig", teach_signal: str) -> None:
+    """Refuse what FSDP2 cannot run (``teach_signal``: the model's, ``"shared"`` or ``"exact"``)."""
+    if not cfg.dist.fsdp:
+        return
+    if cfg.mode == "online" and teach_signal == "exact":
+        raise ValueError(
+            "dist.fsdp: mode=online with model.teach_signal=exact does not work under FSDP2: its teach signal is a "
+            "torch.autograd.grad inside the forward, which runs FSDP's backward hooks (resharding the blocks) "
+            "before the CMS levels read their slow weights; use mode=parallel, model.teach_signal=shared or "
+            "dist.fsdp=false")
 
 
 @dataclass
@@ -144,6 +156,7 @@ class TrainConfig:
         if not isinstance(self.name, str) or not self.name or "/" in self.name:
             raise ValueError(f"name: expected a non-empty name without '/', got {self.name!r}")
         pos_int("seed", self.seed, zero=True)
+        check_fsdp(self, self.model.get("teach_signal", "shared"))  # again in the trainer with the resolved model
         return self
 
     def _get(self, key: str):
@@ -234,4 +247,4 @@ def config_from_dict(data: dict) -> TrainConfig:
 
 
 __all__ = ["TrainConfig", "DataConfig", "OptimConfig", "OuterOptimConfig", "TeachConfig", "GuardConfig",
-           "DistConfig", "LogConfig", "load_config", "config_from_dict", "parse_overrides"]
+           "DistConfig", "LogConfig", "load_config", "config_from_dict", "parse_overrides", "check_fsdp"]

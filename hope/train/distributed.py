@@ -1,7 +1,9 @@
-"""Process group setup for ``torchrun`` (backend auto: nccl on GPU, gloo on CPU) and the data-parallel
-collectives the trainer uses: gradient averaging and re-synchronising weights changed by inner updates."""
+"""Process group setup for ``torchrun`` (backend auto: nccl on GPU, gloo on CPU), the data-parallel
+collectives the trainer uses (gradient averaging, re-synchronising weights changed by inner updates, the
+divergence guard's agreement) and FSDP2 (``dist.fsdp``): sharding, full state dicts, gathered slow weights."""
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass
 
@@ -106,9 +108,143 @@ def any_flag(flag: bool, info: DistInfo) -> bool:
     return bool(t.item() > 0)
 
 
+def bad_ranks(reason, info: DistInfo) -> list[tuple[int, object]]:
+    """``(rank, reason)`` of every rank whose ``reason`` (any picklable value) is not None, the same list on every
+    rank: the divergence guard skips a step on all ranks when one is bad. One 1-element all-reduce when no rank
+    is bad (like ``any_flag``); the reasons themselves are gathered only when some rank is."""
+    if not info.enabled:
+        return [] if reason is None else [(0, reason)]
+    if not any_flag(reason is not None, info):
+        return []
+    gathered: list = [None] * info.world_size
+    dist.all_gather_object(gathered, reason)
+    return [(r, g) for r, g in enumerate(gathered) if g is not None]
+
+
 def mean_scalar(value: float, info: DistInfo) -> float:
     if not info.enabled:
         return value
     t = torch.tensor([float(value)], dtype=torch.float64, device=info.device)
     dist.all_reduce(t)
     return float(t.item() / info.world_size)
+
+
+# --------------------------------------------------------------------------------------------- FSDP2
+def fully_shard_model(model: torch.nn.Module, info: DistInfo, *, reshard_after_forward: bool = True):
+    """FSDP2 in place: each block of ``model.blocks`` its own unit, then the root (embedding = tied head,
+    final norm). The tied head is ``model.embed.weight`` itself (no second parameter), so it is one sharded
+    parameter of the root unit, gathered for the root's forward where both the embedding and the loss use it.
+    Buffers (CMS momenta) are not sharded: every rank keeps a full copy."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    if not info.enabled:
+        raise ValueError("dist.fsdp: needs several processes (torchrun --nproc_per_node=N, N > 1); "
+                         "use dist.fsdp=false for a single process")
+    mesh = init_device_mesh(info.device.type, (info.world_size,))
+    for block in model.blocks:
+        fully_shard(block, mesh=mesh, reshard_after_forward=reshard_after_forward)
+    fully_shard(model, mesh=mesh, reshard_after_forward=reshard_after_forward)
+    return model
+
+
+def reshard(model: torch.nn.Module) -> None:
+    """FSDP2: free every unit's gathered parameters (a forward without backward, e.g. evaluation, leaves units
+    that do not reshard after forward unsharded); a no-op for sharded units and unsharded models."""
+    from torch.distributed.fsdp import FSDPModule
+
+    for m in model.modules():
+        if isinstance(m, FSDPModule):
+            m.reshard()
+
+
+def _full_options(**kw):
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    return StateDictOptions(full_state_dict=True, **kw)
+
+
+def full_model_state_dict(model: torch.nn.Module) -> dict:
+    """Collective: the unsharded state dict (CPU tensors, same keys as the unwrapped model) on rank 0, {} elsewhere."""
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+    return get_model_state_dict(model, options=_full_options(cpu_offload=True))
+
+
+def load_full_model_state_dict(model: torch.nn.Module, state: dict) -> None:
+    """Collective: load a full (unsharded) state dict, given on every rank, into the sharded model; strict."""
+    from torch.distributed.checkpoint.state_dict import set_model_state_dict
+
+    expected = set(model.state_dict())
+    missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
+    if missing or unexpected:
+        raise ValueError(f"checkpoint: missing {missing}, unexpected {unexpected}")
+    set_model_state_dict(model, state, options=_full_options())
+
+
+def _param_names(model: torch.nn.Module, opt: torch.optim.Optimizer) -> list[str]:
+    names = {id(p): n for n, p in model.named_parameters()}
+    return [names[id(p)] for g in opt.param_groups for p in g["params"]]
+
+
+def full_optimizer_state_dict(model: torch.nn.Module, opt: torch.optim.Optimizer) -> dict:
+    """Collective: the optimizer's unsharded state on rank 0 ({} elsewhere), in ``opt.state_dict()``'s own format
+    (parameters numbered in param-group order), so a checkpoint does not depend on whether FSDP wrote it."""
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+    if not opt.state:  # before the first step: get_optimizer_state_dict would initialise the state by running
+        return opt.state_dict()  # a zero-lr step (AdamW's step count 1 too many); nothing sharded to gather
+    full = get_optimizer_state_dict(model, opt, options=_full_options(cpu_offload=True))
+    if not full:
+        return {}
+    index = {name: i for i, name in enumerate(_param_names(model, opt))}
+    return {"state": {index[name]: value for name, value in full["state"].items()},
+            "param_groups": [{**g, "params": [index[name] for name in g["params"]]} for g in full["param_groups"]]}
+
+
+def load_full_optimizer_state_dict(model: torch.nn.Module, opt: torch.optim.Optimizer, state: dict) -> None:
+    """Collective: load an ``opt.state_dict()``-format state (unsharded, on every rank) into the sharded optimizer."""
+    from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
+
+    if not state["state"]:  # saved before the first step: no moments (set_optimizer_state_dict would make some)
+        opt.load_state_dict(state)
+        return
+    names = _param_names(model, opt)
+    full = {"state": {names[int(i)]: value for i, value in state["state"].items()},
+            "param_groups": [{**g, "params": [names[int(i)] for i in g["params"]]} for g in state["param_groups"]]}
+    set_optimizer_state_dict(model, opt, full, options=_full_options())
+    for group, saved in zip(opt.param_groups, state["param_groups"], strict=True):  # exactly as saved (the
+        group.update({k: v for k, v in saved.items() if k != "params"})  # round trip turns tuples into lists)
+
+
+@contextlib.contextmanager
+def gathered_parameters(model: torch.nn.Module, names: list[str]):
+    """FSDP2: the named parameters as full plain tensors for code that changes them in place outside autograd
+    (the parallel mode's CMS inner updates). Inside the block each is all-gathered and put on its module in
+    place of the sharded parameter; on a normal exit each rank copies its own shard of the (changed) full value
+    back, and the sharded parameters return in any case, so the optimizer and FSDP keep the objects they hold.
+    Every rank must change the full values identically (average them over ranks inside the block). Parameters
+    that are not DTensors are left alone."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    reshard(model)  # a unit left unsharded would hold plain parameters whose in-place changes get lost
+    swapped = []
+    try:
+        for name in names:
+            owner_name, _, attr = name.rpartition(".")
+            owner = model.get_submodule(owner_name)
+            sharded = owner._parameters[attr]
+            if not isinstance(sharded, DTensor):
+                continue
+            full = torch.nn.Parameter(sharded.detach().full_tensor(), requires_grad=False)
+            owner._parameters[attr] = full
+            swapped.append((owner, attr, sharded, full))
+        yield
+        with torch.no_grad():
+            for _, _, sharded, full in swapped:
+                local = distribute_tensor(full.data.to(sharded.dtype), sharded.device_mesh, sharded.placements,
+                                          src_data_rank=None)  # this rank's slice, no communication
+                sharded.copy_(local)
+    finally:
+        for owner, attr, sharded, _ in swapped:
+            owner._parameters[attr] = sharded

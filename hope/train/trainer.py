@@ -3,12 +3,17 @@
 Read top to bottom: setup (distributed, seed, data, model, optimizers, resume) -> step loop (schedules,
 forward in ``online`` or ``parallel`` mode, divergence guard, backward, gradient averaging, per-level
 clipping, outer step, inner updates) -> eval / checkpoint / log.
+
+Data parallelism is replicated (gradients all-reduced by ``distributed.average_gradients``) or, with
+``dist.fsdp=true``, FSDP2 (``fully_shard`` per block, then the root; checkpoints gathered to the same
+unsharded files as the replicated path).
 """
 from __future__ import annotations
 
 import contextlib
 import os
 import random
+import re
 import time
 import warnings
 from datetime import datetime, timezone
@@ -21,12 +26,63 @@ import yaml
 from hope.optim import build_optimizers, lr_at, memory_parameter_names, teach_scale_at
 from hope.train import checkpoint as ckpt
 from hope.train import distributed as D
-from hope.train.config import TrainConfig
+from hope.train.config import TrainConfig, check_fsdp
 from hope.train.logging import RunLogger
 
 # test hook: comma-separated 0-based step attempts (calls of train_step, skipped ones included) whose loss is
 # replaced by NaN, to exercise the divergence guard
 NAN_STEPS_ENV = "HOPE_TEST_NAN_STEPS"
+# test hook: comma-separated step attempts before whose forward every parameter is multiplied by NaN (the model
+# has gone bad: the forward's gate checks raise "... contains NaN", and every later step is bad too until the
+# guard rolls back to the last checkpoint)
+NAN_PARAMS_ENV = "HOPE_TEST_NAN_PARAM_STEPS"
+# test hook: comma-separated ranks the two hooks above act on (unset: every rank)
+NAN_RANKS_ENV = "HOPE_TEST_NAN_RANKS"
+# hope_kernels' switch for its value checks (gate ranges, finite values): see _value_checks_off
+SKIP_VALUE_CHECKS_ENV = "HOPE_SKIP_VALUE_CHECKS"
+
+# a value check's message about NaN / inf values, e.g. hope_kernels check_range's "lr contains NaN; expected
+# values in [0.0, 1.0]" or check_float's "lr must not be NaN" (words, so "info" or "inference" do not match)
+_NONFINITE_MESSAGE = re.compile(r"\bnan\b|\binf(inity)?\b|non-?finite|not finite", re.IGNORECASE)
+
+
+def nonfinite_forward_error(exc: BaseException) -> str | None:
+    """The message of ``exc`` when it reports non-finite values met in the forward (a diverged model: the
+    divergence guard skips the step), else None (a programming error: the caller re-raises). Only ValueError,
+    RuntimeError and FloatingPointError whose message names NaN / inf / non-finite values count; TypeErrors and
+    shape, device or range errors about finite values never do."""
+    if isinstance(exc, (ValueError, RuntimeError, FloatingPointError)) and _NONFINITE_MESSAGE.search(str(exc)):
+        return f"{type(exc).__name__}: {exc}"
+    return None
+
+
+def _int_set(name: str) -> set[int]:
+    return {int(s) for s in os.environ.get(name, "").split(",") if s.strip()}
+
+
+@contextlib.contextmanager
+def _value_checks_off():
+    """hope_kernels' value checks off for the block (they read the variable on every call)."""
+    old = os.environ.get(SKIP_VALUE_CHECKS_ENV)
+    os.environ[SKIP_VALUE_CHECKS_ENV] = "1"
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop(SKIP_VALUE_CHECKS_ENV, None)
+        else:
+            os.environ[SKIP_VALUE_CHECKS_ENV] = old
+
+
+class _StateDictView:
+    """What ``checkpoint.save_checkpoint`` needs of a model (``state_dict()``), for an FSDP model's gathered
+    full state dict: the safetensors file is then the one the unsharded model writes."""
+
+    def __init__(self, state: dict):
+        self._state = state
+
+    def state_dict(self) -> dict:
+        return dict(self._state)
 
 
 # ----------------------------------------------------------------------------------------------- setup
@@ -117,8 +173,10 @@ class Trainer:
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
         self.info = D.setup(cfg.device, cfg.dist.backend)
-        if cfg.dist.fsdp:
-            raise ValueError("dist.fsdp: FSDP2 sharding is not implemented in this trainer yet; use dist.fsdp=false")
+        self.fsdp = cfg.dist.fsdp
+        if self.fsdp and not self.info.enabled:
+            raise ValueError("dist.fsdp: needs several processes (torchrun --nproc_per_node=N, N > 1); "
+                             "use dist.fsdp=false for a single process")
         self.device = self.info.device
         seed_everything(cfg.seed)
 
@@ -131,7 +189,13 @@ class Trainer:
         tok_vocab = int(self.prepared.index["tokenizer"]["vocab_size"])
 
         self.model_config = model_config_for(cfg, tok_vocab)
+        check_fsdp(cfg, self.model_config.teach_signal)
         self.model = build_model(self.model_config).to(self.device)
+        if self.fsdp:  # before the optimizers: they must hold the sharded parameters
+            # online mode: the CMS levels read their blocks' slow weights between the segment forwards (outside
+            # FSDP's hooks), so the blocks keep them gathered from forward to backward (weights unsharded during
+            # the step; gradients and optimizer states stay sharded)
+            D.fully_shard_model(self.model, self.info, reshard_after_forward=cfg.mode != "online")
         self.memory_names = memory_parameter_names(self.model)
         self.optimizers = build_optimizers(self.model, cfg.optim.outer, self.device)
         self.run_dir = make_run_dir(cfg, self.info)
@@ -165,11 +229,19 @@ class Trainer:
         return ckpt.resolve_step_dir(r)
 
     def restore(self, step_dir: Path) -> None:
-        """Weights (with CMS momentum buffers), optimizer moments, RNG, data position: exact continuation."""
-        ckpt.load_weights(self.model, step_dir, device=self.device)
+        """Weights (with CMS momentum buffers), optimizer moments, RNG, data position: exact continuation.
+        Under FSDP collective: every rank reads the full files and keeps its shards."""
         state = ckpt.load_train_state(step_dir)
-        for opt, sd in zip(self.optimizers, state["optimizers"], strict=True):
-            opt.load_state_dict(sd)
+        if self.fsdp:
+            from safetensors.torch import load_file
+
+            D.load_full_model_state_dict(self.model, load_file(str(Path(step_dir) / "model.safetensors")))
+            for opt, sd in zip(self.optimizers, state["optimizers"], strict=True):
+                D.load_full_optimizer_state_dict(self.model, opt, sd)
+        else:
+            ckpt.load_weights(self.model, step_dir, device=self.device)
+            for opt, sd in zip(self.optimizers, state["optimizers"], strict=True):
+                opt.load_state_dict(sd)
         self.step, self.tokens_seen = state["step"], state["tokens_seen"]
         self.best_val = state.get("best_val", float("inf"))
         self.train_loader = self._train_loader(state["data"][self.info.rank])
@@ -187,16 +259,23 @@ class Trainer:
         else:
             datas, rngs = [data_state], [rng]
         path = self.run_dir / "checkpoints" / f"step_{self.step}"
+        if self.fsdp:  # collective: the full (unsharded) weights and optimizer states, on rank 0's CPU
+            weights = _StateDictView(D.full_model_state_dict(self.model))
+            optimizers = [D.full_optimizer_state_dict(self.model, o) for o in self.optimizers]
+        else:
+            weights, optimizers = self.model, None
         if self.info.is_main:
+            if optimizers is None:
+                optimizers = [o.state_dict() for o in self.optimizers]
             train_state = {"step": self.step, "tokens_seen": self.tokens_seen, "best_val": self.best_val,
-                           "optimizers": [o.state_dict() for o in self.optimizers], "data": datas, "rng": rngs,
+                           "optimizers": optimizers, "data": datas, "rng": rngs,
                            "fast_state": None}  # each batch starts a fresh stream: no fast state between steps
             state_json = {"tokens_seen": self.tokens_seen, "model_config": self.model_config.to_dict(),
                           "tokenizer": {"path": str(self.prepared.tokenizer_path),
                                         "sha256": self.prepared.tokenizer_sha256},
                           "data_dir": str(self.prepared.dir), "config": self.cfg.to_dict(), "val_loss": val_loss,
                           "world_size": self.info.world_size}
-            path = ckpt.save_checkpoint(self.run_dir, self.step, self.model, train_state, state_json,
+            path = ckpt.save_checkpoint(self.run_dir, self.step, weights, train_state, state_json,
                                         keep=self.cfg.keep_checkpoints)
             if val_loss is not None and val_loss <= self.best_val:
                 self.best_val = val_loss
@@ -223,6 +302,40 @@ class Trainer:
             out = self.model(x, labels=y)
             return out.loss, dict(out.metrics), out
 
+    def _forward_guarded(self, batch: dict, teach_scale: float):
+        """``forward`` with the compile fallback; ``(loss, metrics, out, None)``, or ``(None, {}, None, detail)``
+        when the forward stopped on non-finite values (``nonfinite_forward_error``): a bad step for the guard.
+
+        Under FSDP the forward is collective (each block all-gathers its weights), so a rank cannot leave it
+        half-way while the others go on: hope_kernels' raising value checks are off there and non-finite values
+        reach the loss, which every rank checks after the forward."""
+        checks = _value_checks_off() if self.fsdp else contextlib.nullcontext()
+        try:
+            with checks:
+                try:
+                    res = self.forward(batch, teach_scale)
+                except Exception as e:  # noqa: BLE001 - a failing compiled graph falls back to eager once
+                    if self._compile_checked or nonfinite_forward_error(e) is not None:
+                        raise
+                    warnings.warn(f"compile: compiled forward failed ({type(e).__name__}: {e}); running eager",
+                                  stacklevel=3)
+                    _uncompile(self.model)
+                    res = self.forward(batch, teach_scale)
+        except (ValueError, RuntimeError, FloatingPointError) as e:
+            detail = nonfinite_forward_error(e)
+            if detail is None:
+                raise
+            if self.fsdp:  # a half-run forward may leave units unsharded
+                D.reshard(self.model)
+            return None, {}, None, detail
+        self._compile_checked = True
+        return (*res, None)
+
+    @torch.no_grad()
+    def _poison_parameters(self) -> None:
+        for p in self.model.parameters():
+            p.mul_(float("nan"))
+
     def clip(self) -> dict:
         """Per-level gradient clipping: memory/CMS parameters and the other slow weights separately."""
         mem, outer = [], []
@@ -245,7 +358,22 @@ class Trainer:
                 out.append(t.data)
         return out
 
-    def train_step(self, batch: dict, nan_steps: set) -> dict:
+    def _skip(self, bad: list, **record) -> dict:
+        """A skipped step's record: ``reason`` (the first bad rank's), its ``detail``, the bad ranks."""
+        for opt in self.optimizers:
+            opt.zero_grad(set_to_none=True)
+        reason, detail = bad[0][1]
+        out = {"skipped": True, "reason": reason, **record}
+        if detail:
+            out["detail"] = detail
+        if self.info.enabled:
+            out["bad_ranks"] = [r for r, _ in bad]
+        return out
+
+    def train_step(self, batch: dict, hooks: dict) -> dict:
+        """One outer step; a record with ``skipped`` (and ``reason``) when the divergence guard skipped it:
+        the forward stopped on non-finite values, the loss or teach-signal norm is non-finite (or the latter
+        above ``guard.max_teach_norm``), or the clipped gradient norm is non-finite. Every rank skips together."""
         c = self.cfg
         lr_mult = lr_at(self.step, c.steps, c.optim.outer.warmup_steps, c.optim.outer.min_lr_ratio)
         teach = teach_scale_at(self.step, c.steps, c.optim.teach.scale, c.optim.teach.warmup_steps,
@@ -253,41 +381,51 @@ class Trainer:
         for opt in self.optimizers:
             for g in opt.param_groups:
                 g["lr"] = g["base_lr"] * lr_mult
-        try:
-            loss, metrics, out = self.forward(batch, teach)
-        except Exception as e:  # noqa: BLE001 - a failing compiled graph falls back to eager once
-            if self._compile_checked:
-                raise
-            warnings.warn(f"compile: compiled forward failed ({type(e).__name__}: {e}); running eager", stacklevel=2)
-            _uncompile(self.model)
-            loss, metrics, out = self.forward(batch, teach)
-        self._compile_checked = True
-        if self._attempts in nan_steps:
+        hooked = hooks["ranks"] is None or self.info.rank in hooks["ranks"]
+        if hooked and self._attempts in hooks["nan_params"]:
+            self._poison_parameters()
+        loss, metrics, out, detail = self._forward_guarded(batch, teach)
+        if hooked and loss is not None and self._attempts in hooks["nan_loss"]:
             loss = loss * float("nan")
         self._attempts += 1
         teach_norm = float(metrics.get("teach_signal_norm", 0.0))
-        bad = not (torch.isfinite(loss.detach()).item() and np.isfinite(teach_norm)
-                   and teach_norm <= c.guard.max_teach_norm)
-        if D.any_flag(bad, self.info):
-            for opt in self.optimizers:
-                opt.zero_grad(set_to_none=True)
-            return {"skipped": True, "loss": float(loss.detach()), "teach_signal_norm": teach_norm}
+        if detail is not None:
+            reason = ("nonfinite_forward", detail)
+        elif not torch.isfinite(loss.detach()).item():
+            reason = ("nonfinite_loss", None)
+        elif not np.isfinite(teach_norm):
+            reason = ("nonfinite_teach_signal_norm", None)
+        elif teach_norm > c.guard.max_teach_norm:
+            reason = ("teach_signal_norm_above_max", None)
+        else:
+            reason = None
+        bad = D.bad_ranks(reason, self.info)
+        if bad:
+            return self._skip(bad, loss=float("nan") if loss is None else float(loss.detach()),
+                              teach_signal_norm=teach_norm)
 
         loss.backward()
-        D.average_gradients(self.model, self.info)
+        if not self.fsdp:  # FSDP reduce-scatters (and averages) the gradients in the backward
+            D.average_gradients(self.model, self.info)
         record = self.clip()
         if not all(np.isfinite(v) for v in record.values()):  # inf/NaN gradients: skip, never step on them
-            for opt in self.optimizers:
-                opt.zero_grad(set_to_none=True)
-            return {"skipped": True, "loss": float(loss.detach()), "teach_signal_norm": teach_norm, **record}
+            # the norms are of the averaged gradients: the same on every rank, no agreement needed
+            every = [(r, ("nonfinite_grad_norm", None)) for r in range(self.info.world_size)]
+            return self._skip(every, loss=float(loss.detach()),
+                              teach_signal_norm=teach_norm, **record)
         for opt in self.optimizers:
             opt.step()
             opt.zero_grad(set_to_none=True)
         if c.mode == "parallel" and out is not None:
             from hope.models.online import apply_parallel_inner_updates
 
-            metrics.update(apply_parallel_inner_updates(self.model, out, teach))
-            D.average_tensors(self._cms_tensors(), self.info)
+            # under FSDP the CMS slow weights are gathered whole for the in-place inner updates, then resharded
+            gathered = (D.gathered_parameters(self.model, sorted(n for n, _ in self.model.named_parameters()
+                                                                 if "cms." in n))
+                        if self.fsdp else contextlib.nullcontext())
+            with gathered:
+                metrics.update(apply_parallel_inner_updates(self.model, out, teach))
+                D.average_tensors(self._cms_tensors(), self.info)
         record.update({"loss": D.mean_scalar(float(loss.detach()), self.info), "lr": c.optim.outer.lr * lr_mult,
                        "teach_scale": teach, "teach_signal_norm": teach_norm})
         for k, v in metrics.items():
@@ -310,13 +448,16 @@ class Trainer:
                 out = self.model(batch["input_ids"].to(self.device), labels=batch["labels"].to(self.device))
             total += float(out.loss)
             count += 1
+        if self.fsdp:  # no backward follows to reshard the units that keep their weights after forward
+            D.reshard(self.model)
         self.model.train()
         return D.mean_scalar(total / max(1, count), self.info)
 
     # ------------------------------------------------------------------------------------------ loop
     def train(self) -> dict:
         c = self.cfg
-        nan_steps = {int(s) for s in os.environ.get(NAN_STEPS_ENV, "").split(",") if s.strip()}
+        hooks = {"nan_loss": _int_set(NAN_STEPS_ENV), "nan_params": _int_set(NAN_PARAMS_ENV),
+                 "ranks": _int_set(NAN_RANKS_ENV) if os.environ.get(NAN_RANKS_ENV, "").strip() else None}
         self.model.train()
         bad_in_row, val_loss, self._attempts = 0, None, 0
         if self.step == 0 and c.ckpt_every and c.guard.max_bad_steps:
@@ -325,7 +466,7 @@ class Trainer:
         while self.step < c.steps:
             t_step = time.perf_counter()
             batch = next(self.train_loader)
-            record = self.train_step(batch, nan_steps)
+            record = self.train_step(batch, hooks)
             if record.get("skipped"):
                 bad_in_row += 1
                 self.logger.log({**record, "event": "skipped", "step": self.step, "bad_in_row": bad_in_row})
