@@ -15,7 +15,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-from hope_kernels.titan_memory_update.reference import KEY_NORM_EPS
+from hope_kernels.titan_memory_update.reference import KEY_NORM_EPS, segment_products
 
 #: Rows of ``LinearChunkTerms.vec`` (kept in this order by the kernels).
 VEC_ROWS = ("Bc", "c", "Bp", "cp", "wg", "wp", "wb")
@@ -52,18 +52,6 @@ def pad_tokens(x: torch.Tensor, total: int, value: float = 0.0) -> torch.Tensor:
         return x
     pad = [0, 0] * (x.dim() - 3) + [0, extra]
     return F.pad(x, pad, value=value)
-
-
-def segment_products(g: torch.Tensor) -> torch.Tensor:
-    """R[..., t, j] = prod_{j < m <= t} g_m for j <= t (1 on the diagonal), 0 above it.
-
-    A masked cumulative product: exact for gates at 0 (no logs, no division).
-    """
-    C = g.shape[-1]
-    idx = torch.arange(C, device=g.device)
-    after = idx[:, None] > idx[None, :]  # [m, j]: m > j
-    factors = torch.where(after, g[..., :, None], torch.ones((), dtype=g.dtype, device=g.device))
-    return torch.cumprod(factors, dim=-2).tril()
 
 
 def _shift_rows(x: torch.Tensor, first: float) -> torch.Tensor:

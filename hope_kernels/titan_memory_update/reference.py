@@ -4,13 +4,13 @@ Titans (arXiv 2501.00663) eq. 12-14 with chunk-start gradients (sec. 3.2); DGD r
 Learning (arXiv 2512.24695) eq. 56-57 (numbering as cited in the issue).
 
 - rule ``titans``: the dual form; per chunk a handful of [L, L] / [L, D] matmuls, no per-token
-  weight matrices. The L x L decay matrix G and the vector c come from their stable recurrences
+  weight matrices. The L x L decay matrix G and the vector c come from masked cumulative products
   (never from dividing cumulative products), so gates at exactly 0 are fine.
 - rule ``dgd``: a per-token recursion inside each chunk on running weight states (all gradients are
   still taken at the chunk-start state W_c); the compact UT/Lambda form is left to the kernels.
 
-Loops over chunks (and, for the L x L recurrences, over tokens of a chunk) run in Python, vectorised
-over batch and head. Computes in fp32 (float64 when q is float64); plain autograd gives gradients.
+Loops over chunks (dgd: also over the tokens of a chunk) run in Python, vectorised over batch and
+head. Computes in fp32 (float64 when q is float64); plain autograd gives gradients.
 """
 from __future__ import annotations
 
@@ -53,37 +53,32 @@ def unit_keys(k: torch.Tensor) -> torch.Tensor:
     return k / k.norm(dim=-1, keepdim=True).clamp_min(KEY_NORM_EPS)
 
 
+def segment_products(g: torch.Tensor) -> torch.Tensor:
+    """R[..., t, j] = prod_{j < m <= t} g_m for j <= t (1 on the diagonal), 0 above it.
+
+    A masked cumulative product: exact for gates at 0 (no logs, no division), no loop over tokens.
+    """
+    C = g.shape[-1]
+    idx = torch.arange(C, device=g.device)
+    after = idx[:, None] > idx[None, :]  # [m, j]: m > j
+    factors = torch.where(after, g[..., :, None], torch.ones((), dtype=g.dtype, device=g.device))
+    return torch.cumprod(factors, dim=-2).tril()
+
+
 def chunk_decay_terms(eta: torch.Tensor, keep: torch.Tensor):
-    """Per-chunk decay coefficients of the dual form, by stable recurrences.
+    """Per-chunk decay coefficients of the dual form (docs/kernels/titan_memory.md).
 
     eta, keep (= 1 - alpha): [B, H, L]. Returns
       P [B, H, L, L]: P[t, i] = prod_{i<j<=t} eta_j (i <= t, else 0)   -- momentum carry,
-      G [B, H, L, L]: G[t, i] = keep_t G[t-1, i] + P[t, i]              -- weight carry of theta_i u_i,
-      A, Bk, c [B, H, L]: A_t = prod eta, Bk_t = prod keep, c_t = keep_t c_{t-1} + A_t.
+      G [B, H, L, L]: G[t, i] = keep_t G[t-1, i] + P[t, i] = sum_j Br[t, j] P[j, i]  -- weight carry of theta_i u_i,
+      A, Bk, c [B, H, L]: A_t = prod eta, Bk_t = prod keep, c_t = keep_t c_{t-1} + A_t = sum_j Br[t, j] A_j,
+    with Br[t, j] = prod_{j<m<=t} keep_m. Products, never quotients, so gates at exactly 0 are fine.
     """
-    L = eta.shape[-1]
-    eye = torch.eye(L, dtype=eta.dtype, device=eta.device)
-    P_rows, G_rows, A, Bk, c = [], [], [], [], []
-    P_prev = torch.zeros_like(eta)
-    G_prev = torch.zeros_like(eta)
-    A_prev = torch.ones_like(eta[..., 0])
-    B_prev = torch.ones_like(eta[..., 0])
-    c_prev = torch.zeros_like(eta[..., 0])
-    for t in range(L):
-        a_t, b_t = eta[..., t], keep[..., t]
-        P_t = a_t[..., None] * P_prev + eye[t]
-        G_t = b_t[..., None] * G_prev + P_t
-        A_t = a_t * A_prev
-        B_t = b_t * B_prev
-        c_t = b_t * c_prev + A_t
-        P_rows.append(P_t)
-        G_rows.append(G_t)
-        A.append(A_t)
-        Bk.append(B_t)
-        c.append(c_t)
-        P_prev, G_prev, A_prev, B_prev, c_prev = P_t, G_t, A_t, B_t, c_t
-    return (torch.stack(P_rows, -2), torch.stack(G_rows, -2), torch.stack(A, -1), torch.stack(Bk, -1),
-            torch.stack(c, -1))
+    P = segment_products(eta)
+    Br = segment_products(keep)
+    A = torch.cumprod(eta, -1)
+    Bk = torch.cumprod(keep, -1)
+    return P, Br @ P, A, Bk, (Br @ A[..., None])[..., 0]
 
 
 def _dual_read(W0, S0, x_q, x_k, err, theta, G, Bk, c):
@@ -176,4 +171,4 @@ def titan_memory_update_reference(q, k, v, lr, momentum, decay, chunk_size, memo
 
 
 __all__ = ["titan_memory_update_reference", "memory_apply", "gelu", "gelu_grad", "unit_keys",
-           "chunk_decay_terms", "compute_dtype"]
+           "chunk_decay_terms", "segment_products", "compute_dtype"]
