@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
 import sys
 import time
@@ -74,7 +75,9 @@ def _write(out_dir: Path, suite: str, result: dict, run_dir, no_wandb: bool) -> 
             if isinstance(v, dict):
                 flat.update({f"{k}/{m}": x for m, x in v.items() if isinstance(x, (int, float))})
         result["wandb"] = log_results(run_dir or out_dir, suite, flat)
-    path.write_text(json.dumps(result, indent=2))
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(result, indent=2))
+    os.replace(tmp, path)  # atomic: a killed eval never leaves a half-written JSON
     print(f"wrote {path}")
     return path
 
