@@ -35,12 +35,12 @@ from pathlib import Path
 from typing import Any, Iterable
 
 import numpy as np
-import yaml
 
 from hope.data.shards import (INDEX_FILE, INDEX_FORMAT, SPLITS, STATS_FILE, ShardWriter, open_shard, read_index,
                               token_dtype, unigram_entropy_of_counts, verify, verify_shard_file, write_json_atomic)
 from hope.data.sources import DataIntegrityError, SourceSpec
 from hope.data.tokenizer import Tokenizer, sha256_file, train_tokenizer
+from hope.yamlio import load_yaml
 
 TOKENIZER_DEFAULTS = {"vocab_size": 4096, "model_type": "unigram", "input_sentence_size": 200000, "path": None,
                       "character_coverage": 1.0, "hard_vocab_limit": True}
@@ -132,14 +132,14 @@ def load_manifest(path: str | os.PathLike, overrides: Iterable[str] | dict | Non
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"manifest: file {path} not found")
-    raw = yaml.safe_load(path.read_text()) or {}
+    raw = load_yaml(path.read_text()) or {}
     if isinstance(overrides, dict):
         overrides = [f"{k}={json.dumps(v)}" for k, v in overrides.items()]
     for item in overrides or []:
         if "=" not in item:
             raise ValueError(f"override {item!r}: expected key=value")
         key, value = item.split("=", 1)
-        _set_dotted(raw, key.strip(), yaml.safe_load(value))
+        _set_dotted(raw, key.strip(), load_yaml(value))
     return Manifest.from_dict(raw, base_dir=path.parent.resolve(), path=path)
 
 

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-import yaml
+from hope.yamlio import load_yaml
 
 MODES = ("online", "parallel")
 OUTER_OPTIMIZERS = ("adamw", "muon_mix")
@@ -210,7 +210,7 @@ def parse_overrides(overrides) -> dict:
         if not isinstance(item, str) or "=" not in item:
             raise ValueError(f"override {item!r}: expected key=value")
         key, raw = item.split("=", 1)
-        _set_dotted(tree, key.strip(), yaml.safe_load(raw) if raw != "" else None)
+        _set_dotted(tree, key.strip(), load_yaml(raw) if raw != "" else None)
     return tree
 
 
@@ -231,7 +231,7 @@ def load_config(path=None, overrides=None) -> TrainConfig:
         path = Path(path)
         if not path.is_file():
             raise ValueError(f"config: no such file {str(path)!r}")
-        data = yaml.safe_load(path.read_text()) or {}
+        data = load_yaml(path.read_text()) or {}
         if not isinstance(data, dict):
             raise ValueError(f"config: {path} must hold a mapping")
     data = _merge(data, parse_overrides(overrides))
