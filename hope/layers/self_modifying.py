@@ -11,7 +11,9 @@ generator memories' chunk-start states:
 and update every generator M_box with key k_t and its self-generated target v^_box,t = M_box(v_t)
 (eq. 88-90; read at chunk start), gates eta_t, alpha_t and a learned momentum. The generators share
 keys and gates, so they are stacked along the head dim into ONE ``titan_memory_update`` call per
-chunk. M_mem does not feed back into the generators, so it runs as ONE call over the segment with
+chunk; one chunk's update is bounded to ``gen_update_clip`` (M_mem: ``mem_update_clip``) x the weights'
+norm per sample and head (``clip_memory_update``: our addition; outlier chunks otherwise ran away).
+M_mem does not feed back into the generators, so it runs as ONE call over the segment with
 chunk ``mem_chunk_size`` (default 64): y_t = M_mem,t(q_t) (eq. 91-93).
 ``selfmod=False`` (ablation): the generators keep their initial weights (static MLP projections).
 """
@@ -23,7 +25,7 @@ from torch import nn
 
 from hope.layers.conv import CausalDepthwiseConv
 from hope.layers.norms import RMSNorm, check_input, l2_normalize
-from hope.layers.titan_memory import init_memory_params, initial_memory_state, memory_delta_norm
+from hope.layers.titan_memory import clip_memory_update, init_memory_params, initial_memory_state, memory_delta_norm
 
 GENERATORS = ("k", "v", "eta", "alpha", "q")  # stacking order of the generator memories
 
@@ -38,11 +40,13 @@ class SelfModifyingTitans(nn.Module):
     """``forward(x, state) -> (y, state, metrics)``; state keys ``conv``, ``gen``, ``mem``."""
 
     def __init__(self, dim: int, n_heads: int, *, expansion: int = 2, mem_chunk_size: int = 64,
-                 gen_chunk_size: int = 8, conv_window: int = 4, rule: str = "titans", selfmod: bool = True,
+                 gen_chunk_size: int = 8, gen_update_clip: float = 0.1,
+                 mem_update_clip: float = 0.5, conv_window: int = 4, rule: str = "titans", selfmod: bool = True,
                  adaptive_q: bool = True, backend: str = "auto"):
         super().__init__()
         self.dim, self.n_heads, self.head_dim = dim, n_heads, dim // n_heads
         self.mem_chunk_size, self.gen_chunk_size = mem_chunk_size, gen_chunk_size
+        self.gen_update_clip, self.mem_update_clip = gen_update_clip, mem_update_clip
         self.rule, self.selfmod, self.adaptive_q, self.backend = rule, selfmod, adaptive_q, backend
         Dh, E = self.head_dim, expansion * self.head_dim
         self.inp = nn.Linear(dim, 3 * dim, bias=False)  # inputs of the q, k, v generators
@@ -102,9 +106,12 @@ class SelfModifyingTitans(nn.Module):
                 v_hat = mlp_read(W1g, W2g, v.unsqueeze(1).expand(B, G, H, L, Dh))
                 rep = lambda t: t.unsqueeze(1).expand(B, G, *t.shape[1:]).reshape(B, G * H, *t.shape[2:])  # noqa: E731
                 mom_g = mom[0].view(1, H, 1).expand(B, H, L)
+                gen_prev = gen
                 _, gen = titan_memory_update(rep(k), rep(k), v_hat.reshape(B, G * H, L, Dh), rep(eta), rep(mom_g),
                                              rep(alpha), chunk_size=L, memory="mlp", rule=self.rule, state=gen,
                                              backend=self.backend)
+                if self.gen_update_clip > 0:
+                    gen = clip_memory_update(gen_prev, gen, self.gen_update_clip)
                 ks.append(k), vs.append(v), qs.append(q), etas.append(eta), alphas.append(alpha)
             k, v, q = torch.cat(ks, 2), torch.cat(vs, 2), torch.cat(qs, 2)
             eta, alpha = torch.cat(etas, 2), torch.cat(alphas, 2)
@@ -115,8 +122,19 @@ class SelfModifyingTitans(nn.Module):
         if mem0 is None:
             mem0 = initial_memory_state(self, "mem", "mlp", B)
         mom_m = mom[1].view(1, H, 1).expand(B, H, T)
-        y, mem = titan_memory_update(q, k, v, eta, mom_m, alpha, chunk_size=self.mem_chunk_size, memory="mlp",
-                                     rule=self.rule, state=mem0, backend=self.backend)
+        if self.mem_update_clip > 0:  # chunk by chunk, each update bounded (same result when none is clipped)
+            C, ys, mem = self.mem_chunk_size, [], mem0
+            for c0 in range(0, T, C):
+                sl = slice(c0, min(T, c0 + C))
+                y_c, mem_new = titan_memory_update(q[:, :, sl], k[:, :, sl], v[:, :, sl], eta[..., sl], mom_m[..., sl],
+                                                   alpha[..., sl], chunk_size=C, memory="mlp", rule=self.rule,
+                                                   state=mem, backend=self.backend)
+                mem = clip_memory_update(mem, mem_new, self.mem_update_clip)
+                ys.append(y_c)
+            y = torch.cat(ys, 2)
+        else:
+            y, mem = titan_memory_update(q, k, v, eta, mom_m, alpha, chunk_size=self.mem_chunk_size, memory="mlp",
+                                         rule=self.rule, state=mem0, backend=self.backend)
         y = self.out_norm(y).transpose(1, 2).reshape(B, T, D).to(x.dtype)
         y = self.out(y * F.silu(self.gate(x)))
         metrics = {"memory_update_norm": memory_delta_norm(mem, mem0),

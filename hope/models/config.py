@@ -31,7 +31,9 @@ class ModelConfig:
 
     HOPE: ``selfmod`` (self-modifying Titans on; off = generators k/v/q/eta/alpha are static),
     ``adaptive_q`` (M_q is a self-modified memory too), ``mem_chunk_size`` (M_mem, default 64),
-    ``gen_chunk_size`` (the generator memories, default 8), ``conv_window`` (causal depthwise conv
+    ``gen_chunk_size`` (the generator memories, default 8), ``gen_update_clip`` / ``mem_update_clip``
+    (bound on one chunk's update of the generators / M_mem, ||dW|| <= clip * ||W|| per sample and head;
+    0 = off), ``conv_window`` (causal depthwise conv
     on the q/k/v inputs), ``cms_periods`` (update period of each CMS level, fastest first),
     ``cms_levels`` (how many of them are used: the CMS depth ablation; 0 = no CMS),
     ``cms_hidden`` (hidden width of each level), ``cms_lr``, ``cms_beta``, ``cms_precond``
@@ -65,6 +67,10 @@ class ModelConfig:
     adaptive_q: bool = True
     mem_chunk_size: int = 64
     gen_chunk_size: int = 8
+    # measured at init on the smoke model: per-chunk update / weight norm ~0.03 (generators), ~0.08 (M_mem);
+    # without a bound, outlier chunks ran away (M_mem update norms 1e10, then NaN gates)
+    gen_update_clip: float = 0.1
+    mem_update_clip: float = 0.5
     conv_window: int = 4
     cms_periods: tuple = (16, 64, 256)
     cms_levels: int = 3
@@ -121,6 +127,8 @@ class ModelConfig:
         pos_float("norm_eps")
         pos_float("init_std")
         pos_float("cms_lr", allow_zero=True)
+        pos_float("gen_update_clip", allow_zero=True)
+        pos_float("mem_update_clip", allow_zero=True)
         pos_float("cms_beta", allow_zero=True, high=1.0)
         for name in ("selfmod", "adaptive_q", "cms_precond"):
             boolean(name)

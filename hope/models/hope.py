@@ -21,6 +21,7 @@ class HopeBlock(nn.Module):
         self.norm1 = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.titans = SelfModifyingTitans(cfg.d_model, cfg.n_heads, expansion=cfg.memory_expansion,
                                           mem_chunk_size=cfg.mem_chunk_size, gen_chunk_size=cfg.gen_chunk_size,
+                                          gen_update_clip=cfg.gen_update_clip, mem_update_clip=cfg.mem_update_clip,
                                           conv_window=cfg.conv_window, rule=cfg.rule, selfmod=cfg.selfmod,
                                           adaptive_q=cfg.adaptive_q, backend=cfg.backend)
         self.cms = CMSChain(cfg.d_model, cfg.cms_hidden, cfg.active_cms_periods, cfg.init_std,

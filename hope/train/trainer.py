@@ -190,6 +190,11 @@ class Trainer:
 
         self.model_config = model_config_for(cfg, tok_vocab)
         check_fsdp(cfg, self.model_config.teach_signal)
+        if cfg.mode == "parallel" and self.model_config.arch == "hope" and self.model_config.teach_signal == "shared":
+            # measured: configs/smoke.yaml with teach_signal=shared reached slow CMS weight norms ~3000 in 100 steps
+            warnings.warn("model.teach_signal=shared in mode=parallel: the CMS levels' slow weights are updated with the "
+                          "head's delta, which is not their gradient, and drift without bound (smoke: val loss 6.04 vs "
+                          "5.18 without inner updates); use model.teach_signal=exact", stacklevel=2)
         self.model = build_model(self.model_config).to(self.device)
         if self.fsdp:  # before the optimizers: they must hold the sharded parameters
             # online mode: the CMS levels read their blocks' slow weights between the segment forwards (outside
