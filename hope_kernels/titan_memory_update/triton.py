@@ -242,11 +242,13 @@ def _linear_bwd_kernel(
     tl.store(p_ds0 + o_state, b_dS, mask=m_state)
 
 
-def _blocks(C: int, Dk: int, Dv: int) -> tuple[int, int, int]:
-    """(BT, BK, BV): tl.dot needs every dimension >= 16; the state block is [BV, BK] fp32 on chip."""
+def _blocks(C: int, Dk: int, Dv: int, backward: bool = False) -> tuple[int, int, int]:
+    """(BT, BK, BV): tl.dot needs every dimension >= 16. The state tiles [BV, BK] fp32 stay in registers
+    (forward: W, S; backward: W, S, dW, dS), so BV shrinks as Dk grows. Not tuned on a GPU yet."""
     BT = max(16, triton.next_power_of_2(C))
     BK = max(16, triton.next_power_of_2(Dk))
-    BV = max(16, min(64, triton.next_power_of_2(Dv)))
+    cap = 64 if (BK <= 64 and not backward) else 32
+    BV = max(16, min(cap, triton.next_power_of_2(Dv)))
     return BT, BK, BV
 
 
@@ -330,7 +332,7 @@ def titan_linear_bwd(
     NC = vec.shape[2]
     C = chunk_size
     Tp = NC * C
-    BT, BK, BV = _blocks(C, Dk, Dv)
+    BT, BK, BV = _blocks(C, Dk, Dv, backward=True)
     NV = triton.cdiv(Dv, BV)
     dev = q.device
     # recompute the chunk-start states (the forward pass kept only its inputs)
