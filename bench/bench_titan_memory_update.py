@@ -85,6 +85,7 @@ def run(device="cuda") -> list[dict]:
         from hope_kernels.titan_memory_update.triton import titan_memory_update_triton
 
         impls["triton"] = titan_memory_update_triton
+    fla = _fla_call() if on_gpu else None
     rows = []
     for B, H, T, D in shapes:
         for rule in ("titans", "dgd"):
@@ -92,8 +93,8 @@ def run(device="cuda") -> list[dict]:
             args, state = _inputs(B, H, T, D, device, dtype, momentum_zero=shared)
             shape = f"B{B} H{H} T{T} D{D} C{CHUNK} {str(dtype).replace('torch.', '')}"
             calls = {name: _ours(fn, rule) for name, fn in impls.items()}
-            if shared and on_gpu and _fla_call() is not None:
-                calls["fla"] = _fla_call()
+            if shared and fla is not None:
+                calls["fla"] = fla
             for backward in (False, True):
                 base = {}
                 for impl, call in calls.items():

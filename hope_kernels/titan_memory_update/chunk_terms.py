@@ -15,7 +15,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-from hope_kernels.titan_memory_update.reference import KEY_NORM_EPS, segment_products
+from hope_kernels.titan_memory_update.reference import chunk_decay_terms, unit_keys
 
 #: Rows of ``LinearChunkTerms.vec`` (kept in this order by the kernels).
 VEC_ROWS = ("Bc", "c", "Bp", "cp", "wg", "wp", "wb")
@@ -46,7 +46,7 @@ class LinearChunkTerms(NamedTuple):
 
 
 def pad_tokens(x: torch.Tensor, total: int, value: float = 0.0) -> torch.Tensor:
-    """Pad dim 2 (tokens) of [B, H, T, ...] to ``total`` with ``value``."""
+    """Pad dim 2 (tokens) of [B, H, T, ...] (gates: [B, H, T]) to ``total`` with ``value``."""
     extra = total - x.shape[2]
     if extra == 0:
         return x
@@ -71,26 +71,23 @@ def linear_chunk_terms(q, k, lr, momentum, decay, chunk_size: int, dgd: bool) ->
     NC = -(-T // C)
     Tp = NC * C
     f32 = torch.float64 if q.dtype == torch.float64 else torch.float32
-    theta = pad_tokens(lr.to(f32)[..., None], Tp, 0.0)[..., 0].view(B, H, NC, C)
-    a = pad_tokens(momentum.to(f32)[..., None], Tp, 1.0)[..., 0].view(B, H, NC, C)
-    b = pad_tokens((1.0 - decay.to(f32))[..., None], Tp, 1.0)[..., 0].view(B, H, NC, C)
+    theta = pad_tokens(lr.to(f32), Tp, 0.0).view(B, H, NC, C)
+    a = pad_tokens(momentum.to(f32), Tp, 1.0).view(B, H, NC, C)
+    b = pad_tokens(1.0 - decay.to(f32), Tp, 1.0).view(B, H, NC, C)
     qc = pad_tokens(q.to(f32), Tp).view(B, H, NC, C, Dk)
     kc = pad_tokens(k.to(f32), Tp).view(B, H, NC, C, Dk)
 
-    P = segment_products(a)  # momentum carry P[t, i]
-    Br = segment_products(b)  # weight-decay carry Br[t, j]
-    A = torch.cumprod(a, -1)
-    Bc = torch.cumprod(b, -1)
-    G = Br @ P  # G[t, i] = sum_j Br[t, j] P[j, i]  (= the recurrence G_t = b_t G_{t-1} + P_t)
-    c = (Br @ A[..., None])[..., 0]
+    # momentum carry P, weight carry G = Br P, decay carry Br (docs/kernels/titan_memory.md)
+    P, G, A, Bc, c, Br = chunk_decay_terms(a, b)
     th_row = theta[..., None, :]
     aqk = G * th_row * (qc @ kc.transpose(-1, -2))
 
     # index of each chunk's last valid token
+    chunks = torch.arange(NC, device=q.device)
     last = torch.full((NC,), C - 1, device=q.device, dtype=torch.long)
     last[-1] = T - (NC - 1) * C - 1
-    pick_row = lambda m: m[..., torch.arange(NC, device=q.device), last, :]  # noqa: E731  [B,H,NC,C]
-    pick = lambda v: v[..., torch.arange(NC, device=q.device), last]  # noqa: E731  [B,H,NC]
+    pick_row = lambda m: m[..., chunks, last, :]  # noqa: E731  [B,H,NC,C]
+    pick = lambda v: v[..., chunks, last]  # noqa: E731  [B,H,NC]
     wg = pick_row(G * th_row)
     wp = pick_row(P * th_row)
     end = torch.stack([pick(Bc), pick(c), pick(A)], dim=-1)
@@ -100,7 +97,7 @@ def linear_chunk_terms(q, k, lr, momentum, decay, chunk_size: int, dgd: bool) ->
         vec = torch.stack([Bc, c, zeros, zeros, wg, wp, zeros], dim=-2)
         return LinearChunkTerms(aqk, None, None, None, vec, end, None)
 
-    kh = kc / kc.norm(dim=-1, keepdim=True).clamp_min(KEY_NORM_EPS)
+    kh = unit_keys(kc)
     Brp = _shift_rows(Br, 0.0)  # Br[t-1, j]: strictly lower
     Gp = _shift_rows(G, 0.0)
     Bp = _shift(Bc, 1.0)
@@ -154,4 +151,4 @@ def linear_state_pass(q, k, v, terms: LinearChunkTerms, W0, S0, chunk_size: int)
     return torch.cat(outs, dim=-2)[:, :, :T], W, S
 
 
-__all__ = ["LinearChunkTerms", "linear_state_pass", "linear_chunk_terms", "segment_products", "pad_tokens", "VEC_ROWS", "END_COLS"]
+__all__ = ["LinearChunkTerms", "linear_state_pass", "linear_chunk_terms", "pad_tokens", "VEC_ROWS", "END_COLS"]

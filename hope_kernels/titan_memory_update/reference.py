@@ -72,13 +72,14 @@ def chunk_decay_terms(eta: torch.Tensor, keep: torch.Tensor):
       P [B, H, L, L]: P[t, i] = prod_{i<j<=t} eta_j (i <= t, else 0)   -- momentum carry,
       G [B, H, L, L]: G[t, i] = keep_t G[t-1, i] + P[t, i] = sum_j Br[t, j] P[j, i]  -- weight carry of theta_i u_i,
       A, Bk, c [B, H, L]: A_t = prod eta, Bk_t = prod keep, c_t = keep_t c_{t-1} + A_t = sum_j Br[t, j] A_j,
-    with Br[t, j] = prod_{j<m<=t} keep_m. Products, never quotients, so gates at exactly 0 are fine.
+      Br [B, H, L, L]: Br[t, j] = prod_{j<m<=t} keep_m (the dgd kernels' carry).
+    Products, never quotients, so gates at exactly 0 are fine.
     """
     P = segment_products(eta)
     Br = segment_products(keep)
     A = torch.cumprod(eta, -1)
     Bk = torch.cumprod(keep, -1)
-    return P, Br @ P, A, Bk, (Br @ A[..., None])[..., 0]
+    return P, Br @ P, A, Bk, (Br @ A[..., None])[..., 0], Br
 
 
 def _dual_read(W0, S0, x_q, x_k, err, theta, G, Bk, c):
@@ -98,7 +99,7 @@ def _dual_end(W0, S0, x_k, err, theta, P, G, A, Bk, c):
 
 
 def _titans_chunk(memory, st, q, k, v, theta, eta, keep):
-    P, G, A, Bk, c = chunk_decay_terms(eta, keep)
+    P, G, A, Bk, c, _ = chunk_decay_terms(eta, keep)
     if memory == "linear":
         err = k @ st.W.transpose(-1, -2) - v  # e_i = W_c k_i - v_i
         out = _dual_read(st.W, st.S, q, k, err, theta, G, Bk, c)

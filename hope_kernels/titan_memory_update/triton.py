@@ -26,11 +26,11 @@ import triton
 import triton.language as tl
 
 from hope_kernels import dispatch
-from hope_kernels.titan_memory_update.chunk_terms import linear_chunk_terms
+from hope_kernels.titan_memory_update.chunk_terms import VEC_ROWS, linear_chunk_terms
 from hope_kernels.titan_memory_update.state import LinearMemoryState
 
 OP = "titan_memory_update"
-N_VEC = 7  # rows of LinearChunkTerms.vec: Bc, c, Bp, cp, wg, wp, wb
+N_VEC = len(VEC_ROWS)  # rows of LinearChunkTerms.vec, at these offsets (x C) in the kernels
 
 
 @triton.jit
@@ -260,8 +260,8 @@ def _precision(dtype: torch.dtype) -> str:
     return "tf32"
 
 
-def _num_warps(BK: int, BV: int) -> int:
-    return 8 if BK * BV >= 128 * 64 else 4
+#: warps per program: the state tiles [BV, BK] are at most 64 x 64 (forward) / 32 x 128 (backward)
+NUM_WARPS = 4
 
 
 def _empty(*shape, device, dtype) -> torch.Tensor:
@@ -287,7 +287,7 @@ def _run_fwd(q, k, kh, v, aqk, akk, tinv, aqw, vec, end, W0, S0, C, dgd, write_o
         vec, end, W0, S0, out, WT, ST, states,
         T, Tp, NC, C, Dk, Dv,
         BT=BT, BK=BK, BV=BV, DGD=dgd, WRITE_OUT=write_out, STORE_STATES=store_states,
-        PRECISION=_precision(q.dtype), num_warps=_num_warps(BK, BV),
+        PRECISION=_precision(q.dtype), num_warps=NUM_WARPS,
     )
     return out, WT, ST, states
 
@@ -356,7 +356,7 @@ def titan_linear_bwd(
         dq, dk, dkh if dgd else dq, dv, daqk, dakk if dgd else daqk, dtinv if dgd else daqk,
         daqw if dgd else daqk, dvec, dend, dW0, dS0,
         T, Tp, NC, C, Dk, Dv, B * H,
-        BT=BT, BK=BK, BV=BV, DGD=dgd, PRECISION=_precision(q.dtype), num_warps=_num_warps(BK, BV),
+        BT=BT, BK=BK, BV=BV, DGD=dgd, PRECISION=_precision(q.dtype), num_warps=NUM_WARPS,
     )
     red = lambda x: x.sum(0) if x.numel() else x  # noqa: E731  (sum the per-value-block partials)
     dq = red(dq)[:, :, :T].to(q.dtype).contiguous()
@@ -415,8 +415,5 @@ def titan_memory_update_triton(q, k, v, lr, momentum, decay, chunk_size, memory,
         chunk_size)
     return out, LinearMemoryState(WT, ST)
 
-
-#: memories this backend implements; the others fall back to the reference under backend="auto"
-MEMORIES = ("linear",)
 
 dispatch.register(OP, "triton", titan_memory_update_triton, supports=dispatch.triton_supports)
