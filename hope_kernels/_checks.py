@@ -1,6 +1,7 @@
 """Argument checks shared by the public ops: each error names the argument and what was expected."""
 from __future__ import annotations
 
+import contextlib
 import os
 from typing import Iterable, Sequence
 
@@ -16,12 +17,30 @@ def _compiling() -> bool:
         return False
 
 
+#: set to "1" to turn the value checks off (also what ``value_checks_off`` does for a block)
+SKIP_VALUE_CHECKS_ENV = "HOPE_SKIP_VALUE_CHECKS"
+
+
 def value_checks_enabled() -> bool:
     """Value checks (gate ranges, finite values) read tensor data and so synchronise a GPU.
 
     They run unless ``HOPE_SKIP_VALUE_CHECKS=1`` or the call is being traced by torch.compile.
     """
-    return os.environ.get("HOPE_SKIP_VALUE_CHECKS", "0") != "1" and not _compiling()
+    return os.environ.get(SKIP_VALUE_CHECKS_ENV, "0") != "1" and not _compiling()
+
+
+@contextlib.contextmanager
+def value_checks_off():
+    """The value checks off for the block (e.g. a collective FSDP forward that must not stop on one rank)."""
+    old = os.environ.get(SKIP_VALUE_CHECKS_ENV)
+    os.environ[SKIP_VALUE_CHECKS_ENV] = "1"
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop(SKIP_VALUE_CHECKS_ENV, None)
+        else:
+            os.environ[SKIP_VALUE_CHECKS_ENV] = old
 
 
 def check_tensor(

@@ -6,6 +6,8 @@ from pathlib import Path
 
 import yaml
 
+from hope.yamlio import load_yaml
+
 DEFAULT_PROJECT = "hope-stage2"
 
 
@@ -16,7 +18,7 @@ def project_for(run_dir) -> str:
     cfg = Path(run_dir) / "config.yaml"
     if cfg.is_file():
         try:
-            data = yaml.safe_load(cfg.read_text()) or {}
+            data = load_yaml(cfg.read_text()) or {}
             project = (data.get("log") or {}).get("wandb_project")
             if isinstance(project, str) and project:
                 return project

@@ -13,8 +13,9 @@ and update every generator M_box with key k_t and its self-generated target v^_b
 keys and gates, so they are stacked along the head dim into ONE ``titan_memory_update`` call per
 chunk; one chunk's update is bounded to ``gen_update_clip`` (M_mem: ``mem_update_clip``) x the weights'
 norm per sample and head (``clip_memory_update``: our addition; outlier chunks otherwise ran away).
-M_mem does not feed back into the generators, so it runs as ONE call over the segment with
-chunk ``mem_chunk_size`` (default 64): y_t = M_mem,t(q_t) (eq. 91-93).
+M_mem does not feed back into the generators, so it reads the whole segment with chunk
+``mem_chunk_size`` (default 64; one call per chunk when its updates are bounded): y_t = M_mem,t(q_t)
+(eq. 91-93).
 ``selfmod=False`` (ablation): the generators keep their initial weights (static MLP projections).
 """
 from __future__ import annotations
@@ -122,19 +123,18 @@ class SelfModifyingTitans(nn.Module):
         if mem0 is None:
             mem0 = initial_memory_state(self, "mem", "mlp", B)
         mom_m = mom[1].view(1, H, 1).expand(B, H, T)
-        if self.mem_update_clip > 0:  # chunk by chunk, each update bounded (same result when none is clipped)
-            C, ys, mem = self.mem_chunk_size, [], mem0
-            for c0 in range(0, T, C):
-                sl = slice(c0, min(T, c0 + C))
-                y_c, mem_new = titan_memory_update(q[:, :, sl], k[:, :, sl], v[:, :, sl], eta[..., sl], mom_m[..., sl],
-                                                   alpha[..., sl], chunk_size=C, memory="mlp", rule=self.rule,
-                                                   state=mem, backend=self.backend)
-                mem = clip_memory_update(mem, mem_new, self.mem_update_clip)
-                ys.append(y_c)
-            y = torch.cat(ys, 2)
-        else:
-            y, mem = titan_memory_update(q, k, v, eta, mom_m, alpha, chunk_size=self.mem_chunk_size, memory="mlp",
-                                         rule=self.rule, state=mem0, backend=self.backend)
+        # with a bound, one call per chunk so each chunk's update is clipped (same result when none is);
+        # without, one call over the segment
+        step = self.mem_chunk_size if self.mem_update_clip > 0 else T
+        ys, mem = [], mem0
+        for c0 in range(0, T, step):
+            sl = slice(c0, min(T, c0 + step))
+            y_c, mem_new = titan_memory_update(q[:, :, sl], k[:, :, sl], v[:, :, sl], eta[..., sl], mom_m[..., sl],
+                                               alpha[..., sl], chunk_size=self.mem_chunk_size, memory="mlp",
+                                               rule=self.rule, state=mem, backend=self.backend)
+            mem = clip_memory_update(mem, mem_new, self.mem_update_clip) if self.mem_update_clip > 0 else mem_new
+            ys.append(y_c)
+        y = torch.cat(ys, 2)
         y = self.out_norm(y).transpose(1, 2).reshape(B, T, D).to(x.dtype)
         y = self.out(y * F.silu(self.gate(x)))
         metrics = {"memory_update_norm": memory_delta_norm(mem, mem0),

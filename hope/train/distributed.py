@@ -134,13 +134,11 @@ def fully_shard_model(model: torch.nn.Module, info: DistInfo, *, reshard_after_f
     """FSDP2 in place: each block of ``model.blocks`` its own unit, then the root (embedding = tied head,
     final norm). The tied head is ``model.embed.weight`` itself (no second parameter), so it is one sharded
     parameter of the root unit, gathered for the root's forward where both the embedding and the loss use it.
-    Buffers (CMS momenta) are not sharded: every rank keeps a full copy."""
+    Buffers (CMS momenta) are not sharded: every rank keeps a full copy. Needs a process group of several
+    ranks (the trainer refuses ``dist.fsdp`` with one process before building anything)."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
-    if not info.enabled:
-        raise ValueError("dist.fsdp: needs several processes (torchrun --nproc_per_node=N, N > 1); "
-                         "use dist.fsdp=false for a single process")
     mesh = init_device_mesh(info.device.type, (info.world_size,))
     for block in model.blocks:
         fully_shard(block, mesh=mesh, reshard_after_forward=reshard_after_forward)

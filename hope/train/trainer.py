@@ -28,6 +28,7 @@ from hope.train import checkpoint as ckpt
 from hope.train import distributed as D
 from hope.train.config import TrainConfig, check_fsdp
 from hope.train.logging import RunLogger
+from hope_kernels._checks import value_checks_off
 
 # test hook: comma-separated 0-based step attempts (calls of train_step, skipped ones included) whose loss is
 # replaced by NaN, to exercise the divergence guard
@@ -38,8 +39,6 @@ NAN_STEPS_ENV = "HOPE_TEST_NAN_STEPS"
 NAN_PARAMS_ENV = "HOPE_TEST_NAN_PARAM_STEPS"
 # test hook: comma-separated ranks the two hooks above act on (unset: every rank)
 NAN_RANKS_ENV = "HOPE_TEST_NAN_RANKS"
-# hope_kernels' switch for its value checks (gate ranges, finite values): see _value_checks_off
-SKIP_VALUE_CHECKS_ENV = "HOPE_SKIP_VALUE_CHECKS"
 
 # a value check's message about NaN / inf values, e.g. hope_kernels check_range's "lr contains NaN; expected
 # values in [0.0, 1.0]" or check_float's "lr must not be NaN" (words, so "info" or "inference" do not match)
@@ -58,20 +57,6 @@ def nonfinite_forward_error(exc: BaseException) -> str | None:
 
 def _int_set(name: str) -> set[int]:
     return {int(s) for s in os.environ.get(name, "").split(",") if s.strip()}
-
-
-@contextlib.contextmanager
-def _value_checks_off():
-    """hope_kernels' value checks off for the block (they read the variable on every call)."""
-    old = os.environ.get(SKIP_VALUE_CHECKS_ENV)
-    os.environ[SKIP_VALUE_CHECKS_ENV] = "1"
-    try:
-        yield
-    finally:
-        if old is None:
-            os.environ.pop(SKIP_VALUE_CHECKS_ENV, None)
-        else:
-            os.environ[SKIP_VALUE_CHECKS_ENV] = old
 
 
 class _StateDictView:
@@ -314,7 +299,7 @@ class Trainer:
         Under FSDP the forward is collective (each block all-gathers its weights), so a rank cannot leave it
         half-way while the others go on: hope_kernels' raising value checks are off there and non-finite values
         reach the loss, which every rank checks after the forward."""
-        checks = _value_checks_off() if self.fsdp else contextlib.nullcontext()
+        checks = value_checks_off() if self.fsdp else contextlib.nullcontext()
         try:
             with checks:
                 try:
