@@ -2,7 +2,8 @@
 
 Linear memory, chunk 64, fwd and fwd+bwd (gradients to q, k, v, the gates and the initial state):
   eager    the PyTorch reference (titans: dual form per chunk; dgd: per-token loop inside chunks)
-  compile  torch.compile of the reference
+  compile  the reference with its per-chunk function under torch.compile (one graph per chunk shape, reused
+           across chunks: compiling the whole unrolled loop takes minutes at T=16384 and is not what a user does)
   triton   chunk terms in batched PyTorch + the state-carrying Triton kernels
   fla      fla's chunk_gated_delta_rule (fla-core, when importable) on the shared case: rule titans with
            momentum 0 has the same per-chunk work as a gated delta rule (different update point), so only
@@ -16,6 +17,7 @@ import torch
 from _timing import peak_mb, time_ms
 
 from hope_kernels.titan_memory_update import LinearMemoryState, titan_memory_update
+from hope_kernels.titan_memory_update import reference as _reference
 from hope_kernels.titan_memory_update.reference import titan_memory_update_reference
 
 GPU_SHAPES = [(8, 12, 2048, 64), (1, 16, 16384, 128)]  # (B, H, T, D)
@@ -35,6 +37,26 @@ def _inputs(B, H, T, D, device, dtype, momentum_zero=False):
     decay = torch.rand(B, H, T, generator=g).to(device) * 0.1
     state = [torch.zeros(B, H, D, D, device=device), torch.zeros(B, H, D, D, device=device)]
     return [q, k, v, lr, momentum, decay], state
+
+
+def compiled_reference():
+    """The reference's chunk loop with each rule's chunk function compiled (static shapes, fullgraph)."""
+    chunk_fns = {"titans": torch.compile(_reference._titans_chunk, dynamic=False, fullgraph=True),
+                 "dgd": torch.compile(_reference._dgd_chunk, dynamic=False, fullgraph=True)}
+
+    def call(q, k, v, lr, momentum, decay, chunk_size, memory, rule, state):
+        dt = _reference.compute_dtype(q)
+        q_, k_, v_ = q.to(dt), k.to(dt), v.to(dt)
+        theta, eta, keep = lr.to(dt), momentum.to(dt), 1.0 - decay.to(dt)
+        st = type(state)(*(x.to(dt) for x in state))
+        outs = []
+        for s in range(0, q.shape[-2], chunk_size):
+            e = min(s + chunk_size, q.shape[-2])
+            out_c, st = chunk_fns[rule](memory, st, q_[..., s:e, :], k_[..., s:e, :], v_[..., s:e, :],
+                                        theta[..., s:e], eta[..., s:e], keep[..., s:e])
+            outs.append(out_c)
+        return torch.cat(outs, -2).to(q.dtype), st
+    return call
 
 
 def _ours(fn, rule):
@@ -74,19 +96,37 @@ def _step(call, args, state, backward):
     return step
 
 
-def run(device="cuda") -> list[dict]:
+def _kernel_stats() -> dict:
+    """Registers and spills of the last compiled Triton kernels (read off Triton's compiled-kernel object)."""
+    from hope_kernels.titan_memory_update import triton as tk
+
+    stats = {}
+    for name, kern in tk.LAST_KERNELS.items():
+        for attr in ("n_regs", "n_spills"):
+            val = getattr(kern, attr, None)
+            if val is not None:
+                stats[f"{name}_{attr}"] = int(val)
+    return stats
+
+
+def run(device="cuda"):
+    """Yields one row per (shape, rule, pass, impl); speed-up columns are filled per group before yielding."""
     device = torch.device(device)
     on_gpu = device.type == "cuda"
     shapes = GPU_SHAPES if on_gpu else CPU_SHAPES
     dtype = torch.bfloat16 if on_gpu else torch.float32
-    impls = {"eager": titan_memory_update_reference,
-             "compile": torch.compile(titan_memory_update_reference, dynamic=False)}
+    impls = {"eager": titan_memory_update_reference, "compile": compiled_reference()}
     if on_gpu:
         from hope_kernels.titan_memory_update.triton import titan_memory_update_triton
 
         impls["triton"] = titan_memory_update_triton
+        try:
+            from hope_kernels.titan_memory_update.cuda import titan_memory_update_cuda
+
+            impls["cuda"] = titan_memory_update_cuda
+        except (ImportError, AttributeError):
+            pass
     fla = _fla_call() if on_gpu else None
-    rows = []
     for B, H, T, D in shapes:
         for rule in ("titans", "dgd"):
             shared = rule == "titans"  # momentum 0: the case fla's gated delta rule also covers
@@ -96,15 +136,15 @@ def run(device="cuda") -> list[dict]:
             if shared and fla is not None:
                 calls["fla"] = fla
             for backward in (False, True):
-                base = {}
+                base, group = {}, []
                 for impl, call in calls.items():
                     row = {"op": "titan_memory_update", "impl": impl, "rule": rule, "shape": shape,
                            "pass": "fwd+bwd" if backward else "fwd"}
                     if impl == "eager" and rule == "dgd" and T > EAGER_MAX_TOKENS_DGD:
-                        rows.append(dict(row, skipped=f"per-token Python loop; T > {EAGER_MAX_TOKENS_DGD}"))
+                        group.append(dict(row, skipped=f"per-token Python loop; T > {EAGER_MAX_TOKENS_DGD}"))
                         continue
                     if impl == "compile" and rule == "dgd" and not on_gpu:
-                        rows.append(dict(row, skipped="compiling the unrolled per-token loop takes minutes on 2 CPU cores"))
+                        group.append(dict(row, skipped="compiling the unrolled per-token loop takes minutes on 2 CPU cores"))
                         continue
                     try:
                         step = _step(call, args, state, backward)
@@ -112,23 +152,57 @@ def run(device="cuda") -> list[dict]:
                         ms = time_ms(step, device)
                         peak = peak_mb(step, device)
                     except Exception as exc:  # OOM or a peer that rejects the shape: report, go on
-                        rows.append(dict(row, error=repr(exc)[:300]))
+                        group.append(dict(row, error=repr(exc)[:300]))
                         if on_gpu:
                             torch.cuda.empty_cache()
                         continue
                     row.update(median_ms=round(ms, 3), peak_mb=None if peak is None else round(peak, 1))
+                    if impl == "triton":
+                        row.update(_kernel_stats())
                     base[impl] = ms
-                    rows.append(row)
-                for row in rows:
-                    if row.get("shape") == shape and row.get("rule") == rule and "median_ms" in row and \
-                            row["pass"] == ("fwd+bwd" if backward else "fwd"):
-                        for ref in ("eager", "compile", "fla"):
-                            if ref in base and row["impl"] != ref:
-                                row[f"speedup_vs_{ref}"] = round(base[ref] / row["median_ms"], 2)
+                    group.append(row)
+                for row in group:
+                    for ref in ("eager", "compile", "fla"):
+                        if "median_ms" in row and ref in base and row["impl"] != ref:
+                            row[f"speedup_vs_{ref}"] = round(base[ref] / row["median_ms"], 2)
+                    yield row
             del args, state
             if on_gpu:
                 torch.cuda.empty_cache()
-    return rows
+
+
+#: tuning sweep on the GPU: (fwd_bv, bwd_bv, num_warps, num_stages)
+TUNE_CONFIGS = [(64, 32, 4, None), (32, 32, 4, None), (32, 16, 4, None), (64, 32, 8, None), (32, 32, 8, None),
+                (16, 16, 4, None), (64, 32, 4, 1), (32, 32, 4, 1), (32, 32, 2, None), (16, 16, 2, None)]
+
+
+def tune(device="cuda"):
+    """Times the Triton kernels over TUNE_CONFIGS at the benchmark shapes (bf16, fwd and fwd+bwd)."""
+    from hope_kernels.titan_memory_update import triton as tk
+
+    device = torch.device(device)
+    saved = dict(tk.TUNING)
+    try:
+        for B, H, T, D in GPU_SHAPES:
+            for rule in ("titans", "dgd"):
+                args, state = _inputs(B, H, T, D, device, torch.bfloat16, momentum_zero=rule == "titans")
+                for fwd_bv, bwd_bv, warps, stages in TUNE_CONFIGS:
+                    tk.TUNING.update(fwd_bv=fwd_bv, bwd_bv=bwd_bv, num_warps=warps, num_stages=stages)
+                    for backward in (False, True):
+                        row = {"op": "titan_memory_update/tune", "impl": "triton", "rule": rule,
+                               "shape": f"B{B} H{H} T{T} D{D} C{CHUNK} bf16", "pass": "fwd+bwd" if backward else "fwd",
+                               "config": f"fwd_bv={fwd_bv} bwd_bv={bwd_bv} warps={warps} stages={stages}"}
+                        try:
+                            step = _step(_ours(tk.titan_memory_update_triton, rule), args, state, backward)
+                            step()
+                            row.update(median_ms=round(time_ms(step, device), 3), **_kernel_stats())
+                        except Exception as exc:
+                            row["error"] = repr(exc)[:300]
+                        yield row
+                del args, state
+                torch.cuda.empty_cache()
+    finally:
+        tk.TUNING.update(saved)
 
 
 if __name__ == "__main__":

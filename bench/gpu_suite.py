@@ -1,10 +1,15 @@
-"""One command on a GPU machine: build the extension, run the test suite on CUDA, time every op.
+"""One command on a GPU machine: build the extension, run the tests on CUDA, time every op, print one table.
 
-    python bench/gpu_suite.py [--skip-build] [--skip-tests] [--out DIR]
+    python bench/gpu_suite.py [--skip-build] [--tests PATH ...] [--skip-tests] [--bench NAME[:FUNC] ...]
+                              [--deadline-s S] [--out DIR]
 
-Writes ``<out>/gpu_suite-<device>-<date>.json`` (default out: bench/results/, and $OUT when set, as the
-device tool returns files from there) and prints one table. Every benchmark module ``bench/bench_<op>.py``
-exposes ``run(device) -> list[dict]``; rows carry op, impl, shape, pass (fwd|fwd+bwd), median_ms, peak_mb.
+Each benchmark ``bench/<NAME>.py`` exposes ``run(device)`` (or the named FUNC) yielding dicts with op, impl,
+shape, pass (fwd|fwd+bwd), median_ms, peak_mb. Every benchmark runs in its own process with a time limit (a
+hung or crashing kernel costs one module, not the lease), and its rows are appended to ``rows.jsonl`` as they
+are measured, so a run cut short still returns what it measured. The result JSON
+``<out>/gpu_suite-<device>-<date>.json`` (default out: bench/results/, and $OUT when set, as the device tool
+returns files from there) holds the environment (device, driver, torch/triton versions, date), every row and
+every step's log tail.
 """
 from __future__ import annotations
 
@@ -20,16 +25,27 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-BENCH_MODULES = ("bench_titan_memory_update", "bench_teach_signal", "bench_cms_update", "bench_cuda")
+DEFAULT_BENCHES = ("bench_titan_memory_update", "bench_teach_signal", "bench_cms_update", "bench_cuda",
+                   "bench_titan_memory_update:tune")
+TABLE_COLS = ("op", "impl", "rule", "shape", "pass", "median_ms", "peak_mb", "speedup_vs_eager",
+              "speedup_vs_compile", "speedup_vs_fla", "config", "fwd_n_regs", "fwd_n_spills", "bwd_n_regs",
+              "bwd_n_spills", "skipped", "error")
 
 
-def _sh(cmd: list[str], log: list[dict], timeout: int) -> int:
+def _sh(cmd: list[str], log: list[dict], timeout: float, log_file: Path | None = None) -> int:
     t0 = time.time()
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
-    log.append({"cmd": " ".join(cmd), "rc": proc.returncode, "seconds": round(time.time() - t0, 1),
-                "tail": (proc.stdout + proc.stderr)[-6000:]})
-    print(f"[{proc.returncode}] {' '.join(cmd)} ({time.time() - t0:.0f}s)", flush=True)
-    return proc.returncode
+    try:
+        proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=max(timeout, 1))
+        rc, text = proc.returncode, proc.stdout + proc.stderr
+    except subprocess.TimeoutExpired as exc:
+        rc = 124
+        text = ((exc.stdout or b"").decode(errors="replace") if isinstance(exc.stdout, bytes) else (exc.stdout or ""))
+        text += f"\n[gpu_suite] timed out after {timeout:.0f}s"
+    if log_file is not None:
+        log_file.write_text(text)
+    log.append({"cmd": " ".join(cmd), "rc": rc, "seconds": round(time.time() - t0, 1), "tail": text[-6000:]})
+    print(f"[{rc}] {' '.join(cmd)} ({time.time() - t0:.0f}s)", flush=True)
+    return rc
 
 
 def environment() -> dict:
@@ -38,15 +54,18 @@ def environment() -> dict:
     env = {"date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
            "python": platform.python_version(), "torch": torch.__version__,
            "cuda_runtime": torch.version.cuda, "host": platform.node()}
-    try:
-        import triton
-
-        env["triton"] = triton.__version__
-    except ImportError:
-        env["triton"] = None
+    for pkg in ("triton", "fla", "liger_kernel"):
+        try:
+            mod = importlib.import_module(pkg)
+            env[pkg] = getattr(mod, "__version__", "present")
+        except Exception:  # noqa: BLE001 - absent or broken peer: recorded as None
+            env[pkg] = None
     if torch.cuda.is_available():
         env["device"] = torch.cuda.get_device_name()
         env["capability"] = ".".join(map(str, torch.cuda.get_device_capability()))
+        props = torch.cuda.get_device_properties(0)
+        env["sm_count"] = props.multi_processor_count
+        env["memory_gib"] = round(props.total_memory / 2**30, 1)
         try:
             env["driver"] = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
                                            capture_output=True, text=True).stdout.strip()
@@ -54,51 +73,85 @@ def environment() -> dict:
             env["driver"] = None
     else:
         env["device"] = "cpu"
+    try:
+        from hope_kernels import _ext
+
+        env["extension_errors"] = dict(_ext.LOAD_ERRORS)
+    except Exception as exc:  # noqa: BLE001
+        env["extension_errors"] = repr(exc)
     return env
+
+
+def run_one(spec: str, rows_file: Path) -> int:
+    """Child process: runs one benchmark generator, appending each row to ``rows_file`` as it comes."""
+    import torch
+
+    name, _, func = spec.partition(":")
+    sys.path[:0] = [str(ROOT / "bench"), str(ROOT)]  # the checkout's packages even without an install
+    mod = importlib.import_module(name)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    with rows_file.open("a") as fh:
+        for row in getattr(mod, func or "run")(device):
+            fh.write(json.dumps(dict(row, module=spec), default=str) + "\n")
+            fh.flush()
+            print(json.dumps(row, default=str), flush=True)
+    return 0
+
+
+def _fmt(v) -> str:
+    if v is None:
+        return ""
+    s = str(v)
+    return s if len(s) <= 60 else s[:57] + "..."
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--skip-build", action="store_true")
     ap.add_argument("--skip-tests", action="store_true")
+    ap.add_argument("--tests", nargs="*", default=["tests/kernels"], help="pytest paths (default tests/kernels)")
+    ap.add_argument("--bench", nargs="*", default=list(DEFAULT_BENCHES), help="bench modules, NAME or NAME:FUNC")
+    ap.add_argument("--deadline-s", type=float, default=3000.0, help="wall-clock budget of the whole suite")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results"))
+    ap.add_argument("--one", help=argparse.SUPPRESS)
+    ap.add_argument("--rows", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    if args.one:
+        return run_one(args.one, Path(args.rows))
 
+    t_end = time.time() + args.deadline_s
+    left = lambda: t_end - time.time()  # noqa: E731
+    out_dirs = [Path(d) for d in filter(None, (args.out, os.environ.get("OUT")))]
+    for d in out_dirs:
+        d.mkdir(parents=True, exist_ok=True)
+    scratch = out_dirs[-1]
+    rows_file = scratch / "rows.jsonl"
+    rows_file.write_text("")
     log: list[dict] = []
     if not args.skip_build:
-        _sh([sys.executable, "-m", "pip", "install", "--no-build-isolation", "--no-deps", "-e", "."], log, 1200)
-    if not args.skip_tests:
-        _sh([sys.executable, "-m", "pytest", "-q", "-x", "tests/kernels"], log, 1800)
-
-    import torch
-
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    sys.path.insert(0, str(ROOT / "bench"))
-    rows: list[dict] = []
-    for name in BENCH_MODULES:
-        try:
-            mod = importlib.import_module(name)
-        except ImportError as exc:
-            log.append({"bench": name, "skipped": f"import failed: {exc}"})
+        _sh([sys.executable, "-m", "pip", "install", "--no-build-isolation", "--no-deps", "-e", "."], log,
+            min(900, left()), scratch / "build.log")
+    if not args.skip_tests and args.tests:
+        _sh([sys.executable, "-m", "pytest", "-q", "-rfE", "-p", "no:cacheprovider", "--timeout", "300",
+             *args.tests], log, min(1800, left() - 60), scratch / "pytest.log")
+    for spec in args.bench:
+        if left() < 20:
+            log.append({"bench": spec, "skipped": "suite deadline reached"})
             continue
-        try:
-            rows.extend(dict(r, module=name) for r in mod.run(device))
-        except Exception as exc:  # one failing benchmark must not hide the others
-            log.append({"bench": name, "error": repr(exc)})
-            print(f"{name}: {exc!r}", flush=True)
+        _sh([sys.executable, str(Path(__file__).resolve()), "--one", spec, "--rows", str(rows_file)], log,
+            left() - 10)
 
+    rows = [json.loads(line) for line in rows_file.read_text().splitlines() if line.strip()]
     env = environment()
-    result = {"environment": env, "rows": rows, "log": log}
-    stamp = env["date"][:10]
-    fname = f"gpu_suite-{str(env['device']).replace(' ', '_')}-{stamp}.json"
-    for out_dir in filter(None, (args.out, os.environ.get("OUT"))):
-        Path(out_dir).mkdir(parents=True, exist_ok=True)
-        (Path(out_dir) / fname).write_text(json.dumps(result, indent=1, default=str))
+    result = {"environment": env, "argv": sys.argv[1:], "rows": rows, "log": log}
+    fname = f"gpu_suite-{str(env['device']).replace(' ', '_')}-{env['date'][:10]}.json"
+    for d in out_dirs:
+        (d / fname).write_text(json.dumps(result, indent=1, default=str))
 
-    cols = ("op", "impl", "shape", "pass", "median_ms", "peak_mb")
+    cols = [c for c in TABLE_COLS if any(c in r for r in rows)]
     print(" | ".join(cols))
     for r in rows:
-        print(" | ".join(str(r.get(c, "")) for c in cols))
+        print(" | ".join(_fmt(r.get(c)) for c in cols))
     return 0 if all(e.get("rc", 0) == 0 for e in log if "rc" in e) else 1
 
 

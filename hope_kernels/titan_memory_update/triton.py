@@ -242,14 +242,30 @@ def _linear_bwd_kernel(
     tl.store(p_ds0 + o_state, b_dS, mask=m_state)
 
 
+#: launch settings, overridable for tuning sweeps (bench/bench_titan_memory_update.py ``tune``): value-block
+#: caps for the forward / backward kernels, warps per program, software-pipelining stages (None: Triton's)
+TUNING = {"fwd_bv": 64, "bwd_bv": 32, "num_warps": 4, "num_stages": None}
+#: the last compiled kernel of each pass ("fwd" / "bwd"): its n_regs / n_spills feed the benchmark report
+LAST_KERNELS: dict = {}
+
+
 def _blocks(C: int, Dk: int, Dv: int, backward: bool = False) -> tuple[int, int, int]:
     """(BT, BK, BV): tl.dot needs every dimension >= 16. The state tiles [BV, BK] fp32 stay in registers
-    (forward: W, S; backward: W, S, dW, dS), so BV shrinks as Dk grows. Not tuned on a GPU yet."""
+    (forward: W, S; backward: W, S, dW, dS), so BV shrinks as Dk grows."""
     BT = max(16, triton.next_power_of_2(C))
     BK = max(16, triton.next_power_of_2(Dk))
-    cap = 64 if (BK <= 64 and not backward) else 32
+    cap = TUNING["bwd_bv"] if backward else TUNING["fwd_bv"]
+    if BK > 64:
+        cap = min(cap, 32)
     BV = max(16, min(cap, triton.next_power_of_2(Dv)))
     return BT, BK, BV
+
+
+def _launch_options() -> dict:
+    opts = {"num_warps": TUNING["num_warps"]}
+    if TUNING["num_stages"] is not None:
+        opts["num_stages"] = TUNING["num_stages"]
+    return opts
 
 
 def _precision(dtype: torch.dtype) -> str:
@@ -258,10 +274,6 @@ def _precision(dtype: torch.dtype) -> str:
     if dtype == torch.float32:
         return "tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee"
     return "tf32"
-
-
-#: warps per program: the state tiles [BV, BK] are at most 64 x 64 (forward) / 32 x 128 (backward)
-NUM_WARPS = 4
 
 
 def _empty(*shape, device, dtype) -> torch.Tensor:
@@ -282,12 +294,12 @@ def _run_fwd(q, k, kh, v, aqk, akk, tinv, aqw, vec, end, W0, S0, C, dgd, write_o
     states = (_empty(B, H, NC, 2, Dv, Dk, device=dev, dtype=torch.float32) if store_states
               else WT.new_empty(0))
     grid = (triton.cdiv(Dv, BV), B * H)
-    _linear_fwd_kernel[grid](
+    LAST_KERNELS["fwd"] = _linear_fwd_kernel[grid](
         q, k, kh if dgd else k, v, aqk, akk if dgd else aqk, tinv if dgd else aqk, aqw if dgd else aqk,
         vec, end, W0, S0, out, WT, ST, states,
         T, Tp, NC, C, Dk, Dv,
         BT=BT, BK=BK, BV=BV, DGD=dgd, WRITE_OUT=write_out, STORE_STATES=store_states,
-        PRECISION=_precision(q.dtype), num_warps=NUM_WARPS,
+        PRECISION=_precision(q.dtype), **_launch_options(),
     )
     return out, WT, ST, states
 
@@ -350,13 +362,13 @@ def titan_linear_bwd(
     dend = torch.zeros(NV, B, H, NC, 3, **f32)
     dW0 = _empty(B, H, Dv, Dk, **f32)
     dS0 = _empty(B, H, Dv, Dk, **f32)
-    _linear_bwd_kernel[(NV, B * H)](
+    LAST_KERNELS["bwd"] = _linear_bwd_kernel[(NV, B * H)](
         q, k, kh if dgd else k, v, aqk, akk if dgd else aqk, tinv if dgd else aqk, aqw if dgd else aqk,
         vec, end, states, do, dWT, dST,
         dq, dk, dkh if dgd else dq, dv, daqk, dakk if dgd else daqk, dtinv if dgd else daqk,
         daqw if dgd else daqk, dvec, dend, dW0, dS0,
         T, Tp, NC, C, Dk, Dv, B * H,
-        BT=BT, BK=BK, BV=BV, DGD=dgd, PRECISION=_precision(q.dtype), num_warps=NUM_WARPS,
+        BT=BT, BK=BK, BV=BV, DGD=dgd, PRECISION=_precision(q.dtype), **_launch_options(),
     )
     red = lambda x: x.sum(0) if x.numel() else x  # noqa: E731  (sum the per-value-block partials)
     dq = red(dq)[:, :, :T].to(q.dtype).contiguous()
