@@ -1,10 +1,13 @@
 """One command on a GPU machine: build the extension, run the tests on CUDA, time every op, print one table.
 
-    python bench/gpu_suite.py [--skip-build] [--tests PATH ...] [--skip-tests] [--bench NAME[:FUNC] ...]
-                              [--deadline-s S] [--out DIR]
+    python bench/gpu_suite.py [--skip-build] [--tests PATH ...] [--skip-tests] [--early SPEC ...]
+                              [--bench SPEC ...] [--deadline-s S] [--out DIR]
 
-Each benchmark ``bench/<NAME>.py`` exposes ``run(device)`` (or the named FUNC) yielding dicts with op, impl,
-shape, pass (fwd|fwd+bwd), median_ms, peak_mb. Every benchmark runs in its own process with a time limit (a
+SPEC is NAME[:FUNC][@IMPL,IMPL][#I,I]: benchmark ``bench/<NAME>.py`` exposes ``run(device)`` (or the named FUNC)
+yielding dicts with op, impl, shape, pass (fwd|fwd+bwd), median_ms, peak_mb; @IMPLS times only those
+implementations (HOPE_BENCH_IMPLS), #I only those shape indices (HOPE_BENCH_SHAPES). The extension builds in the background (``setup.py build_ext --inplace``)
+while the ``--early`` benchmarks, which need no extension (Triton, peers), run; the tests and the other
+benchmarks wait for it. Every benchmark runs in its own process with a time limit (a
 hung or crashing kernel costs one module, not the lease), and its rows are appended to ``rows.jsonl`` as they
 are measured, so a run cut short still returns what it measured. The result JSON
 ``<out>/gpu_suite-<device>-<date>.json`` (default out: bench/results/, and $OUT when set, as the device tool
@@ -25,17 +28,19 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_BENCHES = ("bench_titan_memory_update", "bench_teach_signal", "bench_cms_update", "bench_cuda",
-                   "bench_titan_memory_update:tune")
+DEFAULT_EARLY = ("bench_titan_memory_update@triton,fla", "bench_titan_memory_update:tune",
+                 "bench_titan_memory_update@eager,compile")
+DEFAULT_BENCHES = ("bench_titan_memory_update@cuda", "bench_teach_signal", "bench_cms_update", "bench_cuda")
 TABLE_COLS = ("op", "impl", "rule", "shape", "pass", "median_ms", "peak_mb", "speedup_vs_eager",
               "speedup_vs_compile", "speedup_vs_fla", "config", "fwd_n_regs", "fwd_n_spills", "bwd_n_regs",
               "bwd_n_spills", "skipped", "error")
 
 
-def _sh(cmd: list[str], log: list[dict], timeout: float, log_file: Path | None = None) -> int:
+def _sh(cmd: list[str], log: list[dict], timeout: float, log_file: Path | None = None, env: dict | None = None) -> int:
     t0 = time.time()
     try:
-        proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=max(timeout, 1))
+        proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=max(timeout, 1),
+                              env=None if env is None else {**os.environ, **env})
         rc, text = proc.returncode, proc.stdout + proc.stderr
     except subprocess.TimeoutExpired as exc:
         rc = 124
@@ -86,7 +91,7 @@ def run_one(spec: str, rows_file: Path) -> int:
     """Child process: runs one benchmark generator, appending each row to ``rows_file`` as it comes."""
     import torch
 
-    name, _, func = spec.partition(":")
+    name, _, func = spec.split("@")[0].split("#")[0].partition(":")
     sys.path[:0] = [str(ROOT / "bench"), str(ROOT)]  # the checkout's packages even without an install
     mod = importlib.import_module(name)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -110,7 +115,8 @@ def main(argv=None) -> int:
     ap.add_argument("--skip-build", action="store_true")
     ap.add_argument("--skip-tests", action="store_true")
     ap.add_argument("--tests", nargs="*", default=["tests/kernels"], help="pytest paths (default tests/kernels)")
-    ap.add_argument("--bench", nargs="*", default=list(DEFAULT_BENCHES), help="bench modules, NAME or NAME:FUNC")
+    ap.add_argument("--early", nargs="*", default=list(DEFAULT_EARLY), help="SPECs run while the extension builds")
+    ap.add_argument("--bench", nargs="*", default=list(DEFAULT_BENCHES), help="SPECs run after the tests")
     ap.add_argument("--deadline-s", type=float, default=3000.0, help="wall-clock budget of the whole suite")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results"))
     ap.add_argument("--one", help=argparse.SUPPRESS)
@@ -128,18 +134,41 @@ def main(argv=None) -> int:
     rows_file = scratch / "rows.jsonl"
     rows_file.write_text("")
     log: list[dict] = []
-    if not args.skip_build:
-        _sh([sys.executable, "-m", "pip", "install", "--no-build-isolation", "--no-deps", "-e", "."], log,
-            min(900, left()), scratch / "build.log")
+    build = None
+    if not args.skip_build:  # in the background: the early benchmarks need no extension
+        build_log = (scratch / "build.log").open("w")
+        build = (time.time(), subprocess.Popen(
+            [sys.executable, "setup.py", "build_ext", "--inplace"], cwd=ROOT, stdout=build_log,
+            stderr=subprocess.STDOUT, env={**os.environ, "HOPE_CUDA_ARCH": os.environ.get("HOPE_CUDA_ARCH", "90")}))
+
+    def bench(spec: str) -> None:
+        if left() < 20:
+            log.append({"bench": spec, "skipped": "suite deadline reached"})
+            return
+        spec_shapes = spec.partition("#")[2]
+        impls = spec.split("#")[0].partition("@")[2]
+        env = {k: v for k, v in (("HOPE_BENCH_IMPLS", impls), ("HOPE_BENCH_SHAPES", spec_shapes)) if v}
+        _sh([sys.executable, str(Path(__file__).resolve()), "--one", spec, "--rows", str(rows_file)], log,
+            left() - 10, env=env)
+
+    for spec in args.early:
+        bench(spec)
+    if build is not None:
+        t0, proc = build
+        try:
+            rc = proc.wait(timeout=max(left() - 30, 1))
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            rc = 124
+        text = (scratch / "build.log").read_text()
+        log.append({"cmd": "setup.py build_ext --inplace", "rc": rc, "seconds": round(time.time() - t0, 1),
+                    "tail": text[-6000:]})
+        print(f"[{rc}] build_ext ({time.time() - t0:.0f}s since start)", flush=True)
     if not args.skip_tests and args.tests:
         _sh([sys.executable, "-m", "pytest", "-q", "-rfE", "-p", "no:cacheprovider", "--timeout", "300",
              *args.tests], log, min(1800, left() - 60), scratch / "pytest.log")
     for spec in args.bench:
-        if left() < 20:
-            log.append({"bench": spec, "skipped": "suite deadline reached"})
-            continue
-        _sh([sys.executable, str(Path(__file__).resolve()), "--one", spec, "--rows", str(rows_file)], log,
-            left() - 10)
+        bench(spec)
 
     rows = [json.loads(line) for line in rows_file.read_text().splitlines() if line.strip()]
     env = environment()

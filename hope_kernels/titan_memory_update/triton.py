@@ -244,7 +244,7 @@ def _linear_bwd_kernel(
 
 #: launch settings, overridable for tuning sweeps (bench/bench_titan_memory_update.py ``tune``): value-block
 #: caps for the forward / backward kernels, warps per program, software-pipelining stages (None: Triton's)
-TUNING = {"fwd_bv": 64, "bwd_bv": 32, "num_warps": 4, "num_stages": None}
+TUNING = {"fwd_bv": 64, "bwd_bv": 32, "num_warps": 4, "num_stages": None, "dgd_num_stages": 1}
 #: the last compiled kernel of each pass ("fwd" / "bwd"): its n_regs / n_spills feed the benchmark report
 LAST_KERNELS: dict = {}
 
@@ -261,10 +261,13 @@ def _blocks(C: int, Dk: int, Dv: int, backward: bool = False) -> tuple[int, int,
     return BT, BK, BV
 
 
-def _launch_options() -> dict:
+def _launch_options(dgd: bool) -> dict:
     opts = {"num_warps": TUNING["num_warps"]}
-    if TUNING["num_stages"] is not None:
-        opts["num_stages"] = TUNING["num_stages"]
+    # dgd loads four [C, C] score tiles per chunk: Triton's default 3-stage pipelining of the chunk loop asked
+    # for 339 KiB of shared memory on the H100 (227 KiB there), so dgd runs unpipelined unless tuned otherwise
+    stages = TUNING["dgd_num_stages"] if dgd and TUNING["num_stages"] is None else TUNING["num_stages"]
+    if stages is not None:
+        opts["num_stages"] = stages
     return opts
 
 
@@ -299,7 +302,7 @@ def _run_fwd(q, k, kh, v, aqk, akk, tinv, aqw, vec, end, W0, S0, C, dgd, write_o
         vec, end, W0, S0, out, WT, ST, states,
         T, Tp, NC, C, Dk, Dv,
         BT=BT, BK=BK, BV=BV, DGD=dgd, WRITE_OUT=write_out, STORE_STATES=store_states,
-        PRECISION=_precision(q.dtype), **_launch_options(),
+        PRECISION=_precision(q.dtype), **_launch_options(dgd),
     )
     return out, WT, ST, states
 
@@ -368,7 +371,7 @@ def titan_linear_bwd(
         dq, dk, dkh if dgd else dq, dv, daqk, dakk if dgd else daqk, dtinv if dgd else daqk,
         daqw if dgd else daqk, dvec, dend, dW0, dS0,
         T, Tp, NC, C, Dk, Dv, B * H,
-        BT=BT, BK=BK, BV=BV, DGD=dgd, PRECISION=_precision(q.dtype), **_launch_options(),
+        BT=BT, BK=BK, BV=BV, DGD=dgd, PRECISION=_precision(q.dtype), **_launch_options(dgd),
     )
     red = lambda x: x.sum(0) if x.numel() else x  # noqa: E731  (sum the per-value-block partials)
     dq = red(dq)[:, :, :T].to(q.dtype).contiguous()
