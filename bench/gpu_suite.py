@@ -56,6 +56,9 @@ def _sh(cmd: list[str], log: list[dict], timeout: float, log_file: Path | None =
 def environment() -> dict:
     import torch
 
+    if str(ROOT) not in sys.path:  # the checkout's hope_kernels, for the extension load report
+        sys.path.insert(0, str(ROOT))
+
     env = {"date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
            "python": platform.python_version(), "torch": torch.__version__,
            "cuda_runtime": torch.version.cuda, "host": platform.node()}
