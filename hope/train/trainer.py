@@ -478,6 +478,8 @@ class Trainer:
             record.update({"event": "train", "step": self.step, "tokens_seen": self.tokens_seen,
                            "step_time_s": time.perf_counter() - t_step, "elapsed_s": elapsed,
                            "tokens_per_s": (self.tokens_seen - tokens_at_t0) / max(elapsed, 1e-9)})
+            if self.device.type == "cuda":  # peak since the start of the run, for throughput/memory reports
+                record["gpu_peak_gib"] = torch.cuda.max_memory_allocated(self.device) / 2**30
             if self.step % c.log.every == 0 or self.step == c.steps:
                 self.logger.log(record)
             self.logger.progress(self.step, record["loss"], record["tokens_per_s"])
