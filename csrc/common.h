@@ -3,15 +3,25 @@
 #include <torch/extension.h>
 
 #define HOPE_CHECK_FLOAT3(name, t)                                                                     \
-  TORCH_CHECK((t).dim() == 3, #name " must be 3-D, got ", (t).dim(), "-D");                            \
+  TORCH_CHECK((t).dim() == 3, #name " must be 3-D, got ", ::hope::fmt((t).dim()), "-D");               \
   TORCH_CHECK((t).scalar_type() == at::kFloat, #name " must be float32, got ", (t).scalar_type());   \
   TORCH_CHECK((t).is_contiguous(), #name " must be contiguous")
 
 #define HOPE_CHECK_SHAPE(name, t, ...)                                                                 \
-  TORCH_CHECK((t).sizes() == at::IntArrayRef({__VA_ARGS__}), #name " has shape ", (t).sizes(),        \
-              ", expected ", at::IntArrayRef({__VA_ARGS__}))
+  TORCH_CHECK((t).sizes() == at::IntArrayRef({__VA_ARGS__}), #name " has shape ", ::hope::fmt((t).sizes()), \
+              ", expected ", ::hope::fmt(at::IntArrayRef({__VA_ARGS__})))
 
 namespace hope {
+// Check messages format integers and sizes with std::to_string, never by streaming them: on the H100 image
+// (torch 2.11+cu130) streaming an integer into std::ostream inside _C_cuda.so crashed the process (SIGSEGV in
+// integer formatting) where a message of strings, devices and dtypes raised RuntimeError normally.
+inline std::string fmt(int64_t v) { return std::to_string(v); }
+inline std::string fmt(at::IntArrayRef sizes) {
+  std::string out = "[";
+  for (size_t i = 0; i < sizes.size(); ++i) out += (i ? ", " : "") + std::to_string(sizes[i]);
+  return out + "]";
+}
+
 constexpr float kRmsEps = 1e-6f;
 constexpr float kInvSqrt2 = 0.70710678118654752f;
 constexpr float kInvSqrt2Pi = 0.39894228040143268f;

@@ -1,5 +1,8 @@
 """One dispatcher for every op: picks cuda > triton > cpp > reference by device and availability.
 
+An op may reorder that preference with :func:`prefer` when a measurement says a later backend is faster on the
+same device (or an earlier one has not run on that device yet); the reason is kept in :data:`PREFERENCE_NOTES`.
+
 Each op folder registers its implementations at import time with :func:`register`. A backend is
 *available* for a call when it was registered (its module imported: triton installed, extension
 built) and its ``supports(device)`` predicate accepts the tensors' device. ``backend="auto"``
@@ -28,6 +31,23 @@ class Implementation:
 
 
 _REGISTRY: dict[str, dict[str, Implementation]] = {}
+#: op -> its own preference order (a permutation of BACKEND_ORDER), set by :func:`prefer`
+_ORDER: dict[str, tuple[str, ...]] = {}
+#: op -> why its order differs from BACKEND_ORDER (measurement, device, date)
+PREFERENCE_NOTES: dict[str, str] = {}
+
+
+def prefer(op: str, order: tuple[str, ...], reason: str) -> None:
+    """Give ``op`` its own ``backend="auto"`` preference ``order`` (every backend of BACKEND_ORDER, once)."""
+    if sorted(order) != sorted(BACKEND_ORDER):
+        raise ValueError(f"order must be a permutation of {BACKEND_ORDER}, got {order!r}")
+    _ORDER[op] = tuple(order)
+    PREFERENCE_NOTES[op] = reason
+
+
+def backend_order(op: str) -> tuple[str, ...]:
+    """The preference order ``backend="auto"`` walks for ``op``."""
+    return _ORDER.get(op, BACKEND_ORDER)
 
 
 def _any_device(device: torch.device) -> bool:
@@ -54,14 +74,14 @@ def triton_supports(device: torch.device) -> bool:
 def registered_backends(op: str) -> list[str]:
     """Backends registered for ``op`` (imported successfully), in preference order."""
     impls = _REGISTRY.get(op, {})
-    return [b for b in BACKEND_ORDER if b in impls]
+    return [b for b in backend_order(op) if b in impls]
 
 
 def available_backends(op: str, device: torch.device | str = "cpu") -> list[str]:
     """Backends that can run ``op`` on ``device``, in preference order."""
     device = torch.device(device)
     impls = _REGISTRY.get(op, {})
-    return [b for b in BACKEND_ORDER if b in impls and impls[b].supports(device)]
+    return [b for b in backend_order(op) if b in impls and impls[b].supports(device)]
 
 
 def resolve_backend(op: str, device: torch.device | str, backend: str = "auto") -> Implementation:

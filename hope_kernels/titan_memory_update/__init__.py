@@ -15,17 +15,36 @@ OP = "titan_memory_update"
 MEMORIES = ("linear", "mlp")
 RULES = ("titans", "dgd")
 #: backends that implement the linear memory only (mlp falls back to the reference under "auto")
-LINEAR_ONLY_BACKENDS = ("triton",)
+LINEAR_ONLY_BACKENDS = ("cuda", "triton")
 
 dispatch.register(OP, "reference", titan_memory_update_reference)
+#: backend -> why_not(Dk, Dv, chunk_size, rule, backward): None when its kernels run the call, else the reason
+_SHAPE_LIMITS = {}
 try:
-    from hope_kernels.titan_memory_update import triton as _triton_impl  # noqa: F401
+    from hope_kernels.titan_memory_update import triton as _triton_impl
+
+    _SHAPE_LIMITS["triton"] = _triton_impl.why_not
 except ImportError:
     pass
 try:
-    from hope_kernels.titan_memory_update import cuda as _cuda_impl  # noqa: F401
+    from hope_kernels.titan_memory_update import cuda as _cuda_impl
+
+    _SHAPE_LIMITS["cuda"] = _cuda_impl.why_not
 except ImportError:
     pass
+# measured on the H100 (torch 2.11+cu130, triton 3.6, 2026-11-25, bf16, B4 H8 T2048 C64, fwd+bwd): Triton 2.78 ms
+# vs CUDA 4.93 (titans, D64), 7.44 vs 10.93 (dgd, D64), 3.58 vs 6.54 (titans, D128): auto prefers Triton, and
+# takes CUDA for what Triton refuses (bench/results/titan_cuda_vs_triton-H100-2026-11-25.log)
+dispatch.prefer(OP, ("triton", "cuda", "cpp", "reference"),
+                "Triton measured faster than the CUDA port on the H100 (docs/performance.md)")
+
+
+def _why_not(backend: str, memory: str, rule: str, Dk: int, Dv: int, chunk_size: int, backward: bool):
+    """None when ``backend`` runs this call, else why not."""
+    if memory == "mlp" and backend in LINEAR_ONLY_BACKENDS:
+        return "implements memory='linear' only"
+    limit = _SHAPE_LIMITS.get(backend)
+    return None if limit is None else limit(Dk, Dv, chunk_size, rule, backward)
 
 
 def _check_state(state, memory: str, B: int, H: int, Dk: int, Dv: int, device):
@@ -115,13 +134,20 @@ def titan_memory_update(
         state = zero_linear_state(B, H, Dv, Dk, dev)
     else:
         _check_state(state, memory, B, H, Dk, Dv, dev)
+    backward = torch.is_grad_enabled() and any(
+        t.requires_grad for t in (q, k, v, lr, momentum, decay, *state))
     impl = dispatch.resolve_backend(OP, dev, backend)
-    if memory == "mlp" and impl.backend in LINEAR_ONLY_BACKENDS:
+    why = _why_not(impl.backend, memory, rule, Dk, Dv, chunk_size, backward)
+    if why is not None:
         if backend != "auto":
-            raise NotImplementedError(
-                f"backend={backend!r} of titan_memory_update implements memory='linear' only; use "
-                f"backend='auto' (runs memory='mlp' on the reference) or backend='reference'")
-        impl = dispatch.resolve_backend(OP, dev, "reference")  # auto or $HOPE_BACKEND: best that runs mlp
+            exc = NotImplementedError if memory == "mlp" else ValueError
+            raise exc(f"backend={backend!r} of titan_memory_update {why}; use backend='auto' (picks a backend "
+                      f"that runs it) or backend='reference'")
+        # auto (or $HOPE_BACKEND): the first backend in the op's preference order that runs this call
+        name = next(b for b in dispatch.available_backends(OP, dev)
+                    if _why_not(b, memory, rule, Dk, Dv, chunk_size, backward) is None
+                    and not (b == "triton" and dev.type == "cpu"))
+        impl = dispatch.resolve_backend(OP, dev, name)
     return impl.fn(q, k, v, lr, momentum, decay, chunk_size, memory, rule, state)
 
 

@@ -261,6 +261,18 @@ def _blocks(C: int, Dk: int, Dv: int, backward: bool = False) -> tuple[int, int,
     return BT, BK, BV
 
 
+def why_not(Dk: int, Dv: int, chunk_size: int, rule: str, backward: bool) -> str | None:
+    """None when the Triton kernels run this call, else why not (the dispatcher's per-shape check).
+
+    Measured on the H100 (torch 2.11, triton 3.6, 2026-11-25): the dgd backward kernel at Dk=128, C=64 asked for
+    264 KiB of shared memory (227 KiB there) even unpipelined; its [C, Dk] tiles are padded to powers of two, so
+    every Dk > 64 with chunk_size > 32 is refused rather than failing at launch."""
+    if rule == "dgd" and backward and triton.next_power_of_2(Dk) > 64 and triton.next_power_of_2(chunk_size) > 32:
+        return (f"runs rule='dgd' with Dk > 64 and chunk_size > 32 forward only (its backward needs more shared "
+                f"memory than an H100 has), got Dk={Dk}, chunk_size={chunk_size}")
+    return None
+
+
 def _launch_options(dgd: bool) -> dict:
     opts = {"num_warps": TUNING["num_warps"]}
     # dgd loads four [C, C] score tiles per chunk: Triton's default 3-stage pipelining of the chunk loop asked
@@ -422,6 +434,11 @@ def titan_memory_update_triton(q, k, v, lr, momentum, decay, chunk_size, memory,
     if q.dtype == torch.float64:
         raise TypeError("the triton backend of titan_memory_update takes fp32/bf16/fp16 q, k, v; use "
                         "backend='reference' for float64")
+    backward = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, lr, momentum, decay, *state))
+    why = why_not(q.shape[-1], v.shape[-1], chunk_size, rule, backward)
+    if why is not None:
+        raise ValueError(f"the triton backend of titan_memory_update {why}; backend='auto' runs it on cuda "
+                         f"(or the reference)")
     dgd = rule == "dgd"
     terms = linear_chunk_terms(q, k, lr, momentum, decay, chunk_size, dgd)
     W0, S0 = state.W.float(), state.S.float()

@@ -57,3 +57,11 @@ def test_public_op_forwards_backend_argument():
 def test_register_rejects_unknown_backend_name():
     with pytest.raises(ValueError, match="backend must be one of"):
         dispatch.register("teach_signal", "opencl", lambda *a: None)
+
+
+def test_prefer_reorders_one_op_and_checks_the_order():
+    assert dispatch.backend_order("titan_memory_update")[0] == "triton"  # measured faster than the CUDA port
+    assert dispatch.backend_order("cms_update") == dispatch.BACKEND_ORDER
+    assert "titan_memory_update" in dispatch.PREFERENCE_NOTES
+    with pytest.raises(ValueError, match="permutation"):
+        dispatch.prefer("cms_update", ("triton", "reference"), "incomplete order")

@@ -1,0 +1,325 @@
+"""CUDA titan_memory_update (csrc/titan_linear.cu, linear memory, titans and dgd) vs the reference, the float64
+oracle and the Triton backend: forward, final state and every gradient; odd sizes, chunk sizes 8/16/64,
+head dims up to 128; half inputs; every output element written; NaN propagation; argument checks naming the
+argument; custom ops and torch.compile; dispatch. All need a GPU (skipped on the CPU)."""
+from __future__ import annotations
+
+import contextlib
+import importlib
+
+import pytest
+import torch
+
+from hope_kernels import _ext, dispatch
+from hope_kernels.testing import assert_rel_close
+from hope_kernels.titan_memory_update import LinearMemoryState, MLPMemoryState, titan_memory_update
+from hope_kernels.titan_memory_update.chunk_terms import linear_chunk_terms
+from hope_kernels.titan_memory_update.oracle import titan_memory_update_oracle
+from hope_kernels.titan_memory_update.reference import titan_memory_update_reference
+
+pytestmark = pytest.mark.gpu
+DEVICE = "cuda"
+TOL_FP32 = 1e-4  # exact fp32 FMA products in the kernels: the error is rounding only
+TOL_BF16 = 2e-2
+NAMES = ["out", "W_T", "S_T", "dq", "dk", "dv", "dlr", "dmomentum", "ddecay", "dW0", "dS0"]
+GRAD_NAMES = ["dq", "dk", "dkh", "dv", "daqk", "dakk", "dtinv", "daqw", "dvec", "dend", "dW0", "dS0"]
+
+
+def _cuda():
+    mod = importlib.import_module("hope_kernels.titan_memory_update.cuda")
+    if not mod.AVAILABLE:
+        pytest.fail(f"the CUDA titan_linear kernels did not load: {_ext.why_unavailable('_C_cuda')}")
+    return mod
+
+
+def _inputs(B, H, T, Dk, Dv, *, dtype=torch.float32, device=DEVICE, with_state=True, seed=0, edge_gates=True):
+    """As tests/kernels/test_titan_memory_update_triton.py: random inputs with exact 0 / 1 gates."""
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(B, H, T, Dk, generator=g) / Dk**0.5
+    k = torch.randn(B, H, T, Dk, generator=g) / Dk**0.5
+    v = torch.randn(B, H, T, Dv, generator=g)
+    lr = torch.rand(B, H, T, generator=g)
+    momentum = torch.rand(B, H, T, generator=g)
+    decay = 0.2 * torch.rand(B, H, T, generator=g)
+    if edge_gates and T > 4:
+        lr[0, 0, 2] = 0.0
+        momentum[0, 0, 3] = 0.0
+        decay[0, H - 1, 1] = 1.0
+        momentum[B - 1, 0, 4] = 1.0
+        lr[-1, -1, -1] = 1.0
+    if with_state:
+        state = [0.3 * torch.randn(B, H, Dv, Dk, generator=g), 0.1 * torch.randn(B, H, Dv, Dk, generator=g)]
+    else:
+        state = [torch.zeros(B, H, Dv, Dk), torch.zeros(B, H, Dv, Dk)]
+    args = [q.to(dtype), k.to(dtype), v.to(dtype), lr, momentum, decay]
+    return [a.to(device) for a in args], [s.to(device) for s in state]
+
+
+def _run(fn, args, state, chunk_size, rule, seed=1):
+    """out, final state and the gradients of a random functional of both w.r.t. every input."""
+    xs = [t.detach().clone().requires_grad_(True) for t in args + state]
+    out, final = fn(*xs[:6], chunk_size, "linear", rule, LinearMemoryState(*xs[6:]))
+    g = torch.Generator().manual_seed(seed)
+    rnd = lambda t: torch.randn(t.shape, generator=g).to(t.device, t.dtype)  # noqa: E731
+    total = (out.float() * rnd(out.float())).sum() + (final.W * rnd(final.W)).sum() + (final.S * rnd(final.S)).sum()
+    grads = torch.autograd.grad(total, xs)
+    return [out, final.W, final.S, *grads]
+
+
+def _compare(actual, expected, tol, tag):
+    for name, a, e in zip(NAMES, actual, expected):
+        assert_rel_close(f"{tag} {name}", a.float(), e.float(), tol)
+
+
+def _op_args(args, state, C, dgd):
+    q, k, v, lr, mo, de = args
+    t = linear_chunk_terms(q, k, lr, mo, de, C, dgd)
+    xs = (q, k, t.khat, v, t.aqk, t.akk, t.tinv, t.aqw, t.vec, t.end, state[0].float(), state[1].float())
+    return (*(x.contiguous() if x is not None else None for x in xs), C)  # the raw extension takes contiguous
+
+
+# (B, H, T, Dk, Dv, C): odd T and head dims, T not a multiple of C, chunks 8/16/64, C > T, and the largest
+# head dims (several value blocks, shared memory above 48 KB)
+CASES = [
+    (2, 2, 29, 5, 7, 8),
+    (1, 2, 37, 24, 33, 16),
+    (1, 1, 70, 16, 70, 64),
+    (2, 1, 19, 17, 16, 64),
+    (1, 1, 1, 16, 16, 8),
+    (1, 2, 300, 64, 64, 64),
+    (1, 2, 300, 128, 128, 64),
+]
+
+
+@pytest.mark.parametrize("rule", ["titans", "dgd"])
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "B{}H{}T{}Dk{}Dv{}C{}".format(*c))
+def test_cuda_matches_reference_fp32(rule, case):
+    B, H, T, Dk, Dv, C = case
+    args, state = _inputs(B, H, T, Dk, Dv)
+    expected = _run(titan_memory_update_reference, args, state, C, rule)
+    actual = _run(_cuda().titan_memory_update_cuda, args, state, C, rule)
+    _compare(actual, expected, TOL_FP32, f"{rule} {case}")
+
+
+@pytest.mark.parametrize("rule", ["titans", "dgd"])
+def test_cuda_matches_float64_oracle(rule):
+    args, state = _inputs(2, 2, 23, 9, 11, device="cpu")
+    expected = _run(titan_memory_update_oracle, [a.double() for a in args], [s.double() for s in state], 8, rule)
+    actual = _run(_cuda().titan_memory_update_cuda, [a.to(DEVICE) for a in args], [s.to(DEVICE) for s in state],
+                  8, rule)
+    _compare([a.cpu() for a in actual], expected, TOL_FP32, f"{rule} vs oracle")
+
+
+@pytest.mark.parametrize("rule", ["titans", "dgd"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_cuda_half_inputs(rule, dtype):
+    args, state = _inputs(2, 3, 300, 64, 64, dtype=dtype)
+    expected = _run(titan_memory_update_reference, [a.float() if a.dim() == 4 else a for a in args], state, 64, rule)
+    actual = _run(_cuda().titan_memory_update_cuda, args, state, 64, rule)
+    assert actual[0].dtype == dtype and actual[3].dtype == dtype and actual[5].dtype == dtype
+    _compare(actual, expected, TOL_BF16, f"{rule} {dtype}")
+
+
+@pytest.mark.parametrize("rule", ["titans", "dgd"])
+def test_zero_initial_state_through_public_api(rule):
+    """state=None (zero memory) through titan_memory_update(backend='cuda') vs the reference."""
+    _cuda()
+    args, _ = _inputs(1, 3, 41, 12, 20, with_state=False)
+    out_c, st_c = titan_memory_update(*args, chunk_size=16, rule=rule, backend="cuda")
+    out_r, st_r = titan_memory_update(*args, chunk_size=16, rule=rule, backend="reference")
+    assert_rel_close("out", out_c, out_r, TOL_FP32)
+    assert_rel_close("W_T", st_c.W, st_r.W, TOL_FP32)
+    assert_rel_close("S_T", st_c.S, st_r.S, TOL_FP32)
+
+
+@contextlib.contextmanager
+def _nan_filled_empty():
+    """torch / at::empty fill new CUDA memory with NaN (deterministic mode's fill_uninitialized_memory), so a
+    kernel output element left unwritten shows up as NaN."""
+    import torch.utils.deterministic as det
+
+    was = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),
+           det.fill_uninitialized_memory)
+    torch.use_deterministic_algorithms(True)
+    det.fill_uninitialized_memory = True
+    try:
+        assert torch.isnan(torch.empty(7, device=DEVICE)).all()
+        yield
+    finally:
+        det.fill_uninitialized_memory = was[2]
+        torch.use_deterministic_algorithms(was[0], warn_only=was[1])
+
+
+@pytest.mark.parametrize("rule", ["titans", "dgd"])
+@pytest.mark.parametrize("case", [(1, 2, 21, 20, 40, 8), (2, 1, 67, 128, 33, 64), (1, 1, 5, 3, 1, 16)],
+                         ids=lambda c: "B{}H{}T{}Dk{}Dv{}C{}".format(*c))
+def test_every_output_is_written(rule, case):
+    """Every output of both kernels (partials included: Dv 40 = three value blocks of 16, the last one short;
+    T not a multiple of C) starts as NaN: an element a kernel forgets to write fails the test."""
+    ext = _cuda()
+    B, H, T, Dk, Dv, C = case
+    args, state = _inputs(B, H, T, Dk, Dv)
+    with torch.no_grad():
+        op_args = _op_args(args, state, C, rule == "dgd")
+    d_out, d_WT, d_ST = torch.randn(B, H, T, Dv, device=DEVICE), torch.randn_like(state[0]), torch.randn_like(state[0])
+    with _nan_filled_empty():
+        out, WT, ST, states = _ext.cuda.titan_linear_fwd(*op_args, True)
+        grads = ext.titan_linear_bwd_cuda(d_out, d_WT, d_ST, *op_args)
+        torch.cuda.synchronize()
+    for name, t in [("out", out), ("W_T", WT), ("S_T", ST), ("states", states)]:
+        assert torch.isfinite(t).all(), f"forward {name} has non-finite entries: left unwritten"
+    for name, t in zip(GRAD_NAMES, grads):
+        assert torch.isfinite(t).all(), f"backward {name} has non-finite entries: a kernel left part of it unwritten"
+    # the stored chunk-start states are those of the state pass: the first is the initial state
+    assert torch.equal(states[:, :, 0, 0], op_args[10]) and torch.equal(states[:, :, 0, 1], op_args[11])
+
+
+@pytest.mark.parametrize("rule", ["titans", "dgd"])
+def test_nan_input_is_not_hidden(rule):
+    ext = _cuda()
+    args, state = _inputs(1, 1, 12, 16, 16)
+    args[2][0, 0, 3, 5] = float("nan")
+    out, st = ext.titan_memory_update_cuda(*args, 8, "linear", rule, LinearMemoryState(*state))
+    assert torch.isnan(out).any() and torch.isnan(st.W).any()
+
+
+@pytest.mark.parametrize(
+    "bad_arg,make_bad",
+    [
+        ("q", lambda a: dict(a, q=a["q"].cpu())),
+        ("k", lambda a: dict(a, k=a["k"][:, :, :-1].contiguous())),
+        ("v", lambda a: dict(a, v=a["v"].double())),
+        ("kh", lambda a: dict(a, kh=a["kh"][:, :, :-1].contiguous())),
+        ("aqk", lambda a: dict(a, aqk=a["aqk"].transpose(-1, -2))),
+        ("tinv", lambda a: dict(a, tinv=None)),
+        ("vec", lambda a: dict(a, vec=a["vec"].double())),
+        ("end", lambda a: dict(a, end=a["end"][..., :2].contiguous())),
+        ("W0", lambda a: dict(a, W0=a["W0"][0])),
+        ("S0", lambda a: dict(a, S0=a["S0"].half())),
+        ("chunk_size", lambda a: dict(a, chunk_size=65)),
+    ],
+)
+def test_raw_extension_checks_name_the_argument(bad_arg, make_bad):
+    _cuda()
+    args, state = _inputs(1, 2, 13, 16, 16)
+    names = ["q", "k", "kh", "v", "aqk", "akk", "tinv", "aqw", "vec", "end", "W0", "S0", "chunk_size"]
+    good = dict(zip(names, _op_args(args, state, 8, True)))
+    with pytest.raises(RuntimeError, match=rf"\b{bad_arg}\b"):
+        _ext.cuda.titan_linear_fwd(**make_bad(good), store_states=False)
+    if bad_arg != "chunk_size":
+        with pytest.raises(RuntimeError, match=rf"\b{bad_arg}\b"):
+            out, WT, ST, _ = _ext.cuda.titan_linear_fwd(**good, store_states=False)
+            _ext.cuda.titan_linear_bwd(torch.zeros_like(out), WT, ST, **make_bad(good))
+
+
+def test_raw_extension_checks_name_the_gradient_arguments():
+    _cuda()
+    args, state = _inputs(1, 2, 13, 16, 16)
+    op_args = _op_args(args, state, 8, False)
+    out, WT, ST, _ = _ext.cuda.titan_linear_fwd(*op_args, False)
+    with pytest.raises(RuntimeError, match=r"\bdo\b"):
+        _ext.cuda.titan_linear_bwd(out[..., :-1].contiguous(), WT, ST, *op_args)
+    with pytest.raises(RuntimeError, match=r"\bdWT\b"):
+        _ext.cuda.titan_linear_bwd(out, WT.double(), ST, *op_args)
+    with pytest.raises(RuntimeError, match=r"\bdST\b"):
+        _ext.cuda.titan_linear_bwd(out, WT, ST.transpose(-1, -2), *op_args)
+
+
+@pytest.mark.parametrize("rule", ["titans", "dgd"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("case", [(2, 3, 150, 64, 48, 32), (1, 2, 77, 96, 80, 16)],
+                         ids=lambda c: "B{}H{}T{}Dk{}Dv{}C{}".format(*c))
+def test_cuda_matches_triton_backend(rule, dtype, case):
+    try:
+        tri = importlib.import_module("hope_kernels.titan_memory_update.triton")
+    except ImportError as err:
+        pytest.skip(f"triton not importable: {err}")
+    B, H, T, Dk, Dv, C = case
+    args, state = _inputs(B, H, T, Dk, Dv, dtype=dtype)
+    allow = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False  # fp32 Triton products exact (ieee), as the CUDA kernels
+    try:
+        expected = _run(tri.titan_memory_update_triton, args, state, C, rule)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = allow
+    actual = _run(_cuda().titan_memory_update_cuda, args, state, C, rule)
+    # bf16: both read the same bf16 inputs, compute in fp32 (Triton's state products in TF32) and round
+    # out / dq / dk / dv to bf16
+    _compare(actual, expected, TOL_FP32 if dtype == torch.float32 else TOL_BF16, f"{rule} {dtype} vs triton")
+
+
+def test_dispatch_auto_mlp_fallback_and_limits(monkeypatch):
+    _cuda()
+    assert "cuda" in dispatch.registered_backends("titan_memory_update")
+    # measured on the H100: Triton faster than this port, so auto prefers it and CUDA comes next
+    order = [b for b in dispatch.available_backends("titan_memory_update", DEVICE) if b in ("triton", "cuda")]
+    assert order[-1] == "cuda" and order[0] == ("triton" if "triton" in order else "cuda")
+    args, _ = _inputs(1, 1, 9, 8, 8)
+    E = 12
+    st = MLPMemoryState(*(0.2 * torch.randn(1, 1, *shape, device=DEVICE)
+                          for shape in [(8, E), (E, 8), (8, E), (E, 8)]))
+    with pytest.raises(NotImplementedError, match="memory='linear' only"):
+        titan_memory_update(*args, chunk_size=4, memory="mlp", state=st, backend="cuda")
+    monkeypatch.setenv("HOPE_BACKEND", "cuda")  # forcing cuda globally still runs mlp layers (on the reference)
+    out, _ = titan_memory_update(*args, chunk_size=4, memory="mlp", state=st)
+    ref, _ = titan_memory_update(*args, chunk_size=4, memory="mlp", state=st, backend="reference")
+    assert_rel_close("mlp via auto", out, ref, 1e-6)
+    monkeypatch.delenv("HOPE_BACKEND")
+    # beyond the kernels' limits: named backend refuses, auto runs the next backend
+    args, _ = _inputs(1, 1, 20, 8, 8)
+    with pytest.raises(ValueError, match="chunk_size <= 64"):
+        titan_memory_update(*args, chunk_size=128, backend="cuda")
+    out, _ = titan_memory_update(*args, chunk_size=128)
+    ref, _ = titan_memory_update(*args, chunk_size=128, backend="reference")
+    assert_rel_close("chunk 128 via auto", out, ref, TOL_FP32)
+
+
+def test_custom_ops_opcheck():
+    ext = _cuda()
+    args, state = _inputs(1, 2, 13, 16, 20)
+    for dgd in (False, True):
+        fwd_args = _op_args(args, state, 8, dgd)
+        torch.library.opcheck(torch.ops.hope.titan_linear_fwd_cuda.default, fwd_args,
+                              test_utils=("test_schema", "test_faketensor"))
+        out, WT, ST = ext.titan_linear_fwd_cuda(*fwd_args)
+        bwd_args = (torch.randn_like(out), torch.randn_like(WT), torch.randn_like(ST), *fwd_args)
+        torch.library.opcheck(torch.ops.hope.titan_linear_bwd_cuda.default, bwd_args,
+                              test_utils=("test_schema", "test_faketensor"))
+
+
+def test_compile_fullgraph_traces_the_op():
+    ext = _cuda()
+    args, state = _inputs(1, 2, 19, 16, 16)
+
+    def step(q, k, v, lr, mo, de, W0, S0):
+        out, st = ext.titan_memory_update_cuda(q, k, v, lr, mo, de, 8, "linear", "dgd", LinearMemoryState(W0, S0))
+        return out.square().sum() + st.W.sum()
+
+    torch._dynamo.reset()
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    xs = [t.clone().requires_grad_(True) for t in args + state]
+    loss = compiled(*xs)
+    loss.backward()
+    xr = [t.clone().requires_grad_(True) for t in args + state]
+    out, st = titan_memory_update_reference(*xr[:6], 8, "linear", "dgd", LinearMemoryState(*xr[6:]))
+    ref = out.square().sum() + st.W.sum()
+    ref.backward()
+    assert_rel_close("compiled loss", loss.detach(), ref.detach(), TOL_FP32)
+    for name, a, b in zip(NAMES[3:], xs, xr):
+        assert_rel_close(f"compiled {name}", a.grad, b.grad, TOL_FP32)
+
+
+def test_noncontiguous_inputs_and_second_device_stream():
+    """Permuted q/k/v (as the layers pass them) go through the op's .contiguous(); runs on a side stream."""
+    ext = _cuda()
+    args, state = _inputs(1, 2, 33, 16, 24)
+    q, k, v = (a.transpose(1, 2).contiguous().transpose(1, 2) for a in args[:3])
+    assert not q.is_contiguous()
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        out, st = ext.titan_memory_update_cuda(q, k, v, *args[3:], 16, "linear", "dgd", LinearMemoryState(*state))
+    torch.cuda.current_stream().wait_stream(s)
+    ref, st_r = titan_memory_update_reference(*args, 16, "linear", "dgd", LinearMemoryState(*state))
+    assert_rel_close("out", out, ref, TOL_FP32)
+    assert_rel_close("W_T", st.W, st_r.W, TOL_FP32)
