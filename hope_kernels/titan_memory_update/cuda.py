@@ -9,18 +9,13 @@ states). They take the Triton launchers' tensor contract and are registered as t
 so ``torch.compile(fullgraph=True)`` traces them.
 
 Limits of the kernels: Dk, Dv <= 128 and chunk_size <= 64 (state tiles in shared memory); ``titan_memory_update``
-under ``backend="auto"`` runs larger shapes on the next backend (see ``fits``). The mlp memory runs on the
+under ``backend="auto"`` runs larger shapes on the next backend (see ``why_not``). The mlp memory runs on the
 reference.
 """
 from __future__ import annotations
 
-from typing import Optional
-
-import torch
-
 from hope_kernels import _ext, dispatch
-from hope_kernels.titan_memory_update.chunk_terms import linear_chunk_terms
-from hope_kernels.titan_memory_update.state import LinearMemoryState
+from hope_kernels.titan_memory_update.state_pass import backend_entry, define_state_pass_ops
 
 OP = "titan_memory_update"
 #: largest head dims (Dk, Dv) and chunk size the CUDA kernels take (csrc/titan_linear.cu kMaxDim, kMaxChunk)
@@ -50,95 +45,19 @@ def _ext_fn(name: str):
     return getattr(_ext.cuda, name)
 
 
-def _contiguous(*xs):
-    return [x.contiguous() if x is not None else None for x in xs]
-
-
-@torch.library.custom_op("hope::titan_linear_fwd_cuda", mutates_args=())
-def titan_linear_fwd_cuda(
-    q: torch.Tensor, k: torch.Tensor, kh: Optional[torch.Tensor], v: torch.Tensor, aqk: torch.Tensor,
-    akk: Optional[torch.Tensor], tinv: Optional[torch.Tensor], aqw: Optional[torch.Tensor],
-    vec: torch.Tensor, end: torch.Tensor, W0: torch.Tensor, S0: torch.Tensor, chunk_size: int,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(out [B, H, T, Dv] in q's dtype, W_T, S_T fp32); dgd when ``kh`` is given."""
-    xs = _contiguous(q, k, kh, v, aqk, akk, tinv, aqw, vec, end, W0, S0)
-    out, WT, ST, _ = _ext_fn("titan_linear_fwd")(*xs, chunk_size, False)
+def _fwd(q, k, kh, v, aqk, akk, tinv, aqw, vec, end, W0, S0, chunk_size):
+    out, WT, ST, _ = _ext_fn("titan_linear_fwd")(q, k, kh, v, aqk, akk, tinv, aqw, vec, end, W0, S0, chunk_size,
+                                                 False)
     return out, WT, ST
 
 
-@titan_linear_fwd_cuda.register_fake
-def _(q, k, kh, v, aqk, akk, tinv, aqw, vec, end, W0, S0, chunk_size):
-    B, H, T, _ = q.shape
-    return (q.new_empty(B, H, T, v.shape[-1]), W0.new_empty(W0.shape, dtype=torch.float32),
-            S0.new_empty(S0.shape, dtype=torch.float32))
+def _bwd(do, dWT, dST, q, k, kh, v, aqk, akk, tinv, aqw, vec, end, W0, S0, chunk_size):
+    return _ext_fn("titan_linear_bwd")(do, dWT, dST, q, k, kh, v, aqk, akk, tinv, aqw, vec, end, W0, S0, chunk_size)
 
 
-@torch.library.custom_op("hope::titan_linear_bwd_cuda", mutates_args=())
-def titan_linear_bwd_cuda(
-    do: torch.Tensor, dWT: torch.Tensor, dST: torch.Tensor,
-    q: torch.Tensor, k: torch.Tensor, kh: Optional[torch.Tensor], v: torch.Tensor, aqk: torch.Tensor,
-    akk: Optional[torch.Tensor], tinv: Optional[torch.Tensor], aqw: Optional[torch.Tensor],
-    vec: torch.Tensor, end: torch.Tensor, W0: torch.Tensor, S0: torch.Tensor, chunk_size: int,
-) -> list[torch.Tensor]:
-    """Gradients [dq, dk, dkh, dv, daqk, dakk, dtinv, daqw, dvec, dend, dW0, dS0] (empty where not dgd)."""
-    xs = _contiguous(do, dWT, dST, q, k, kh, v, aqk, akk, tinv, aqw, vec, end, W0, S0)
-    return list(_ext_fn("titan_linear_bwd")(*xs, chunk_size))
-
-
-@titan_linear_bwd_cuda.register_fake
-def _(do, dWT, dST, q, k, kh, v, aqk, akk, tinv, aqw, vec, end, W0, S0, chunk_size):
-    # real outputs are fresh contiguous tensors (gradients of half q/k/v in their dtype, the rest fp32)
-    f32 = lambda x: (q.new_empty(x.shape, dtype=torch.float32) if x is not None  # noqa: E731
-                     else q.new_empty(0, dtype=torch.float32))
-    return [q.new_empty(q.shape), k.new_empty(k.shape), f32(kh), v.new_empty(v.shape), f32(aqk), f32(akk),
-            f32(tinv), f32(aqw), f32(vec), f32(end), f32(W0), f32(S0)]
-
-
-def _setup_context(ctx, inputs, output):
-    q, k, kh, v, aqk, akk, tinv, aqw, vec, end, W0, S0, chunk_size = inputs
-    ctx.save_for_backward(q, k, kh, v, aqk, akk, tinv, aqw, vec, end, W0, S0)
-    ctx.chunk_size = chunk_size
-
-
-def _backward(ctx, d_out, d_WT, d_ST):
-    # as triton.py's _backward; the kernel takes do in q's dtype
-    q, k, kh, v, aqk, akk, tinv, aqw, vec, end, W0, S0 = ctx.saved_tensors
-    B, H, T, _ = q.shape
-    d_out = q.new_zeros(B, H, T, v.shape[-1]) if d_out is None else d_out.to(q.dtype)
-    d_WT = torch.zeros_like(W0, dtype=torch.float32) if d_WT is None else d_WT.float()
-    d_ST = torch.zeros_like(S0, dtype=torch.float32) if d_ST is None else d_ST.float()
-    grads = torch.ops.hope.titan_linear_bwd_cuda(d_out, d_WT, d_ST, q, k, kh, v, aqk, akk, tinv, aqw, vec, end,
-                                                 W0, S0, ctx.chunk_size)
-    dq, dk, dkh, dv, daqk, dakk, dtinv, daqw, dvec, dend, dW0, dS0 = grads
-    if kh is None:
-        dkh = dakk = dtinv = daqw = None
-    return dq, dk, dkh, dv, daqk, dakk, dtinv, daqw, dvec, dend, dW0.to(W0.dtype), dS0.to(S0.dtype), None
-
-
-titan_linear_fwd_cuda.register_autograd(_backward, setup_context=_setup_context)
-
-
-def titan_memory_update_cuda(q, k, v, lr, momentum, decay, chunk_size, memory, rule, state):
-    """Linear memory on the CUDA extension; same contract as ``titan_memory_update_reference``."""
-    if memory != "linear":
-        raise NotImplementedError(
-            "the cuda backend of titan_memory_update implements memory='linear' only; "
-            "memory='mlp' runs on backend='reference' (backend='auto' picks it)")
-    if q.dtype == torch.float64:
-        raise TypeError("the cuda backend of titan_memory_update takes fp32/bf16/fp16 q, k, v; use "
-                        "backend='reference' for float64")
-    Dk, Dv = q.shape[-1], v.shape[-1]
-    if not fits(Dk, Dv, chunk_size):
-        raise ValueError(
-            f"the cuda backend of titan_memory_update takes Dk, Dv <= {MAX_HEAD_DIM} and chunk_size <= "
-            f"{MAX_CHUNK}, got Dk={Dk}, Dv={Dv}, chunk_size={chunk_size}; backend='auto' runs these on triton")
-    dgd = rule == "dgd"
-    terms = linear_chunk_terms(q, k, lr, momentum, decay, chunk_size, dgd)
-    W0, S0 = state.W.float(), state.S.float()
-    out, WT, ST = torch.ops.hope.titan_linear_fwd_cuda(
-        q, k, terms.khat, v, terms.aqk, terms.akk, terms.tinv, terms.aqw, terms.vec, terms.end, W0, S0,
-        chunk_size)
-    return out, LinearMemoryState(WT, ST)
+#: ``hope::titan_linear_fwd_cuda`` / ``hope::titan_linear_bwd_cuda`` (fakes and autograd: state_pass.py)
+titan_linear_fwd_cuda, titan_linear_bwd_cuda = define_state_pass_ops("_cuda", _fwd, _bwd)
+titan_memory_update_cuda = backend_entry("cuda", titan_linear_fwd_cuda, why_not)
 
 
 if AVAILABLE:

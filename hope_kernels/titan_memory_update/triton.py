@@ -19,15 +19,13 @@ that use it. The mlp memory runs on the reference (see ``titan_memory_update``).
 """
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 import triton
 import triton.language as tl
 
 from hope_kernels import dispatch
-from hope_kernels.titan_memory_update.chunk_terms import VEC_ROWS, linear_chunk_terms
-from hope_kernels.titan_memory_update.state import LinearMemoryState
+from hope_kernels.titan_memory_update.chunk_terms import VEC_ROWS
+from hope_kernels.titan_memory_update.state_pass import backend_entry, define_state_pass_ops
 
 OP = "titan_memory_update"
 N_VEC = len(VEC_ROWS)  # rows of LinearChunkTerms.vec, at these offsets (x C) in the kernels
@@ -319,40 +317,13 @@ def _run_fwd(q, k, kh, v, aqk, akk, tinv, aqw, vec, end, W0, S0, C, dgd, write_o
     return out, WT, ST, states
 
 
-def _contiguous(*xs):
-    return [x.contiguous() if x is not None else None for x in xs]
-
-
-@torch.library.custom_op("hope::titan_linear_fwd", mutates_args=())
-def titan_linear_fwd(
-    q: torch.Tensor, k: torch.Tensor, kh: Optional[torch.Tensor], v: torch.Tensor, aqk: torch.Tensor,
-    akk: Optional[torch.Tensor], tinv: Optional[torch.Tensor], aqw: Optional[torch.Tensor],
-    vec: torch.Tensor, end: torch.Tensor, W0: torch.Tensor, S0: torch.Tensor, chunk_size: int,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(out [B, H, T, Dv] in q's dtype, W_T, S_T fp32); dgd when ``kh`` is given."""
-    q, k, kh, v, aqk, akk, tinv, aqw, vec, end, W0, S0 = _contiguous(q, k, kh, v, aqk, akk, tinv, aqw, vec, end, W0, S0)
+def _fwd(q, k, kh, v, aqk, akk, tinv, aqw, vec, end, W0, S0, chunk_size):
     out, WT, ST, _ = _run_fwd(q, k, kh, v, aqk, akk, tinv, aqw, vec, end, W0, S0, chunk_size,
                               kh is not None, write_out=True, store_states=False)
     return out, WT, ST
 
 
-@titan_linear_fwd.register_fake
-def _(q, k, kh, v, aqk, akk, tinv, aqw, vec, end, W0, S0, chunk_size):
-    B, H, T, _ = q.shape
-    return (q.new_empty(B, H, T, v.shape[-1]), W0.new_empty(W0.shape, dtype=torch.float32),
-            S0.new_empty(S0.shape, dtype=torch.float32))
-
-
-@torch.library.custom_op("hope::titan_linear_bwd", mutates_args=())
-def titan_linear_bwd(
-    do: torch.Tensor, dWT: torch.Tensor, dST: torch.Tensor,
-    q: torch.Tensor, k: torch.Tensor, kh: Optional[torch.Tensor], v: torch.Tensor, aqk: torch.Tensor,
-    akk: Optional[torch.Tensor], tinv: Optional[torch.Tensor], aqw: Optional[torch.Tensor],
-    vec: torch.Tensor, end: torch.Tensor, W0: torch.Tensor, S0: torch.Tensor, chunk_size: int,
-) -> list[torch.Tensor]:
-    """Gradients [dq, dk, dkh, dv, daqk, dakk, dtinv, daqw, dvec, dend, dW0, dS0] (empty where not dgd)."""
-    do, dWT, dST, q, k, kh, v, aqk, akk, tinv, aqw, vec, end, W0, S0 = _contiguous(
-        do, dWT, dST, q, k, kh, v, aqk, akk, tinv, aqw, vec, end, W0, S0)
+def _bwd(do, dWT, dST, q, k, kh, v, aqk, akk, tinv, aqw, vec, end, W0, S0, chunk_size):
     dgd = kh is not None
     B, H, T, Dk = q.shape
     Dv = v.shape[-1]
@@ -391,61 +362,8 @@ def titan_linear_bwd(
     return [dq, dk, red(dkh), dv, red(daqk), red(dakk), red(dtinv), red(daqw), red(dvec), red(dend), dW0, dS0]
 
 
-@titan_linear_bwd.register_fake
-def _(do, dWT, dST, q, k, kh, v, aqk, akk, tinv, aqw, vec, end, W0, S0, chunk_size):
-    # real outputs are fresh contiguous tensors (gradients of half q/k/v in their dtype, the rest fp32)
-    f32 = lambda x: (q.new_empty(x.shape, dtype=torch.float32) if x is not None  # noqa: E731
-                     else q.new_empty(0, dtype=torch.float32))
-    return [q.new_empty(q.shape), k.new_empty(k.shape), f32(kh), v.new_empty(v.shape), f32(aqk), f32(akk),
-            f32(tinv), f32(aqw), f32(vec), f32(end), f32(W0), f32(S0)]
-
-
-def _setup_context(ctx, inputs, output):
-    q, k, kh, v, aqk, akk, tinv, aqw, vec, end, W0, S0, chunk_size = inputs
-    ctx.save_for_backward(q, k, kh, v, aqk, akk, tinv, aqw, vec, end, W0, S0)
-    ctx.chunk_size = chunk_size
-
-
-def _backward(ctx, d_out, d_WT, d_ST):
-    q, k, kh, v, aqk, akk, tinv, aqw, vec, end, W0, S0 = ctx.saved_tensors
-    B, H, T, _ = q.shape
-    if d_out is None:
-        d_out = q.new_zeros(B, H, T, v.shape[-1])
-    d_WT = torch.zeros_like(W0, dtype=torch.float32) if d_WT is None else d_WT.float()
-    d_ST = torch.zeros_like(S0, dtype=torch.float32) if d_ST is None else d_ST.float()
-    grads = torch.ops.hope.titan_linear_bwd(d_out, d_WT, d_ST, q, k, kh, v, aqk, akk, tinv, aqw, vec, end,
-                                            W0, S0, ctx.chunk_size)
-    dgd = kh is not None
-    dq, dk, dkh, dv, daqk, dakk, dtinv, daqw, dvec, dend, dW0, dS0 = grads
-    if not dgd:
-        dkh = dakk = dtinv = daqw = None
-    return dq, dk, dkh, dv, daqk, dakk, dtinv, daqw, dvec, dend, dW0.to(W0.dtype), dS0.to(S0.dtype), None
-
-
-titan_linear_fwd.register_autograd(_backward, setup_context=_setup_context)
-
-
-def titan_memory_update_triton(q, k, v, lr, momentum, decay, chunk_size, memory, rule, state):
-    """Linear memory on Triton; same contract as ``titan_memory_update_reference`` (arguments checked)."""
-    if memory != "linear":
-        raise NotImplementedError(
-            "the triton backend of titan_memory_update implements memory='linear' only; "
-            "memory='mlp' runs on backend='reference' (backend='auto' picks it)")
-    if q.dtype == torch.float64:
-        raise TypeError("the triton backend of titan_memory_update takes fp32/bf16/fp16 q, k, v; use "
-                        "backend='reference' for float64")
-    backward = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, lr, momentum, decay, *state))
-    why = why_not(q.shape[-1], v.shape[-1], chunk_size, rule, backward)
-    if why is not None:
-        raise ValueError(f"the triton backend of titan_memory_update {why}; backend='auto' runs it on cuda "
-                         f"(or the reference)")
-    dgd = rule == "dgd"
-    terms = linear_chunk_terms(q, k, lr, momentum, decay, chunk_size, dgd)
-    W0, S0 = state.W.float(), state.S.float()
-    out, WT, ST = torch.ops.hope.titan_linear_fwd(
-        q, k, terms.khat, v, terms.aqk, terms.akk, terms.tinv, terms.aqw, terms.vec, terms.end, W0, S0,
-        chunk_size)
-    return out, LinearMemoryState(WT, ST)
-
+#: ``hope::titan_linear_fwd`` / ``hope::titan_linear_bwd`` (fakes and autograd: state_pass.py)
+titan_linear_fwd, titan_linear_bwd = define_state_pass_ops("", _fwd, _bwd)
+titan_memory_update_triton = backend_entry("triton", titan_linear_fwd, why_not)
 
 dispatch.register(OP, "triton", titan_memory_update_triton, supports=dispatch.triton_supports)
