@@ -14,8 +14,8 @@ The op splits in two (docs/kernels/titan_memory.md, "kernel split"):
      over the value dimension are written per value block and summed afterwards (no atomics).
 
 Registered through ``torch.library.custom_op`` (``hope::titan_linear_fwd`` / ``hope::titan_linear_bwd``
-with fake implementations and ``register_autograd``), so ``torch.compile(fullgraph=True)`` traces models
-that use it. The mlp memory runs on the reference (see ``titan_memory_update``).
+with fake implementations and ``register_autograd``, defined once for every backend in ``state_pass.py``), so
+``torch.compile(fullgraph=True)`` traces models that use it. The mlp memory runs on the reference (see ``titan_memory_update``).
 """
 from __future__ import annotations
 
