@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch
 
 from hope_kernels import _ext, dispatch
+from hope_kernels.teach_signal.fused_op import backend_entry, define_fused_op
 
 OP = "teach_signal"
 
@@ -44,42 +45,21 @@ CPP_AVAILABLE = _ext.cpu is not None
 _KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
-class _TeachSignalCuda(torch.autograd.Function):
-    """Mirrors the triton path: the forward forms loss, delta and (when the head is trained) dW; backward only scales."""
-
-    @staticmethod
-    def forward(ctx, hidden, weight, targets, ignore_index, compute_dw, chunk_rows):
-        # the kernel takes fp32/bf16/fp16; float64 runs in fp32 like the reference (which also computes in fp32)
-        dtype = hidden.dtype if hidden.dtype in _KERNEL_DTYPES else torch.float32
-        loss, delta, dw = _ext.cuda.teach_signal(
-            hidden.detach().to(dtype).contiguous(), weight.detach().to(dtype).contiguous(),
-            targets.long().contiguous(), int(ignore_index), bool(compute_dw), int(chunk_rows),
-        )
-        delta = delta.to(hidden.dtype)
-        ctx.save_for_backward(delta, dw)
-        ctx.compute_dw = compute_dw
-        ctx.weight_dtype = weight.dtype
-        ctx.mark_non_differentiable(delta)
-        return loss, delta
-
-    @staticmethod
-    def backward(ctx, grad_loss, _grad_delta):
-        # d loss / d hidden = delta and d loss / d weight = dW, both already formed in the forward pass
-        delta, dw = ctx.saved_tensors
-        grad_hidden = grad_weight = None
-        if ctx.needs_input_grad[0]:
-            grad_hidden = (grad_loss * delta.float()).to(delta.dtype)
-        if ctx.needs_input_grad[1]:
-            if not ctx.compute_dw:
-                raise RuntimeError("teach_signal cuda: weight needs a gradient but dW was not computed in the forward")
-            grad_weight = (grad_loss * dw).to(ctx.weight_dtype)
-        return grad_hidden, grad_weight, None, None, None, None
+def _cuda_forward(hidden, weight, targets, ignore_index, compute_dw, chunk_rows):
+    if not CUDA_AVAILABLE:
+        raise RuntimeError(f"hope_kernels._C_cuda.teach_signal is not available: {_ext.why_unavailable('_C_cuda')}")
+    # the kernel takes fp32/bf16/fp16; float64 runs in fp32 like the reference (which also computes in fp32)
+    dtype = hidden.dtype if hidden.dtype in _KERNEL_DTYPES else torch.float32
+    loss, delta, dw = _ext.cuda.teach_signal(
+        hidden.to(dtype).contiguous(), weight.to(dtype).contiguous(), targets.long().contiguous(),
+        int(ignore_index), bool(compute_dw), int(chunk_rows))
+    return loss, delta.to(hidden.dtype), dw
 
 
-def teach_signal_cuda(hidden, weight, targets, ignore_index=-100, *, chunk_rows=0):
-    """Same contract as ``teach_signal_reference``; ``chunk_rows`` rows of logits at a time (0: the kernel picks)."""
-    compute_dw = bool(torch.is_grad_enabled() and weight.requires_grad)
-    return _TeachSignalCuda.apply(hidden, weight, targets, ignore_index, compute_dw, chunk_rows)
+#: ``hope::teach_signal_cuda`` (schema, fake and autograd: fused_op.py); ``chunk_rows`` rows of logits at a time
+#: (0: the kernel picks)
+teach_signal_cuda_op = define_fused_op("cuda", _cuda_forward)
+teach_signal_cuda = backend_entry(teach_signal_cuda_op, "teach_signal_cuda")
 
 
 CUDA_AVAILABLE = _ext.cuda is not None and hasattr(_ext.cuda, "teach_signal")

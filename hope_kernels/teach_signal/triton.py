@@ -20,6 +20,7 @@ import triton
 import triton.language as tl
 
 from hope_kernels import dispatch
+from hope_kernels.teach_signal.fused_op import backend_entry, define_fused_op
 
 OP = "teach_signal"
 
@@ -163,54 +164,14 @@ def _teach_signal_forward(hidden, weight, targets, ignore_index: int, compute_dw
     return loss, delta32, dw32
 
 
-@torch.library.custom_op("hope::teach_signal_triton", mutates_args=())
-def teach_signal_triton_op(
-    hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, ignore_index: int, compute_dw: bool
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(loss fp32 scalar, delta [N, D] in hidden's dtype, dW [V, D] fp32 or [0, D] when not computed)."""
+def _forward(hidden, weight, targets, ignore_index, compute_dw, chunk_rows):
+    # chunk_rows is the CUDA backend's knob; the Triton kernels tile rows themselves
     loss, delta32, dw32 = _teach_signal_forward(hidden, weight, targets, ignore_index, compute_dw)
     return loss, delta32.to(hidden.dtype), dw32
 
 
-@teach_signal_triton_op.register_fake
-def _(hidden, weight, targets, ignore_index, compute_dw):
-    N, D = hidden.shape
-    V = weight.shape[0] if compute_dw else 0
-    return (hidden.new_empty((), dtype=torch.float32), hidden.new_empty(N, D),
-            hidden.new_empty(V, D, dtype=torch.float32))
-
-
-def _setup_context(ctx, inputs, output):
-    hidden, weight, _targets, _ignore_index, compute_dw = inputs
-    _loss, delta, dw = output
-    ctx.save_for_backward(delta, dw)
-    ctx.compute_dw = compute_dw
-    ctx.weight_dtype = weight.dtype
-
-
-def _backward(ctx, grad_loss, _grad_delta, _grad_dw):
-    # d loss / d hidden = delta and d loss / d weight = dW, both already formed in the forward pass
-    delta, dw = ctx.saved_tensors
-    grad_hidden = grad_weight = None
-    if ctx.needs_input_grad[0]:
-        grad_hidden = (grad_loss * delta.float()).to(delta.dtype)
-    if ctx.needs_input_grad[1]:
-        if not ctx.compute_dw:
-            raise RuntimeError("teach_signal_triton: weight needs a gradient but dW was not computed in the forward")
-        grad_weight = (grad_loss * dw).to(ctx.weight_dtype)
-    return grad_hidden, grad_weight, None, None, None
-
-
-teach_signal_triton_op.register_autograd(_backward, setup_context=_setup_context)
-
-
-def teach_signal_triton(
-    hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Same contract as ``teach_signal_reference``: (loss with autograd to hidden and weight, detached delta)."""
-    compute_dw = bool(torch.is_grad_enabled() and weight.requires_grad)
-    loss, delta, _dw = torch.ops.hope.teach_signal_triton(hidden, weight, targets, int(ignore_index), compute_dw)
-    return loss, delta.detach()
-
+#: ``hope::teach_signal_triton`` (schema, fake and autograd: fused_op.py)
+teach_signal_triton_op = define_fused_op("triton", _forward)
+teach_signal_triton = backend_entry(teach_signal_triton_op, "teach_signal_triton")
 
 dispatch.register(OP, "triton", teach_signal_triton, supports=dispatch.triton_supports)
