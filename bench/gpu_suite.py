@@ -13,6 +13,9 @@ are measured, so a run cut short still returns what it measured. The result JSON
 ``<out>/gpu_suite-<device>-<date>.json`` (default out: bench/results/, and $OUT when set, as the device tool
 returns files from there) holds the environment (device, driver, torch/triton versions, date), every row and
 every step's log tail.
+
+On the device machine (bench/README.md has the exact call): carry the peer wheels (.whl), the prepared pilot data
+(data/prepared/embedded_pilot) and a copy of the shared corpus (HOPE_SHARED_DATA) for ``bench_train``.
 """
 from __future__ import annotations
 
@@ -30,7 +33,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_EARLY = ("bench_titan_memory_update@triton,fla", "bench_titan_memory_update:tune",
                  "bench_titan_memory_update@eager,compile")
-DEFAULT_BENCHES = ("bench_titan_memory_update@cuda", "bench_teach_signal", "bench_cms_update", "bench_cuda")
+DEFAULT_BENCHES = ("bench_titan_memory_update@cuda", "bench_teach_signal", "bench_cms_update", "bench_cuda",
+                   "bench_train")
 TABLE_COLS = ("op", "impl", "rule", "shape", "pass", "median_ms", "peak_mb", "speedup_vs_eager",
               "speedup_vs_compile", "speedup_vs_fla", "config", "fwd_n_regs", "fwd_n_spills", "bwd_n_regs",
               "bwd_n_spills", "skipped", "error")
@@ -118,6 +122,8 @@ def main(argv=None) -> int:
     ap.add_argument("--skip-build", action="store_true")
     ap.add_argument("--skip-tests", action="store_true")
     ap.add_argument("--tests", nargs="*", default=["tests/kernels"], help="pytest paths (default tests/kernels)")
+    ap.add_argument("--isolate", nargs="*", default=["raw_extension_checks"],
+                    help="pytest -k patterns run in a separate process after the others")
     ap.add_argument("--early", nargs="*", default=list(DEFAULT_EARLY), help="SPECs run while the extension builds")
     ap.add_argument("--bench", nargs="*", default=list(DEFAULT_BENCHES), help="SPECs run after the tests")
     ap.add_argument("--deadline-s", type=float, default=3000.0, help="wall-clock budget of the whole suite")
@@ -168,8 +174,13 @@ def main(argv=None) -> int:
                     "tail": text[-6000:]})
         print(f"[{rc}] build_ext ({time.time() - t0:.0f}s since start)", flush=True)
     if not args.skip_tests and args.tests:
-        _sh([sys.executable, "-m", "pytest", "-q", "-rfE", "-p", "no:cacheprovider", "--timeout", "300",
-             *args.tests], log, min(1800, left() - 60), scratch / "pytest.log")
+        pytest = [sys.executable, "-m", "pytest", "-q", "-rfE", "-p", "no:cacheprovider", "--timeout", "300"]
+        # tests that crashed the whole process on the GPU image run apart, so a crash there hides nothing else
+        isolated = " or ".join(args.isolate)
+        _sh([*pytest, *args.tests, *(["-k", f"not ({isolated})"] if isolated else [])], log,
+            min(1800, left() - 60), scratch / "pytest.log")
+        if isolated:
+            _sh([*pytest, *args.tests, "-k", isolated], log, min(300, left() - 60), scratch / "pytest_isolated.log")
     for spec in args.bench:
         bench(spec)
 
