@@ -5,6 +5,7 @@ Linear memory, chunk 64, fwd and fwd+bwd (gradients to q, k, v, the gates and th
   compile  the reference with its per-chunk function under torch.compile (one graph per chunk shape, reused
            across chunks: compiling the whole unrolled loop takes minutes at T=16384 and is not what a user does)
   triton   chunk terms in batched PyTorch + the state-carrying Triton kernels
+  cpp      (CPU run) chunk terms in batched PyTorch + the C++ CPU state pass (csrc/titan_linear_cpu.cpp)
   fla      fla's chunk_gated_delta_rule (fla-core, when importable) on the shared case: rule titans with
            momentum 0 has the same per-chunk work as a gated delta rule (different update point), so only
            its time is compared, not its output
@@ -23,7 +24,7 @@ from hope_kernels.titan_memory_update import reference as _reference
 from hope_kernels.titan_memory_update.reference import titan_memory_update_reference
 
 GPU_SHAPES = [(8, 12, 2048, 64), (1, 16, 16384, 128)]  # (B, H, T, D)
-CPU_SHAPES = [(1, 2, 128, 16)]
+CPU_SHAPES = [(1, 2, 128, 16), (2, 4, 512, 32)]
 CHUNK = 64
 # the eager dgd reference loops over tokens in Python: too slow to time at T=16384
 EAGER_MAX_TOKENS_DGD = 4096
@@ -128,6 +129,11 @@ def run(device="cuda"):
             impls["cuda"] = titan_memory_update_cuda
         except (ImportError, AttributeError):
             pass
+    else:
+        from hope_kernels.titan_memory_update import cpp as _cpp
+
+        if _cpp.AVAILABLE:
+            impls["cpp"] = _cpp.titan_memory_update_cpp
     fla = _fla_call() if on_gpu else None
     wanted = os.environ.get("HOPE_BENCH_IMPLS")  # comma list: time only these (the suite splits runs this way)
     if wanted:

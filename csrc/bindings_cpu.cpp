@@ -1,4 +1,6 @@
 // pybind11 module hope_kernels._C_cpu: the C++ CPU kernels.
+#include <optional>
+
 #include "common.h"
 
 namespace hope {
@@ -7,6 +9,21 @@ std::vector<at::Tensor> cms_update_cpu(const at::Tensor& w1, const at::Tensor& w
                                        double lr, double beta, bool precond);
 std::vector<at::Tensor> teach_signal_cpu(const at::Tensor& hidden, const at::Tensor& weight,
                                          const at::Tensor& targets, int64_t ignore_index);
+std::vector<at::Tensor> titan_linear_fwd_cpu(const at::Tensor& q, const at::Tensor& k,
+                                             const std::optional<at::Tensor>& kh, const at::Tensor& v,
+                                             const at::Tensor& aqk, const std::optional<at::Tensor>& akk,
+                                             const std::optional<at::Tensor>& tinv,
+                                             const std::optional<at::Tensor>& aqw, const at::Tensor& vec,
+                                             const at::Tensor& end, const at::Tensor& W0, const at::Tensor& S0,
+                                             int64_t chunk_size, bool store_states);
+std::vector<at::Tensor> titan_linear_bwd_cpu(const at::Tensor& grad_out, const at::Tensor& dWT, const at::Tensor& dST,
+                                             const at::Tensor& q, const at::Tensor& k,
+                                             const std::optional<at::Tensor>& kh, const at::Tensor& v,
+                                             const at::Tensor& aqk, const std::optional<at::Tensor>& akk,
+                                             const std::optional<at::Tensor>& tinv,
+                                             const std::optional<at::Tensor>& aqw, const at::Tensor& vec,
+                                             const at::Tensor& end, const at::Tensor& W0, const at::Tensor& S0,
+                                             int64_t chunk_size);
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -16,4 +33,14 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("precond"));
   m.def("teach_signal", &hope::teach_signal_cpu, "CE loss and grad of the logits (CPU)", py::arg("hidden"),
         py::arg("weight"), py::arg("targets"), py::arg("ignore_index"));
+  m.def("titan_linear_fwd", &hope::titan_linear_fwd_cpu,
+        "titan_memory_update linear state pass, forward: [out, W_T, S_T, chunk-start states] (CPU, fp32)",
+        py::arg("q"), py::arg("k"), py::arg("kh"), py::arg("v"), py::arg("aqk"), py::arg("akk"), py::arg("tinv"),
+        py::arg("aqw"), py::arg("vec"), py::arg("end"), py::arg("W0"), py::arg("S0"), py::arg("chunk_size"),
+        py::arg("store_states"));
+  m.def("titan_linear_bwd", &hope::titan_linear_bwd_cpu,
+        "titan_memory_update linear state pass, backward: [dq, dk, dkh, dv, daqk, dakk, dtinv, daqw, dvec, dend, "
+        "dW0, dS0] (CPU, fp32)", py::arg("do"), py::arg("dWT"), py::arg("dST"), py::arg("q"), py::arg("k"),
+        py::arg("kh"), py::arg("v"), py::arg("aqk"), py::arg("akk"), py::arg("tinv"), py::arg("aqw"), py::arg("vec"),
+        py::arg("end"), py::arg("W0"), py::arg("S0"), py::arg("chunk_size"));
 }

@@ -4,6 +4,8 @@ See docs/kernels/titan_memory.md for the equations and their chunk-parallel (dua
 """
 from __future__ import annotations
 
+import os
+
 import torch
 
 from hope_kernels import dispatch
@@ -15,11 +17,13 @@ OP = "titan_memory_update"
 MEMORIES = ("linear", "mlp")
 RULES = ("titans", "dgd")
 #: backends that implement the linear memory only (mlp falls back to the reference under "auto")
-LINEAR_ONLY_BACKENDS = ("cuda", "triton")
+LINEAR_ONLY_BACKENDS = ("cuda", "triton", "cpp")
 
 dispatch.register(OP, "reference", titan_memory_update_reference)
 #: backend -> why_not(Dk, Dv, chunk_size, rule, backward): None when its kernels run the call, else the reason
 _SHAPE_LIMITS = {}
+#: backend -> auto_declines(rule, backward): True where auto leaves the call to a later backend (measured slower)
+_AUTO_DECLINES = {}
 try:
     from hope_kernels.titan_memory_update import triton as _triton_impl
 
@@ -32,11 +36,30 @@ try:
     _SHAPE_LIMITS["cuda"] = _cuda_impl.why_not
 except ImportError:
     pass
+try:
+    from hope_kernels.titan_memory_update import cpp as _cpp_impl
+
+    _SHAPE_LIMITS["cpp"] = _cpp_impl.why_not
+    _AUTO_DECLINES["cpp"] = _cpp_impl.auto_declines
+except ImportError:
+    pass
 # measured on the H100 (torch 2.11+cu130, triton 3.6, 2026-11-25, bf16, B4 H8 T2048 C64, fwd+bwd): Triton 2.78 ms
 # vs CUDA 4.93 (titans, D64), 7.44 vs 10.93 (dgd, D64), 3.58 vs 6.54 (titans, D128): auto prefers Triton, and
 # takes CUDA for what Triton refuses (bench/results/titan_cuda_vs_triton-H100-2026-11-25.log)
 dispatch.prefer(OP, ("triton", "cuda", "cpp", "reference"),
                 "Triton measured faster than the CUDA port on the H100 (docs/performance.md)")
+
+
+def _env_forced() -> bool:
+    return os.environ.get(dispatch.BACKEND_ENV, "").strip().lower() not in ("", "auto")
+
+
+def _first_that_runs(dev, memory, rule, Dk, Dv, chunk_size, backward) -> str:
+    """The first backend in the op's preference order that runs this call and that auto does not decline."""
+    return next(b for b in dispatch.available_backends(OP, dev)
+                if _why_not(b, memory, rule, Dk, Dv, chunk_size, backward) is None
+                and not _AUTO_DECLINES.get(b, lambda *a: False)(rule, backward)
+                and not (b == "triton" and dev.type == "cpu"))
 
 
 def _why_not(backend: str, memory: str, rule: str, Dk: int, Dv: int, chunk_size: int, backward: bool):
@@ -144,10 +167,9 @@ def titan_memory_update(
             raise exc(f"backend={backend!r} of titan_memory_update {why}; use backend='auto' (picks a backend "
                       f"that runs it) or backend='reference'")
         # auto (or $HOPE_BACKEND): the first backend in the op's preference order that runs this call
-        name = next(b for b in dispatch.available_backends(OP, dev)
-                    if _why_not(b, memory, rule, Dk, Dv, chunk_size, backward) is None
-                    and not (b == "triton" and dev.type == "cpu"))
-        impl = dispatch.resolve_backend(OP, dev, name)
+        impl = dispatch.resolve_backend(OP, dev, _first_that_runs(dev, memory, rule, Dk, Dv, chunk_size, backward))
+    elif backend == "auto" and not _env_forced() and _AUTO_DECLINES.get(impl.backend, lambda *a: False)(rule, backward):
+        impl = dispatch.resolve_backend(OP, dev, _first_that_runs(dev, memory, rule, Dk, Dv, chunk_size, backward))
     return impl.fn(q, k, v, lr, momentum, decay, chunk_size, memory, rule, state)
 
 

@@ -1,0 +1,74 @@
+"""C++ CPU ``titan_memory_update`` for the linear memory, rules ``titans`` and ``dgd`` (csrc/titan_linear_cpu.cpp).
+
+Same split as the Triton and CUDA backends (``triton.py``, ``cuda.py``, docs/kernels/titan_memory.md "kernel
+split"): ``chunk_terms.linear_chunk_terms`` computes every state-independent chunk term with batched PyTorch ops
+(autograd differentiates it), then the extension's two state passes carry the state, one task per (b, h) with the
+full [Dv, Dk] state: forward (``titan_linear_fwd``) and backward (``titan_linear_bwd``, which re-runs the forward
+to store the chunk-start states). They take the Triton launchers' tensor contract in fp32 (half inputs are cast
+here, results cast back) and are registered as the custom ops ``hope::titan_linear_fwd_cpp`` /
+``hope::titan_linear_bwd_cpp`` (fake implementations + ``register_autograd``, from ``state_pass.py``), so
+``torch.compile(fullgraph=True)`` traces them.
+
+Registered with the dispatcher as backend "cpp" for CPU tensors only for the rules it measured faster than the
+PyTorch reference on (fwd+bwd, see ``MEASURED_FASTER`` and docs/kernels/csrc.md); ``auto_declines`` names the
+calls ``backend="auto"`` leaves to the reference. The mlp memory runs on the reference.
+"""
+from __future__ import annotations
+
+from hope_kernels import _ext, dispatch
+from hope_kernels.titan_memory_update.state_pass import backend_entry, define_state_pass_ops
+
+OP = "titan_memory_update"
+#: the extension was built with these kernels (an older build of _C_cpu may lack them)
+AVAILABLE = _ext.cpu is not None and hasattr(_ext.cpu, "titan_linear_fwd")
+#: rules on which the C++ state pass measured faster than the reference fwd+bwd (2-core CPU, torch 2.13.0+cpu,
+#: 2026-11-25, bench/bench_titan_memory_update.py cpu; table in docs/kernels/csrc.md): titans 1.3-2.0x, dgd 7-12x
+MEASURED_FASTER = ("titans", "dgd")
+#: rules on which it also measured faster forward-only (no gradients): titans forward-only lost at B2 H4 T512 D32
+#: (0.6-0.9x: its batched chunk terms cost about what the whole reference forward does), so auto keeps the
+#: reference there
+MEASURED_FASTER_FWD_ONLY = ("dgd",)
+
+
+def why_not(Dk: int, Dv: int, chunk_size: int, rule: str, backward: bool) -> str | None:
+    """None: the C++ kernels take every shape (no shape limits)."""
+    return None
+
+
+def auto_declines(rule: str, backward: bool) -> bool:
+    """Whether ``backend="auto"`` passes this call on to the reference (measured slower there; an explicit
+    ``backend="cpp"`` still runs it)."""
+    return rule not in MEASURED_FASTER or (not backward and rule not in MEASURED_FASTER_FWD_ONLY)
+
+
+def _ext_fn(name: str):
+    if not AVAILABLE:
+        why = _ext.why_unavailable("_C_cpu") or "the loaded hope_kernels._C_cpu was built without it"
+        raise RuntimeError(f"hope_kernels._C_cpu.{name} is not available: {why}")
+    return getattr(_ext.cpu, name)
+
+
+def _f32(*xs):
+    return [x.float().contiguous() if x is not None else None for x in xs]
+
+
+def _fwd(q, k, kh, v, aqk, akk, tinv, aqw, vec, end, W0, S0, chunk_size):
+    out, WT, ST, _ = _ext_fn("titan_linear_fwd")(*_f32(q, k, kh, v, aqk, akk, tinv, aqw, vec, end, W0, S0),
+                                                 chunk_size, False)
+    return out.to(q.dtype), WT, ST
+
+
+def _bwd(do, dWT, dST, q, k, kh, v, aqk, akk, tinv, aqw, vec, end, W0, S0, chunk_size):
+    xs = _f32(do, dWT, dST, q, k, kh, v, aqk, akk, tinv, aqw, vec, end, W0, S0)
+    grads = list(_ext_fn("titan_linear_bwd")(*xs, chunk_size))
+    grads[0], grads[1], grads[3] = grads[0].to(q.dtype), grads[1].to(k.dtype), grads[3].to(v.dtype)
+    return grads
+
+
+#: ``hope::titan_linear_fwd_cpp`` / ``hope::titan_linear_bwd_cpp`` (fakes and autograd: state_pass.py); the kernels
+#: take fp32, half inputs are cast here and results cast back
+titan_linear_fwd_cpp, titan_linear_bwd_cpp = define_state_pass_ops("_cpp", _fwd, _bwd)
+titan_memory_update_cpp = backend_entry("cpp", titan_linear_fwd_cpp, why_not)
+
+if AVAILABLE and MEASURED_FASTER:
+    dispatch.register(OP, "cpp", titan_memory_update_cpp, lambda device: device.type == "cpu")

@@ -1,0 +1,198 @@
+"""C++ CPU titan_memory_update (csrc/titan_linear_cpu.cpp, linear memory, titans and dgd) vs the reference and the
+float64 oracle: forward, final state and every gradient; odd sizes, chunk sizes 8/16/64, exact 0 / 1 gates; zero
+initial state; NaN propagation; argument checks naming the argument; custom ops and torch.compile; dispatch.
+Runs on the CPU (needs hope_kernels._C_cpu built)."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from hope_kernels import _ext, dispatch
+from hope_kernels.testing import assert_rel_close
+from hope_kernels.titan_memory_update import LinearMemoryState, titan_memory_update
+from hope_kernels.titan_memory_update.chunk_terms import linear_chunk_terms
+from hope_kernels.titan_memory_update.oracle import titan_memory_update_oracle
+from hope_kernels.titan_memory_update.reference import titan_memory_update_reference
+
+try:  # shared helpers (inputs with exact 0 / 1 gates, gradients of a random functional, the size cases)
+    from test_titan_memory_update_triton import CASES, _compare, _inputs, _run
+except ImportError:  # pragma: no cover - other pytest import modes
+    from tests.kernels.test_titan_memory_update_triton import CASES, _compare, _inputs, _run
+
+TOL_FP32 = 1e-4
+GRAD_NAMES = ["dq", "dk", "dkh", "dv", "daqk", "dakk", "dtinv", "daqw", "dvec", "dend", "dW0", "dS0"]
+
+
+@pytest.fixture(scope="module")
+def cpp():
+    from hope_kernels.titan_memory_update import cpp as mod
+
+    if not mod.AVAILABLE:
+        pytest.fail(f"the C++ titan_linear kernels did not load: {_ext.why_unavailable('_C_cpu')}")
+    return mod
+
+
+def _cpu_inputs(*shape, **kw):
+    return _inputs(*shape, device="cpu", **kw)
+
+
+@pytest.mark.parametrize("rule", ["titans", "dgd"])
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "B{}H{}T{}Dk{}Dv{}C{}".format(*c))
+def test_cpp_matches_reference_fp32(cpp, rule, case):
+    B, H, T, Dk, Dv, C = case
+    args, state = _cpu_inputs(B, H, T, Dk, Dv)
+    expected = _run(titan_memory_update_reference, args, state, C, rule)
+    actual = _run(cpp.titan_memory_update_cpp, args, state, C, rule)
+    _compare(actual, expected, TOL_FP32, f"cpp {rule} {case}")
+
+
+@pytest.mark.parametrize("rule", ["titans", "dgd"])
+def test_cpp_matches_float64_oracle(cpp, rule):
+    args, state = _cpu_inputs(2, 2, 23, 9, 11)
+    expected = _run(titan_memory_update_oracle, [a.double() for a in args], [s.double() for s in state], 8, rule)
+    actual = _run(cpp.titan_memory_update_cpp, args, state, 8, rule)
+    _compare(actual, expected, TOL_FP32, f"cpp {rule} vs oracle")
+
+
+@pytest.mark.parametrize("rule", ["titans", "dgd"])
+def test_zero_initial_state_through_public_api(cpp, rule):
+    """state=None (zero memory) through titan_memory_update(backend='cpp') vs the reference, with gradients."""
+    args, _ = _cpu_inputs(1, 3, 41, 12, 20, with_state=False)
+    leaves = [a.clone().requires_grad_(True) for a in args]
+    out_c, st_c = titan_memory_update(*leaves, chunk_size=16, rule=rule, backend="cpp")
+    out_r, st_r = titan_memory_update(*args, chunk_size=16, rule=rule, backend="reference")
+    assert_rel_close("out", out_c.detach(), out_r, TOL_FP32)
+    assert_rel_close("W_T", st_c.W.detach(), st_r.W, TOL_FP32)
+    assert_rel_close("S_T", st_c.S.detach(), st_r.S, TOL_FP32)
+
+
+def test_bf16_inputs_are_cast(cpp):
+    args, state = _cpu_inputs(1, 2, 20, 8, 8)
+    half = [a.bfloat16() if a.dim() == 4 else a for a in args]
+    out, st = cpp.titan_memory_update_cpp(*half, 8, "linear", "dgd", LinearMemoryState(*state))
+    assert out.dtype == torch.bfloat16 and st.W.dtype == torch.float32
+    ref, _ = titan_memory_update_reference(*[a.float() if a.dim() == 4 else a for a in half], 8, "linear", "dgd",
+                                           LinearMemoryState(*state))
+    assert_rel_close("bf16 out", out.float(), ref, 2e-2)
+
+
+def test_nan_input_is_not_hidden(cpp):
+    args, state = _cpu_inputs(1, 1, 12, 16, 16)
+    args[2][0, 0, 3, 5] = float("nan")
+    for rule in ("titans", "dgd"):
+        out, st = cpp.titan_memory_update_cpp(*args, 8, "linear", rule, LinearMemoryState(*state))
+        assert torch.isnan(out).any() and torch.isnan(st.W).any()
+
+
+def _fwd_args(args, state, C, dgd):
+    q, k, v, lr, mo, de = args
+    t = linear_chunk_terms(q, k, lr, mo, de, C, dgd)
+    xs = (q, k, t.khat, v, t.aqk, t.akk, t.tinv, t.aqw, t.vec, t.end, *state)
+    return tuple(x.contiguous() if x is not None else None for x in xs) + (C,)
+
+
+def test_bad_arguments_name_the_argument(cpp):
+    args, state = _cpu_inputs(1, 2, 13, 8, 8)
+    fa = list(_fwd_args(args, state, 8, True))
+    fwd = _ext.cpu.titan_linear_fwd
+    with pytest.raises(RuntimeError, match="vec has shape"):
+        fwd(*fa[:8], fa[8][..., :-1].contiguous(), *fa[9:], False)
+    with pytest.raises(RuntimeError, match="W0 must be float32"):
+        fwd(*fa[:10], fa[10].double(), *fa[11:], False)
+    with pytest.raises(RuntimeError, match="tinv is required"):
+        fwd(*fa[:6], None, *fa[7:], False)
+    with pytest.raises(RuntimeError, match="k must be contiguous"):
+        fwd(fa[0], fa[1].transpose(2, 3).contiguous().transpose(2, 3), *fa[2:], False)
+    with pytest.raises(RuntimeError, match="chunk_size must be >= 1"):
+        fwd(*fa[:12], 0, False)
+    out, WT, ST, _ = fwd(*fa, False)
+    with pytest.raises(RuntimeError, match="dST has shape"):
+        _ext.cpu.titan_linear_bwd(out, WT, ST[..., :-1].contiguous(), *fa)
+
+
+@pytest.mark.parametrize("dgd", [False, True])
+def test_kernel_gradients_match_autograd_of_the_state_pass(cpp, dgd):
+    """The raw backward against autograd through chunk_terms.linear_state_pass (every one of its 12 outputs)."""
+    from hope_kernels.titan_memory_update.chunk_terms import LinearChunkTerms, linear_state_pass
+
+    args, state = _cpu_inputs(1, 2, 21, 6, 10)
+    fa = _fwd_args(args, state, 8, dgd)
+    leaves = [x.clone().requires_grad_(True) if x is not None else None for x in fa[:12]]
+    q, k, kh, v, aqk, akk, tinv, aqw, vec, end, W0, S0 = leaves
+    terms = LinearChunkTerms(aqk, akk, tinv, aqw, vec, end, kh)
+    out, W, S = linear_state_pass(q, k, v, terms, W0, S0, 8)
+    g = torch.Generator().manual_seed(3)
+    dout, dW, dS = (torch.randn(x.shape, generator=g) for x in (out, W, S))
+    ((out * dout).sum() + (W * dW).sum() + (S * dS).sum()).backward()
+    got = _ext.cpu.titan_linear_bwd(dout, dW, dS, *fa)
+    for name, x, gr in zip(GRAD_NAMES, leaves, got):
+        if x is None:
+            assert gr.numel() == 0, name
+            continue
+        exp = x.grad if x.grad is not None else torch.zeros_like(x)
+        assert_rel_close(f"kernel {name}", gr, exp, TOL_FP32)
+
+
+def test_custom_ops_opcheck(cpp):
+    args, state = _cpu_inputs(1, 2, 13, 16, 16)
+    for dgd in (False, True):
+        fa = _fwd_args(args, state, 8, dgd)
+        torch.library.opcheck(torch.ops.hope.titan_linear_fwd_cpp.default, fa)
+        out, WT, ST = cpp.titan_linear_fwd_cpp(*fa)
+        bwd_args = (torch.randn_like(out), torch.randn_like(WT), torch.randn_like(ST), *fa)
+        torch.library.opcheck(torch.ops.hope.titan_linear_bwd_cpp.default, bwd_args)
+
+
+def test_compile_fullgraph_traces_the_op(cpp):
+    args, state = _cpu_inputs(1, 2, 19, 16, 16)
+
+    def step(q, k, v, lr, mo, de, W0, S0):
+        out, st = cpp.titan_memory_update_cpp(q, k, v, lr, mo, de, 8, "linear", "dgd", LinearMemoryState(W0, S0))
+        return out.square().sum() + st.W.sum()
+
+    torch._dynamo.reset()
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    xs = [t.clone().requires_grad_(True) for t in args + state]
+    loss = compiled(*xs)
+    loss.backward()
+    xr = [t.clone().requires_grad_(True) for t in args + state]
+    out, st = titan_memory_update_reference(*xr[:6], 8, "linear", "dgd", LinearMemoryState(*xr[6:]))
+    ref = out.square().sum() + st.W.sum()
+    ref.backward()
+    assert_rel_close("compiled loss", loss.detach(), ref.detach(), TOL_FP32)
+    for i, (a, b) in enumerate(zip(xs, xr)):
+        assert_rel_close(f"compiled grad {i}", a.grad, b.grad, TOL_FP32)
+
+
+def test_dispatch_picks_cpp_on_cpu_where_measured_faster(cpp, monkeypatch):
+    """Registered for the CPU; auto takes it for every rule in MEASURED_FASTER when gradients are needed, and for
+    forward-only calls only on the rules in MEASURED_FASTER_FWD_ONLY (the reference elsewhere)."""
+    monkeypatch.delenv(dispatch.BACKEND_ENV, raising=False)
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    seen = []
+    real = cpp.titan_memory_update_cpp
+
+    def spy(*a):
+        seen.append(a[8])
+        return real(*a)
+
+    impl = dispatch._REGISTRY["titan_memory_update"]["cpp"]
+    monkeypatch.setitem(dispatch._REGISTRY["titan_memory_update"], "cpp",
+                        dispatch.Implementation("cpp", spy, impl.supports))
+    assert "cpp" in dispatch.available_backends("titan_memory_update", "cpu")
+    assert "cpp" not in dispatch.available_backends("titan_memory_update", "meta")
+    args, _ = _cpu_inputs(1, 1, 9, 8, 8)
+    for rule in ("titans", "dgd"):
+        leaves = [a.clone().requires_grad_(True) for a in args]
+        seen.clear()
+        titan_memory_update(*leaves, chunk_size=4, rule=rule)
+        assert seen == ([rule] if rule in cpp.MEASURED_FASTER else []), rule
+        seen.clear()
+        with torch.no_grad():
+            titan_memory_update(*args, chunk_size=4, rule=rule)
+        assert seen == ([rule] if rule in cpp.MEASURED_FASTER_FWD_ONLY else []), rule
+    assert cpp.why_not(300, 300, 128, "dgd", True) is None  # no shape limits
+    seen.clear()
+    with torch.no_grad():  # an explicit backend="cpp" runs what auto leaves to the reference
+        titan_memory_update(*args, chunk_size=4, rule="titans", backend="cpp")
+    assert seen == ["titans"]
