@@ -22,7 +22,7 @@ OP = "titan_memory_update"
 #: the extension was built with these kernels (an older build of _C_cpu may lack them)
 AVAILABLE = _ext.cpu is not None and hasattr(_ext.cpu, "titan_linear_fwd")
 #: rules on which the C++ state pass measured faster than the reference fwd+bwd (2-core CPU, torch 2.13.0+cpu,
-#: 2026-11-25, bench/bench_titan_memory_update.py cpu; table in docs/kernels/csrc.md): titans 1.3-2.0x, dgd 7-12x
+#: 2026-11-25, bench/bench_titan_memory_update.py cpu; table in docs/kernels/csrc.md): titans 1.5-1.6x, dgd 12-16x
 MEASURED_FASTER = ("titans", "dgd")
 #: rules on which it also measured faster forward-only (no gradients): titans forward-only lost at B2 H4 T512 D32
 #: (0.6-0.9x: its batched chunk terms cost about what the whole reference forward does), so auto keeps the
