@@ -52,11 +52,15 @@ def extension_modules_and_cmdclass():
         print("hope: skipping CUDA extension (nvcc not found: set CUDA_HOME)")
     else:
         cu_files = sorted(glob.glob(os.path.join(HERE, "*.cu")))
+        # teach_signal.cu calls cublasGemmEx: link cuBLAS where the toolkit has it; elsewhere the symbol resolves
+        # through libtorch_cuda's own dependency on libcublas
+        cublas = ["cublas"] if glob.glob(os.path.join(CUDA_HOME, "lib64", "libcublas.so*")) else []
         ext_modules.append(
             CUDAExtension(
                 "hope_kernels._C_cuda",
                 [_rel(os.path.join(HERE, "bindings_cuda.cpp"))] + [_rel(f) for f in cu_files],
                 extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "-std=c++20", *CUDA_ARCH_FLAGS]},
+                libraries=cublas,
             )
         )
     return ext_modules, {"build_ext": OptionalBuildExtension.with_options(use_ninja=True)}
