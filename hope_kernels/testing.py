@@ -53,3 +53,28 @@ def grads_of(tensors: Iterable[torch.Tensor]) -> list[torch.Tensor | None]:
 
 def triton_interpret_enabled() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def check_titan_compiles_fullgraph(backend_fn, args, state, chunk_size: int = 8, rule: str = "dgd",
+                                   tol: float = 1e-4) -> None:
+    """``torch.compile(fullgraph=True, backend="aot_eager")`` through a titan_memory_update backend function
+    (linear memory): the loss and every gradient (q, k, v, gates, initial state) match the reference's."""
+    from hope_kernels.titan_memory_update.reference import titan_memory_update_reference
+    from hope_kernels.titan_memory_update.state import LinearMemoryState
+
+    def step(q, k, v, lr, mo, de, W0, S0):
+        out, st = backend_fn(q, k, v, lr, mo, de, chunk_size, "linear", rule, LinearMemoryState(W0, S0))
+        return out.square().sum() + st.W.sum()
+
+    torch._dynamo.reset()
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    xs = [t.clone().requires_grad_(True) for t in list(args) + list(state)]
+    loss = compiled(*xs)
+    loss.backward()
+    xr = [t.clone().requires_grad_(True) for t in list(args) + list(state)]
+    out, st = titan_memory_update_reference(*xr[:6], chunk_size, "linear", rule, LinearMemoryState(*xr[6:]))
+    ref = out.square().sum() + st.W.sum()
+    ref.backward()
+    assert_rel_close("compiled loss", loss.detach(), ref.detach(), tol)
+    for name, a, b in zip(("q", "k", "v", "lr", "momentum", "decay", "W0", "S0"), xs, xr):
+        assert_rel_close(f"compiled grad {name}", a.grad, b.grad, tol)

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from hope_kernels import _ext, dispatch
-from hope_kernels.testing import assert_rel_close
+from hope_kernels.testing import assert_rel_close, check_titan_compiles_fullgraph
 from hope_kernels.titan_memory_update import LinearMemoryState, titan_memory_update
 from hope_kernels.titan_memory_update.chunk_terms import linear_chunk_terms
 from hope_kernels.titan_memory_update.oracle import titan_memory_update_oracle
@@ -145,23 +145,7 @@ def test_custom_ops_opcheck(cpp):
 
 def test_compile_fullgraph_traces_the_op(cpp):
     args, state = _cpu_inputs(1, 2, 19, 16, 16)
-
-    def step(q, k, v, lr, mo, de, W0, S0):
-        out, st = cpp.titan_memory_update_cpp(q, k, v, lr, mo, de, 8, "linear", "dgd", LinearMemoryState(W0, S0))
-        return out.square().sum() + st.W.sum()
-
-    torch._dynamo.reset()
-    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
-    xs = [t.clone().requires_grad_(True) for t in args + state]
-    loss = compiled(*xs)
-    loss.backward()
-    xr = [t.clone().requires_grad_(True) for t in args + state]
-    out, st = titan_memory_update_reference(*xr[:6], 8, "linear", "dgd", LinearMemoryState(*xr[6:]))
-    ref = out.square().sum() + st.W.sum()
-    ref.backward()
-    assert_rel_close("compiled loss", loss.detach(), ref.detach(), TOL_FP32)
-    for i, (a, b) in enumerate(zip(xs, xr)):
-        assert_rel_close(f"compiled grad {i}", a.grad, b.grad, TOL_FP32)
+    check_titan_compiles_fullgraph(cpp.titan_memory_update_cpp, args, state, tol=TOL_FP32)
 
 
 def test_dispatch_picks_cpp_on_cpu_where_measured_faster(cpp, monkeypatch):

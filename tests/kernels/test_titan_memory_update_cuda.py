@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from hope_kernels import _ext, dispatch
-from hope_kernels.testing import assert_rel_close
+from hope_kernels.testing import assert_rel_close, check_titan_compiles_fullgraph
 from hope_kernels.titan_memory_update import LinearMemoryState, MLPMemoryState, titan_memory_update
 from hope_kernels.titan_memory_update.chunk_terms import linear_chunk_terms
 from hope_kernels.titan_memory_update.oracle import titan_memory_update_oracle
@@ -288,25 +288,8 @@ def test_custom_ops_opcheck():
 
 
 def test_compile_fullgraph_traces_the_op():
-    ext = _cuda()
     args, state = _inputs(1, 2, 19, 16, 16)
-
-    def step(q, k, v, lr, mo, de, W0, S0):
-        out, st = ext.titan_memory_update_cuda(q, k, v, lr, mo, de, 8, "linear", "dgd", LinearMemoryState(W0, S0))
-        return out.square().sum() + st.W.sum()
-
-    torch._dynamo.reset()
-    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
-    xs = [t.clone().requires_grad_(True) for t in args + state]
-    loss = compiled(*xs)
-    loss.backward()
-    xr = [t.clone().requires_grad_(True) for t in args + state]
-    out, st = titan_memory_update_reference(*xr[:6], 8, "linear", "dgd", LinearMemoryState(*xr[6:]))
-    ref = out.square().sum() + st.W.sum()
-    ref.backward()
-    assert_rel_close("compiled loss", loss.detach(), ref.detach(), TOL_FP32)
-    for name, a, b in zip(NAMES[3:], xs, xr):
-        assert_rel_close(f"compiled {name}", a.grad, b.grad, TOL_FP32)
+    check_titan_compiles_fullgraph(_cuda().titan_memory_update_cuda, args, state, tol=TOL_FP32)
 
 
 def test_noncontiguous_inputs_and_second_device_stream():
