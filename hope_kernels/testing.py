@@ -78,3 +78,68 @@ def check_titan_compiles_fullgraph(backend_fn, args, state, chunk_size: int = 8,
     assert_rel_close("compiled loss", loss.detach(), ref.detach(), tol)
     for name, a, b in zip(("q", "k", "v", "lr", "momentum", "decay", "W0", "S0"), xs, xr):
         assert_rel_close(f"compiled grad {name}", a.grad, b.grad, tol)
+
+
+# --------------------------------------------------------------- titan_memory_update backend tests (linear memory)
+#: what ``titan_outputs_and_grads`` returns, in order
+TITAN_OUTPUT_NAMES = ["out", "W_T", "S_T", "dq", "dk", "dv", "dlr", "dmomentum", "ddecay", "dW0", "dS0"]
+#: (B, H, T, Dk, Dv, C) every backend is checked at: odd T and head dims, T not a multiple of C, chunks 8/16/64, C > T
+TITAN_CASES = [(2, 2, 29, 5, 7, 8), (1, 2, 37, 24, 33, 16), (1, 1, 70, 16, 70, 64), (2, 1, 19, 17, 16, 64),
+               (1, 1, 1, 16, 16, 8)]
+#: the gradients the state-pass backward ops return, in order
+TITAN_STATE_PASS_GRAD_NAMES = ["dq", "dk", "dkh", "dv", "daqk", "dakk", "dtinv", "daqw", "dvec", "dend", "dW0", "dS0"]
+
+
+def titan_inputs(B, H, T, Dk, Dv, *, device="cpu", dtype=torch.float32, with_state=True, seed=0, edge_gates=True):
+    """Random ``([q, k, v, lr, momentum, decay], [W0, S0])``; with ``edge_gates`` some gates are exactly 0 or 1
+    (the chunk products must stay exact there: no logs, no division)."""
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(B, H, T, Dk, generator=g) / Dk**0.5
+    k = torch.randn(B, H, T, Dk, generator=g) / Dk**0.5
+    v = torch.randn(B, H, T, Dv, generator=g)
+    lr = torch.rand(B, H, T, generator=g)
+    momentum = torch.rand(B, H, T, generator=g)
+    decay = 0.2 * torch.rand(B, H, T, generator=g)
+    if edge_gates and T > 4:
+        lr[0, 0, 2] = 0.0
+        momentum[0, 0, 3] = 0.0
+        decay[0, H - 1, 1] = 1.0
+        momentum[B - 1, 0, 4] = 1.0
+        lr[-1, -1, -1] = 1.0
+    if with_state:
+        state = [0.3 * torch.randn(B, H, Dv, Dk, generator=g), 0.1 * torch.randn(B, H, Dv, Dk, generator=g)]
+    else:
+        state = [torch.zeros(B, H, Dv, Dk), torch.zeros(B, H, Dv, Dk)]
+    args = [q.to(dtype), k.to(dtype), v.to(dtype), lr, momentum, decay]
+    return [a.to(device) for a in args], [s.to(device) for s in state]
+
+
+def titan_outputs_and_grads(fn, args, state, chunk_size, rule, seed=1):
+    """``[out, W_T, S_T, *grads]`` of a backend ``fn`` (linear memory): the gradients are those of a random
+    functional of the output and the final state w.r.t. every input (TITAN_OUTPUT_NAMES)."""
+    from hope_kernels.titan_memory_update.state import LinearMemoryState
+
+    xs = [t.detach().clone().requires_grad_(True) for t in list(args) + list(state)]
+    out, final = fn(*xs[:6], chunk_size, "linear", rule, LinearMemoryState(*xs[6:]))
+    g = torch.Generator().manual_seed(seed)
+    rnd = lambda t: torch.randn(t.shape, generator=g).to(t.device, t.dtype)  # noqa: E731
+    total = (out.float() * rnd(out.float())).sum() + (final.W * rnd(final.W)).sum() + (final.S * rnd(final.S)).sum()
+    grads = torch.autograd.grad(total, xs)
+    return [out, final.W, final.S, *grads]
+
+
+def assert_titan_close(actual, expected, tol: float, tag: str) -> None:
+    """Every entry of two ``titan_outputs_and_grads`` results within ``tol`` relative RMS (in fp32)."""
+    for name, a, e in zip(TITAN_OUTPUT_NAMES, actual, expected):
+        assert_rel_close(f"{tag} {name}", a.float(), e.float(), tol)
+
+
+def titan_state_pass_args(args, state, chunk_size: int, dgd: bool) -> tuple:
+    """The state-pass ops' arguments ``(q, k, kh, v, aqk, akk, tinv, aqw, vec, end, W0, S0, chunk_size)`` for
+    ``args, state`` as ``titan_inputs`` makes them (contiguous, as the raw extensions take them)."""
+    from hope_kernels.titan_memory_update.chunk_terms import linear_chunk_terms
+
+    q, k, v, lr, mo, de = args
+    t = linear_chunk_terms(q, k, lr, mo, de, chunk_size, dgd)
+    xs = (q, k, t.khat, v, t.aqk, t.akk, t.tinv, t.aqw, t.vec, t.end, state[0].float(), state[1].float())
+    return (*(x.contiguous() if x is not None else None for x in xs), chunk_size)

@@ -8,19 +8,18 @@ import pytest
 import torch
 
 from hope_kernels import _ext, dispatch
-from hope_kernels.testing import assert_rel_close, check_titan_compiles_fullgraph
+from hope_kernels.testing import (TITAN_CASES, TITAN_STATE_PASS_GRAD_NAMES, assert_rel_close, assert_titan_close,
+                                  check_titan_compiles_fullgraph, titan_inputs, titan_outputs_and_grads,
+                                  titan_state_pass_args)
 from hope_kernels.titan_memory_update import LinearMemoryState, titan_memory_update
-from hope_kernels.titan_memory_update.chunk_terms import linear_chunk_terms
 from hope_kernels.titan_memory_update.oracle import titan_memory_update_oracle
 from hope_kernels.titan_memory_update.reference import titan_memory_update_reference
 
-try:  # shared helpers (inputs with exact 0 / 1 gates, gradients of a random functional, the size cases)
-    from test_titan_memory_update_triton import CASES, _compare, _inputs, _run
-except ImportError:  # pragma: no cover - other pytest import modes
-    from tests.kernels.test_titan_memory_update_triton import CASES, _compare, _inputs, _run
+CASES = TITAN_CASES
+_run = titan_outputs_and_grads
+_compare = assert_titan_close
 
 TOL_FP32 = 1e-4
-GRAD_NAMES = ["dq", "dk", "dkh", "dv", "daqk", "dakk", "dtinv", "daqw", "dvec", "dend", "dW0", "dS0"]
 
 
 @pytest.fixture(scope="module")
@@ -33,7 +32,7 @@ def cpp():
 
 
 def _cpu_inputs(*shape, **kw):
-    return _inputs(*shape, device="cpu", **kw)
+    return titan_inputs(*shape, device="cpu", **kw)
 
 
 @pytest.mark.parametrize("rule", ["titans", "dgd"])
@@ -84,11 +83,7 @@ def test_nan_input_is_not_hidden(cpp):
         assert torch.isnan(out).any() and torch.isnan(st.W).any()
 
 
-def _fwd_args(args, state, C, dgd):
-    q, k, v, lr, mo, de = args
-    t = linear_chunk_terms(q, k, lr, mo, de, C, dgd)
-    xs = (q, k, t.khat, v, t.aqk, t.akk, t.tinv, t.aqw, t.vec, t.end, *state)
-    return tuple(x.contiguous() if x is not None else None for x in xs) + (C,)
+_fwd_args = titan_state_pass_args
 
 
 def test_bad_arguments_name_the_argument(cpp):
@@ -125,7 +120,7 @@ def test_kernel_gradients_match_autograd_of_the_state_pass(cpp, dgd):
     dout, dW, dS = (torch.randn(x.shape, generator=g) for x in (out, W, S))
     ((out * dout).sum() + (W * dW).sum() + (S * dS).sum()).backward()
     got = _ext.cpu.titan_linear_bwd(dout, dW, dS, *fa)
-    for name, x, gr in zip(GRAD_NAMES, leaves, got):
+    for name, x, gr in zip(TITAN_STATE_PASS_GRAD_NAMES, leaves, got):
         if x is None:
             assert gr.numel() == 0, name
             continue

@@ -11,9 +11,10 @@ import pytest
 import torch
 
 from hope_kernels import _ext, dispatch
-from hope_kernels.testing import assert_rel_close, check_titan_compiles_fullgraph
+from hope_kernels.testing import (TITAN_CASES, TITAN_STATE_PASS_GRAD_NAMES, assert_rel_close,
+                                  assert_titan_close, check_titan_compiles_fullgraph, titan_inputs,
+                                  titan_outputs_and_grads, titan_state_pass_args)
 from hope_kernels.titan_memory_update import LinearMemoryState, MLPMemoryState, titan_memory_update
-from hope_kernels.titan_memory_update.chunk_terms import linear_chunk_terms
 from hope_kernels.titan_memory_update.oracle import titan_memory_update_oracle
 from hope_kernels.titan_memory_update.reference import titan_memory_update_reference
 
@@ -21,8 +22,6 @@ pytestmark = pytest.mark.gpu
 DEVICE = "cuda"
 TOL_FP32 = 1e-4  # exact fp32 FMA products in the kernels: the error is rounding only
 TOL_BF16 = 2e-2
-NAMES = ["out", "W_T", "S_T", "dq", "dk", "dv", "dlr", "dmomentum", "ddecay", "dW0", "dS0"]
-GRAD_NAMES = ["dq", "dk", "dkh", "dv", "daqk", "dakk", "dtinv", "daqw", "dvec", "dend", "dW0", "dS0"]
 
 
 def _cuda():
@@ -32,63 +31,17 @@ def _cuda():
     return mod
 
 
-def _inputs(B, H, T, Dk, Dv, *, dtype=torch.float32, device=DEVICE, with_state=True, seed=0, edge_gates=True):
-    """As tests/kernels/test_titan_memory_update_triton.py: random inputs with exact 0 / 1 gates."""
-    g = torch.Generator().manual_seed(seed)
-    q = torch.randn(B, H, T, Dk, generator=g) / Dk**0.5
-    k = torch.randn(B, H, T, Dk, generator=g) / Dk**0.5
-    v = torch.randn(B, H, T, Dv, generator=g)
-    lr = torch.rand(B, H, T, generator=g)
-    momentum = torch.rand(B, H, T, generator=g)
-    decay = 0.2 * torch.rand(B, H, T, generator=g)
-    if edge_gates and T > 4:
-        lr[0, 0, 2] = 0.0
-        momentum[0, 0, 3] = 0.0
-        decay[0, H - 1, 1] = 1.0
-        momentum[B - 1, 0, 4] = 1.0
-        lr[-1, -1, -1] = 1.0
-    if with_state:
-        state = [0.3 * torch.randn(B, H, Dv, Dk, generator=g), 0.1 * torch.randn(B, H, Dv, Dk, generator=g)]
-    else:
-        state = [torch.zeros(B, H, Dv, Dk), torch.zeros(B, H, Dv, Dk)]
-    args = [q.to(dtype), k.to(dtype), v.to(dtype), lr, momentum, decay]
-    return [a.to(device) for a in args], [s.to(device) for s in state]
+def _inputs(*shape, device=DEVICE, **kw):
+    return titan_inputs(*shape, device=device, **kw)
 
 
-def _run(fn, args, state, chunk_size, rule, seed=1):
-    """out, final state and the gradients of a random functional of both w.r.t. every input."""
-    xs = [t.detach().clone().requires_grad_(True) for t in args + state]
-    out, final = fn(*xs[:6], chunk_size, "linear", rule, LinearMemoryState(*xs[6:]))
-    g = torch.Generator().manual_seed(seed)
-    rnd = lambda t: torch.randn(t.shape, generator=g).to(t.device, t.dtype)  # noqa: E731
-    total = (out.float() * rnd(out.float())).sum() + (final.W * rnd(final.W)).sum() + (final.S * rnd(final.S)).sum()
-    grads = torch.autograd.grad(total, xs)
-    return [out, final.W, final.S, *grads]
+_run = titan_outputs_and_grads
+_compare = assert_titan_close
+_op_args = titan_state_pass_args
 
 
-def _compare(actual, expected, tol, tag):
-    for name, a, e in zip(NAMES, actual, expected):
-        assert_rel_close(f"{tag} {name}", a.float(), e.float(), tol)
-
-
-def _op_args(args, state, C, dgd):
-    q, k, v, lr, mo, de = args
-    t = linear_chunk_terms(q, k, lr, mo, de, C, dgd)
-    xs = (q, k, t.khat, v, t.aqk, t.akk, t.tinv, t.aqw, t.vec, t.end, state[0].float(), state[1].float())
-    return (*(x.contiguous() if x is not None else None for x in xs), C)  # the raw extension takes contiguous
-
-
-# (B, H, T, Dk, Dv, C): odd T and head dims, T not a multiple of C, chunks 8/16/64, C > T, and the largest
-# head dims (several value blocks, shared memory above 48 KB)
-CASES = [
-    (2, 2, 29, 5, 7, 8),
-    (1, 2, 37, 24, 33, 16),
-    (1, 1, 70, 16, 70, 64),
-    (2, 1, 19, 17, 16, 64),
-    (1, 1, 1, 16, 16, 8),
-    (1, 2, 300, 64, 64, 64),
-    (1, 2, 300, 128, 128, 64),
-]
+# the shared cases, plus the largest head dims (several value blocks, shared memory above 48 KB)
+CASES = [*TITAN_CASES, (1, 2, 300, 64, 64, 64), (1, 2, 300, 128, 128, 64)]
 
 
 @pytest.mark.parametrize("rule", ["titans", "dgd"])
@@ -168,7 +121,7 @@ def test_every_output_is_written(rule, case):
         torch.cuda.synchronize()
     for name, t in [("out", out), ("W_T", WT), ("S_T", ST), ("states", states)]:
         assert torch.isfinite(t).all(), f"forward {name} has non-finite entries: left unwritten"
-    for name, t in zip(GRAD_NAMES, grads):
+    for name, t in zip(TITAN_STATE_PASS_GRAD_NAMES, grads):
         assert torch.isfinite(t).all(), f"backward {name} has non-finite entries: a kernel left part of it unwritten"
     # the stored chunk-start states are those of the state pass: the first is the initial state
     assert torch.equal(states[:, :, 0, 0], op_args[10]) and torch.equal(states[:, :, 0, 1], op_args[11])

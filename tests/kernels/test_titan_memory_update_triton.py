@@ -9,7 +9,9 @@ import pytest
 import torch
 
 from hope_kernels import dispatch
-from hope_kernels.testing import assert_rel_close, check_titan_compiles_fullgraph, poison_, triton_interpret_enabled
+from hope_kernels.testing import (TITAN_CASES, TITAN_OUTPUT_NAMES, assert_rel_close, assert_titan_close,
+                                  check_titan_compiles_fullgraph, poison_, titan_inputs, titan_outputs_and_grads,
+                                  titan_state_pass_args, triton_interpret_enabled)
 from hope_kernels.titan_memory_update import LinearMemoryState, MLPMemoryState, titan_memory_update
 from hope_kernels.titan_memory_update.chunk_terms import linear_chunk_terms, linear_state_pass
 from hope_kernels.titan_memory_update.oracle import titan_memory_update_oracle
@@ -23,59 +25,21 @@ DEVICE = "cuda" if HAS_CUDA else "cpu"
 # exact fp32 (ieee) products: the error is rounding only, far below the issue's 5e-3 bound
 TOL_FP32 = 1e-4
 TOL_BF16 = 2e-2
-NAMES = ["out", "W_T", "S_T", "dq", "dk", "dv", "dlr", "dmomentum", "ddecay", "dW0", "dS0"]
 
 
 def _tri():
     return importlib.import_module("hope_kernels.titan_memory_update.triton")
 
 
-def _inputs(B, H, T, Dk, Dv, *, dtype=torch.float32, device=DEVICE, with_state=True, seed=0, edge_gates=True):
-    g = torch.Generator().manual_seed(seed)
-    q = torch.randn(B, H, T, Dk, generator=g) / Dk**0.5
-    k = torch.randn(B, H, T, Dk, generator=g) / Dk**0.5
-    v = torch.randn(B, H, T, Dv, generator=g)
-    lr = torch.rand(B, H, T, generator=g)
-    momentum = torch.rand(B, H, T, generator=g)
-    decay = 0.2 * torch.rand(B, H, T, generator=g)
-    if edge_gates and T > 4:  # exact 0 / 1 gates: products must stay exact (no logs, no division)
-        lr[0, 0, 2] = 0.0
-        momentum[0, 0, 3] = 0.0
-        decay[0, H - 1, 1] = 1.0
-        momentum[B - 1, 0, 4] = 1.0
-        lr[-1, -1, -1] = 1.0
-    if with_state:
-        state = [0.3 * torch.randn(B, H, Dv, Dk, generator=g), 0.1 * torch.randn(B, H, Dv, Dk, generator=g)]
-    else:
-        state = [torch.zeros(B, H, Dv, Dk), torch.zeros(B, H, Dv, Dk)]
-    args = [q.to(dtype), k.to(dtype), v.to(dtype), lr, momentum, decay]
-    return [a.to(device) for a in args], [s.to(device) for s in state]
+def _inputs(*shape, device=DEVICE, **kw):
+    return titan_inputs(*shape, device=device, **kw)
 
 
-def _run(fn, args, state, chunk_size, rule, seed=1):
-    """out, final state and the gradients of a random functional of both w.r.t. every input."""
-    xs = [t.detach().clone().requires_grad_(True) for t in args + state]
-    out, final = fn(*xs[:6], chunk_size, "linear", rule, LinearMemoryState(*xs[6:]))
-    g = torch.Generator().manual_seed(seed)
-    rnd = lambda t: torch.randn(t.shape, generator=g).to(t.device, t.dtype)  # noqa: E731
-    total = (out.float() * rnd(out.float())).sum() + (final.W * rnd(final.W)).sum() + (final.S * rnd(final.S)).sum()
-    grads = torch.autograd.grad(total, xs)
-    return [out, final.W, final.S, *grads]
+_run = titan_outputs_and_grads
+_compare = assert_titan_close
 
 
-def _compare(actual, expected, tol, tag):
-    for name, a, e in zip(NAMES, actual, expected):
-        assert_rel_close(f"{tag} {name}", a.float(), e.float(), tol)
-
-
-# (B, H, T, Dk, Dv, C): odd T and head dims, T not a multiple of C, chunks 8/16/64, C > T
-CASES = [
-    (2, 2, 29, 5, 7, 8),
-    (1, 2, 37, 24, 33, 16),
-    (1, 1, 70, 16, 70, 64),
-    (2, 1, 19, 17, 16, 64),
-    (1, 1, 1, 16, 16, 8),
-]
+CASES = TITAN_CASES
 
 
 @pytest.mark.parametrize("rule", ["titans", "dgd"])
@@ -134,7 +98,7 @@ def test_every_output_is_written(rule, monkeypatch):
     monkeypatch.setattr(tri, "_empty", poisoned)
     args, state = _inputs(1, 2, 21, 20, 40)  # Dv 40: two value blocks of 32 would leave a gap if mis-tiled
     actual = _run(tri.titan_memory_update_triton, args, state, 8, rule)
-    for name, t in zip(NAMES, actual):
+    for name, t in zip(TITAN_OUTPUT_NAMES, actual):
         assert torch.isfinite(t).all(), f"{name} has non-finite entries: a kernel left part of it unwritten"
 
 
@@ -180,9 +144,7 @@ def test_custom_ops_opcheck():
     args, state = _inputs(1, 2, 13, 16, 16)
     q, k, v, lr, mo, de = args
     for dgd in (False, True):
-        terms = linear_chunk_terms(q, k, lr, mo, de, 8, dgd)
-        fwd_args = (q, k, terms.khat, v, terms.aqk, terms.akk, terms.tinv, terms.aqw, terms.vec, terms.end,
-                    *state, 8)
+        fwd_args = titan_state_pass_args(args, state, 8, dgd)
         torch.library.opcheck(torch.ops.hope.titan_linear_fwd.default, fwd_args,
                               test_utils=("test_schema", "test_faketensor"))
         out, WT, ST = tri.titan_linear_fwd(*fwd_args)
