@@ -84,6 +84,19 @@ def available_backends(op: str, device: torch.device | str = "cpu") -> list[str]
     return [b for b in backend_order(op) if b in impls and impls[b].supports(device)]
 
 
+def forced_backend() -> str | None:
+    """The backend ``$HOPE_BACKEND`` forces (None when unset or ``auto``)."""
+    name = os.environ.get(BACKEND_ENV, "auto").strip().lower()
+    return None if name in ("", "auto") else name
+
+
+def auto_candidates(op: str, device: torch.device | str) -> list[str]:
+    """What ``backend="auto"`` may pick for ``op`` on ``device``, best first: the available backends, without the
+    Triton interpreter on the CPU (it is for tests)."""
+    device = torch.device(device)
+    return [b for b in available_backends(op, device) if not (b == "triton" and device.type == "cpu")]
+
+
 def resolve_backend(op: str, device: torch.device | str, backend: str = "auto") -> Implementation:
     """Return the implementation of ``op`` to run on ``device``.
 
@@ -97,11 +110,9 @@ def resolve_backend(op: str, device: torch.device | str, backend: str = "auto") 
         raise TypeError(f"backend must be a str, got {type(backend).__name__}")
     requested = backend
     if requested == "auto":
-        requested = os.environ.get(BACKEND_ENV, "auto").strip().lower() or "auto"
+        requested = forced_backend() or "auto"
     if requested == "auto":
-        for name in available_backends(op, device):
-            if name == "triton" and device.type == "cpu":
-                continue  # the interpreter is for tests; auto never picks it on the CPU
+        for name in auto_candidates(op, device):
             return _REGISTRY[op][name]
         raise RuntimeError(f"no backend of {op!r} supports device {device}")  # unreachable: reference
     if requested not in BACKEND_ORDER:

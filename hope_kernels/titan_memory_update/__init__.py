@@ -4,14 +4,13 @@ See docs/kernels/titan_memory.md for the equations and their chunk-parallel (dua
 """
 from __future__ import annotations
 
-import os
-
 import torch
 
 from hope_kernels import dispatch
 from hope_kernels._checks import check_choice, check_positive_int, check_range, check_shape, check_tensor
 from hope_kernels.titan_memory_update.reference import titan_memory_update_reference
 from hope_kernels.titan_memory_update.state import LinearMemoryState, MLPMemoryState, zero_linear_state
+from hope_kernels.titan_memory_update.state_pass import needs_backward
 
 OP = "titan_memory_update"
 MEMORIES = ("linear", "mlp")
@@ -50,16 +49,17 @@ dispatch.prefer(OP, ("triton", "cuda", "cpp", "reference"),
                 "Triton measured faster than the CUDA port on the H100 (docs/performance.md)")
 
 
-def _env_forced() -> bool:
-    return os.environ.get(dispatch.BACKEND_ENV, "").strip().lower() not in ("", "auto")
-
-
 def _first_that_runs(dev, memory, rule, Dk, Dv, chunk_size, backward) -> str:
     """The first backend in the op's preference order that runs this call and that auto does not decline."""
-    return next(b for b in dispatch.available_backends(OP, dev)
+    return next(b for b in dispatch.auto_candidates(OP, dev)
                 if _why_not(b, memory, rule, Dk, Dv, chunk_size, backward) is None
-                and not _AUTO_DECLINES.get(b, lambda *a: False)(rule, backward)
-                and not (b == "triton" and dev.type == "cpu"))
+                and not _declines(b, rule, backward))
+
+
+def _declines(backend: str, rule: str, backward: bool) -> bool:
+    """Whether auto leaves this call to a later backend (``backend`` measured slower on it)."""
+    declines = _AUTO_DECLINES.get(backend)
+    return declines is not None and declines(rule, backward)
 
 
 def _why_not(backend: str, memory: str, rule: str, Dk: int, Dv: int, chunk_size: int, backward: bool):
@@ -157,18 +157,16 @@ def titan_memory_update(
         state = zero_linear_state(B, H, Dv, Dk, dev)
     else:
         _check_state(state, memory, B, H, Dk, Dv, dev)
-    backward = torch.is_grad_enabled() and any(
-        t.requires_grad for t in (q, k, v, lr, momentum, decay, *state))
+    backward = needs_backward(q, k, v, lr, momentum, decay, state)
     impl = dispatch.resolve_backend(OP, dev, backend)
     why = _why_not(impl.backend, memory, rule, Dk, Dv, chunk_size, backward)
-    if why is not None:
-        if backend != "auto":
-            exc = NotImplementedError if memory == "mlp" else ValueError
-            raise exc(f"backend={backend!r} of titan_memory_update {why}; use backend='auto' (picks a backend "
-                      f"that runs it) or backend='reference'")
-        # auto (or $HOPE_BACKEND): the first backend in the op's preference order that runs this call
-        impl = dispatch.resolve_backend(OP, dev, _first_that_runs(dev, memory, rule, Dk, Dv, chunk_size, backward))
-    elif backend == "auto" and not _env_forced() and _AUTO_DECLINES.get(impl.backend, lambda *a: False)(rule, backward):
+    if why is not None and backend != "auto":
+        exc = NotImplementedError if memory == "mlp" else ValueError
+        raise exc(f"backend={backend!r} of titan_memory_update {why}; use backend='auto' (picks a backend "
+                  f"that runs it) or backend='reference'")
+    # a backend $HOPE_BACKEND forces still runs the calls auto would leave to a faster one
+    declined = backend == "auto" and dispatch.forced_backend() is None and _declines(impl.backend, rule, backward)
+    if why is not None or declined:  # auto: the first backend in the op's preference order that runs this call
         impl = dispatch.resolve_backend(OP, dev, _first_that_runs(dev, memory, rule, Dk, Dv, chunk_size, backward))
     return impl.fn(q, k, v, lr, momentum, decay, chunk_size, memory, rule, state)
 

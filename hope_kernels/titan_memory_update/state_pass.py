@@ -86,6 +86,11 @@ def define_state_pass_ops(suffix: str, fwd: Callable, bwd: Callable):
     return fwd_op, bwd_op
 
 
+def needs_backward(q, k, v, lr, momentum, decay, state) -> bool:
+    """Whether autograd will ask for gradients of this call (some backends refuse a backward they cannot fit)."""
+    return torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, lr, momentum, decay, *state))
+
+
 def backend_entry(backend: str, fwd_op, why_not: Callable[..., Optional[str]]):
     """``titan_memory_update_<backend>(q, k, v, lr, momentum, decay, chunk_size, memory, rule, state)``: the
     linear memory through ``fwd_op``; same contract as ``titan_memory_update_reference`` (arguments checked)."""
@@ -98,8 +103,7 @@ def backend_entry(backend: str, fwd_op, why_not: Callable[..., Optional[str]]):
         if q.dtype == torch.float64:
             raise TypeError(f"the {backend} backend of titan_memory_update takes fp32/bf16/fp16 q, k, v; use "
                             "backend='reference' for float64")
-        backward = torch.is_grad_enabled() and any(
-            t.requires_grad for t in (q, k, v, lr, momentum, decay, *state))
+        backward = needs_backward(q, k, v, lr, momentum, decay, state)
         why = why_not(q.shape[-1], v.shape[-1], chunk_size, rule, backward)
         if why is not None:
             raise ValueError(f"the {backend} backend of titan_memory_update {why}; backend='auto' runs this call "
@@ -114,4 +118,4 @@ def backend_entry(backend: str, fwd_op, why_not: Callable[..., Optional[str]]):
     return titan_memory_update_backend
 
 
-__all__ = ["define_state_pass_ops", "backend_entry"]
+__all__ = ["define_state_pass_ops", "backend_entry", "needs_backward"]
