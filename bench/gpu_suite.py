@@ -5,11 +5,11 @@
 
 SPEC is NAME[:FUNC][@IMPL,IMPL][#I,I]: benchmark ``bench/<NAME>.py`` exposes ``run(device)`` (or the named FUNC)
 yielding dicts with op, impl, shape, pass (fwd|fwd+bwd), median_ms, peak_mb; @IMPLS times only those
-implementations (HOPE_BENCH_IMPLS), #I only those shape indices (HOPE_BENCH_SHAPES). The extension builds in the background (``setup.py build_ext --inplace``)
-while the ``--early`` benchmarks, which need no extension (Triton, peers), run; the tests and the other
-benchmarks wait for it. Every benchmark runs in its own process with a time limit (a
-hung or crashing kernel costs one module, not the lease), and its rows are appended to ``rows.jsonl`` as they
-are measured, so a run cut short still returns what it measured. The result JSON
+implementations (HOPE_BENCH_IMPLS), #I only those shape indices (HOPE_BENCH_SHAPES). The extension builds in
+the background (``setup.py build_ext --inplace``) while the ``--early`` benchmarks, which need no extension
+(Triton, peers), run; the tests and the other benchmarks wait for it. Every benchmark runs in its own process
+with a time limit (a hung or crashing kernel costs one module, not the lease), and its rows are appended to
+``rows.jsonl`` as they are measured, so a run cut short still returns what it measured. The result JSON
 ``<out>/gpu_suite-<device>-<date>.json`` (default out: bench/results/, and $OUT when set, as the device tool
 returns files from there) holds the environment (device, driver, torch/triton versions, date), every row and
 every step's log tail.
@@ -94,16 +94,24 @@ def environment() -> dict:
     return env
 
 
+def parse_spec(spec: str) -> tuple[str, str, str, str]:
+    """NAME[:FUNC][@IMPLS][#SHAPES] -> (NAME, FUNC or "run", IMPLS, SHAPES); the last two may be ""."""
+    head, _, shapes = spec.partition("#")
+    head, _, impls = head.partition("@")
+    name, _, func = head.partition(":")
+    return name, func or "run", impls, shapes
+
+
 def run_one(spec: str, rows_file: Path) -> int:
     """Child process: runs one benchmark generator, appending each row to ``rows_file`` as it comes."""
     import torch
 
-    name, _, func = spec.split("@")[0].split("#")[0].partition(":")
+    name, func, _, _ = parse_spec(spec)
     sys.path[:0] = [str(ROOT / "bench"), str(ROOT)]  # the checkout's packages even without an install
     mod = importlib.import_module(name)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     with rows_file.open("a") as fh:
-        for row in getattr(mod, func or "run")(device):
+        for row in getattr(mod, func)(device):
             fh.write(json.dumps(dict(row, module=spec), default=str) + "\n")
             fh.flush()
             print(json.dumps(row, default=str), flush=True)
@@ -154,9 +162,8 @@ def main(argv=None) -> int:
         if left() < 20:
             log.append({"bench": spec, "skipped": "suite deadline reached"})
             return
-        spec_shapes = spec.partition("#")[2]
-        impls = spec.split("#")[0].partition("@")[2]
-        env = {k: v for k, v in (("HOPE_BENCH_IMPLS", impls), ("HOPE_BENCH_SHAPES", spec_shapes)) if v}
+        _, _, impls, shapes = parse_spec(spec)
+        env = {k: v for k, v in (("HOPE_BENCH_IMPLS", impls), ("HOPE_BENCH_SHAPES", shapes)) if v}
         _sh([sys.executable, str(Path(__file__).resolve()), "--one", spec, "--rows", str(rows_file)], log,
             left() - 10, env=env)
 
