@@ -16,8 +16,9 @@ HAS_CUDA = torch.cuda.is_available()
 
 def _step(fn, B, H, T, D, rule, device, dtype):
     g = torch.Generator().manual_seed(0)
-    mk = lambda *s: torch.randn(*s, generator=g).to(device, dtype).requires_grad_()  # noqa: E731
-    q, k, v = mk(B, H, T, D) * D**-0.5, mk(B, H, T, D) * D**-0.5, mk(B, H, T, D)
+    # leaves (scaled before requires_grad_): a scaled copy would keep a graph that the first backward frees
+    mk = lambda scale: (torch.randn(B, H, T, D, generator=g) * scale).to(device, dtype).requires_grad_()  # noqa: E731
+    q, k, v = mk(D**-0.5), mk(D**-0.5), mk(1.0)
     gates = [(torch.rand(B, H, T, generator=g) * s).to(device) for s in (0.5, 1.0, 0.1)]
     W0 = torch.zeros(B, H, D, D, device=device, requires_grad=True)
     S0 = torch.zeros(B, H, D, D, device=device, requires_grad=True)
