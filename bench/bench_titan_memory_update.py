@@ -14,6 +14,7 @@ B=8 H=12 D=64 T=2048 and B=1 H=16 D=128 T=16384.
 """
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -44,22 +45,8 @@ def _inputs(B, H, T, D, device, dtype, momentum_zero=False):
 
 def compiled_reference():
     """The reference's chunk loop with each rule's chunk function compiled (static shapes, fullgraph)."""
-    chunk_fns = {"titans": torch.compile(_reference._titans_chunk, dynamic=False, fullgraph=True),
-                 "dgd": torch.compile(_reference._dgd_chunk, dynamic=False, fullgraph=True)}
-
-    def call(q, k, v, lr, momentum, decay, chunk_size, memory, rule, state):
-        dt = _reference.compute_dtype(q)
-        q_, k_, v_ = q.to(dt), k.to(dt), v.to(dt)
-        theta, eta, keep = lr.to(dt), momentum.to(dt), 1.0 - decay.to(dt)
-        st = type(state)(*(x.to(dt) for x in state))
-        outs = []
-        for s in range(0, q.shape[-2], chunk_size):
-            e = min(s + chunk_size, q.shape[-2])
-            out_c, st = chunk_fns[rule](memory, st, q_[..., s:e, :], k_[..., s:e, :], v_[..., s:e, :],
-                                        theta[..., s:e], eta[..., s:e], keep[..., s:e])
-            outs.append(out_c)
-        return torch.cat(outs, -2).to(q.dtype), st
-    return call
+    chunk_fns = {rule: torch.compile(fn, dynamic=False, fullgraph=True) for rule, fn in _reference.CHUNK_FNS.items()}
+    return functools.partial(titan_memory_update_reference, chunk_fns=chunk_fns)
 
 
 def _ours(fn, rule):

@@ -154,13 +154,18 @@ def _dgd_chunk(memory, st, q, k, v, theta, eta, keep):
     return torch.stack(outs, -2), MLPMemoryState(W1, W2, S1, S2)
 
 
-def titan_memory_update_reference(q, k, v, lr, momentum, decay, chunk_size, memory, rule, state):
-    """Chunk-parallel reference; same contract as ``titan_memory_update`` (arguments already checked)."""
+#: the per-chunk step of each rule (a caller may pass compiled versions through ``chunk_fns``)
+CHUNK_FNS = {"titans": _titans_chunk, "dgd": _dgd_chunk}
+
+
+def titan_memory_update_reference(q, k, v, lr, momentum, decay, chunk_size, memory, rule, state, *, chunk_fns=None):
+    """Chunk-parallel reference; same contract as ``titan_memory_update`` (arguments already checked).
+    ``chunk_fns`` replaces CHUNK_FNS (e.g. the benchmark's torch.compile of each chunk step)."""
     dt = compute_dtype(q)
     q_, k_, v_ = q.to(dt), k.to(dt), v.to(dt)
     theta, eta, keep = lr.to(dt), momentum.to(dt), 1.0 - decay.to(dt)
     st = type(state)(*(x.to(dt) for x in state))
-    chunk_fn = _titans_chunk if rule == "titans" else _dgd_chunk
+    chunk_fn = (chunk_fns or CHUNK_FNS)[rule]
     T = q.shape[-2]
     outs = []
     for s in range(0, T, chunk_size):
@@ -171,5 +176,5 @@ def titan_memory_update_reference(q, k, v, lr, momentum, decay, chunk_size, memo
     return torch.cat(outs, -2).to(q.dtype), st
 
 
-__all__ = ["titan_memory_update_reference", "memory_apply", "gelu", "gelu_grad", "unit_keys",
+__all__ = ["titan_memory_update_reference", "CHUNK_FNS", "memory_apply", "gelu", "gelu_grad", "unit_keys",
            "chunk_decay_terms", "segment_products", "compute_dtype"]
