@@ -1,29 +1,7 @@
 // pybind11 module hope_kernels._C_cuda: the CUDA kernels.
 #include "checks_cuda.h"
+#include "ops.h"
 #include "titan_linear_checks.h"
-
-namespace hope {
-std::vector<at::Tensor> cms_update_cuda(const at::Tensor& w1, const at::Tensor& w2, const at::Tensor& m1,
-                                        const at::Tensor& m2, const at::Tensor& x, const at::Tensor& delta,
-                                        double lr, double beta, bool precond);
-std::vector<at::Tensor> teach_signal_cuda(const at::Tensor& hidden, const at::Tensor& weight, const at::Tensor& targets,
-                                          int64_t ignore_index, bool compute_dw, int64_t chunk_rows);
-std::vector<at::Tensor> titan_linear_fwd_cuda(const at::Tensor& q, const at::Tensor& k,
-                                              const std::optional<at::Tensor>& kh, const at::Tensor& v,
-                                              const at::Tensor& aqk, const std::optional<at::Tensor>& akk,
-                                              const std::optional<at::Tensor>& tinv,
-                                              const std::optional<at::Tensor>& aqw, const at::Tensor& vec,
-                                              const at::Tensor& end, const at::Tensor& W0, const at::Tensor& S0,
-                                              int64_t chunk_size, bool store_states);
-std::vector<at::Tensor> titan_linear_bwd_cuda(const at::Tensor& grad_out, const at::Tensor& dWT,
-                                              const at::Tensor& dST, const at::Tensor& q, const at::Tensor& k,
-                                              const std::optional<at::Tensor>& kh, const at::Tensor& v,
-                                              const at::Tensor& aqk, const std::optional<at::Tensor>& akk,
-                                              const std::optional<at::Tensor>& tinv,
-                                              const std::optional<at::Tensor>& aqw, const at::Tensor& vec,
-                                              const at::Tensor& end, const at::Tensor& W0, const at::Tensor& S0,
-                                              int64_t chunk_size);
-}
 
 // The entry points check their inputs here, in g++-compiled host code, before any .cu function runs (see
 // checks_cuda.h for why).

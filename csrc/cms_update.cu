@@ -3,7 +3,7 @@
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
 
-#include "common.h"
+#include "ops.h"
 
 namespace hope {
 namespace {

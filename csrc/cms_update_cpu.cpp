@@ -5,7 +5,7 @@
 
 #include <ATen/Parallel.h>
 
-#include "common.h"
+#include "ops.h"
 
 namespace hope {
 

@@ -8,7 +8,7 @@
 
 #include <climits>
 
-#include "common.h"
+#include "ops.h"
 
 namespace hope {
 namespace {

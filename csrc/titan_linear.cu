@@ -17,7 +17,7 @@
 
 #include <optional>
 
-#include "common.h"
+#include "ops.h"
 
 namespace hope {
 namespace {

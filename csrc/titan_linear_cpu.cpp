@@ -11,7 +11,7 @@
 
 #include <ATen/Parallel.h>
 
-#include "common.h"
+#include "ops.h"
 
 namespace hope {
 namespace {
