@@ -143,3 +143,74 @@ def titan_state_pass_args(args, state, chunk_size: int, dgd: bool) -> tuple:
     t = linear_chunk_terms(q, k, lr, mo, de, chunk_size, dgd)
     xs = (q, k, t.khat, v, t.aqk, t.akk, t.tinv, t.aqw, t.vec, t.end, state[0].float(), state[1].float())
     return (*(x.contiguous() if x is not None else None for x in xs), chunk_size)
+
+
+# --------------------------------------------------------------- titan_memory_update, mlp memory
+#: (B, H, T, D, E, C) the mlp kernels are checked at: odd T, D and E, T not a multiple of C, chunks 8/16/64, C > T
+TITAN_MLP_CASES = [(2, 2, 29, 5, 7, 8), (1, 2, 37, 24, 40, 16), (1, 1, 70, 16, 33, 64), (1, 1, 1, 16, 16, 8)]
+#: what ``titan_mlp_outputs_and_grads`` returns, in order
+TITAN_MLP_OUTPUT_NAMES = ["out", "W1_T", "W2_T", "S1_T", "S2_T", "dq", "dk", "dv", "dlr", "dmomentum", "ddecay",
+                          "dW1", "dW2", "dS1", "dS2"]
+
+
+def titan_mlp_inputs(B, H, T, D, E, *, device="cpu", dtype=torch.float32, seed=0):
+    """Random ``([q, k, v, lr, momentum, decay], [W1, W2, S1, S2])`` for the mlp memory (some gates exactly 0
+    or 1, as ``titan_inputs``)."""
+    args, _ = titan_inputs(B, H, T, D, D, device="cpu", dtype=torch.float64, seed=seed)
+    g = torch.Generator().manual_seed(seed + 100)
+    state = [0.5 * torch.randn(B, H, D, E, generator=g) / E**0.5, torch.randn(B, H, E, D, generator=g),
+             0.1 * torch.randn(B, H, D, E, generator=g) / E**0.5, 0.1 * torch.randn(B, H, E, D, generator=g)]
+    args = [a.to(dtype) if i < 3 else a.float() for i, a in enumerate(args)]
+    return [a.to(device) for a in args], [s.to(device) for s in state]
+
+
+def titan_mlp_outputs_and_grads(fn, args, state, chunk_size, rule, seed=1):
+    """``[out, W1_T, W2_T, S1_T, S2_T, *grads]`` of a backend ``fn`` (mlp memory): gradients of a random functional
+    of the output and the final state w.r.t. every input (TITAN_MLP_OUTPUT_NAMES)."""
+    from hope_kernels.titan_memory_update.state import MLPMemoryState
+
+    xs = [t.detach().clone().requires_grad_(True) for t in list(args) + list(state)]
+    out, final = fn(*xs[:6], chunk_size, "mlp", rule, MLPMemoryState(*xs[6:]))
+    g = torch.Generator().manual_seed(seed)
+    rnd = lambda t: torch.randn(t.shape, generator=g).to(t.device, t.dtype)  # noqa: E731
+    total = (out.float() * rnd(out.float())).sum() + sum((s * rnd(s)).sum() for s in final)
+    grads = torch.autograd.grad(total, xs)
+    return [out, *final, *grads]
+
+
+def assert_titan_mlp_close(actual, expected, tol: float, tag: str) -> None:
+    """Every entry of two ``titan_mlp_outputs_and_grads`` results within ``tol`` relative RMS (in fp32)."""
+    for name, a, e in zip(TITAN_MLP_OUTPUT_NAMES, actual, expected):
+        assert_rel_close(f"{tag} {name}", a.float(), e.float(), tol)
+
+
+def titan_mlp_state_pass_args(args, state, chunk_size: int, dgd: bool) -> tuple:
+    """The mlp state-pass ops' arguments ``(q, k, kh, v, aqk, gth, akk, tinv, aqw, vec, end, W1, W2, S1, S2,
+    chunk_size)`` (contiguous, as the raw extensions take them)."""
+    from hope_kernels.titan_memory_update.chunk_terms import linear_chunk_terms
+
+    q, k, v, lr, mo, de = args
+    t = linear_chunk_terms(q, k, lr, mo, de, chunk_size, dgd, mlp=True)
+    xs = (q, k, t.khat, v, t.aqk, t.gth, t.akk, t.tinv, t.aqw, t.vec, t.end, *(s.float() for s in state))
+    return (*(x.contiguous() if x is not None else None for x in xs), chunk_size)
+
+
+def titan_mlp_state_pass_grads(cotangents, *op_args):
+    """The mlp backward ops' 15 gradients (``state_pass.MLP_GRAD_NAMES``) by autograd through
+    ``chunk_terms.mlp_state_pass`` in float64: ``cotangents = (do, dW1T, dW2T, dS1T, dS2T)``, ``op_args`` as
+    ``titan_mlp_state_pass_args`` returns them. The oracle of a raw backward kernel."""
+    from hope_kernels.titan_memory_update.chunk_terms import LinearChunkTerms, mlp_state_pass
+
+    *tensors, chunk_size = op_args
+    xs = [t.detach().double().cpu().requires_grad_(True) if t is not None else None for t in tensors]
+    q, k, kh, v, aqk, gth, akk, tinv, aqw, vec, end, W1, W2, S1, S2 = xs
+    terms = LinearChunkTerms(aqk, akk, tinv, aqw, vec, end, kh, gth)
+    outs = mlp_state_pass(q, k, v, terms, W1, W2, S1, S2, chunk_size)
+    total = sum((o * c.detach().double().cpu()).sum() for o, c in zip(outs, cotangents))
+    live = [x for x in xs if x is not None]
+    grads = iter(torch.autograd.grad(total, live, allow_unused=True))
+    result = []
+    for x in xs:
+        g = next(grads) if x is not None else None
+        result.append(torch.zeros_like(x) if x is not None and g is None else g)
+    return result

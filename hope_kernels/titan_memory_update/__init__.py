@@ -15,30 +15,35 @@ from hope_kernels.titan_memory_update.state_pass import needs_backward
 OP = "titan_memory_update"
 MEMORIES = ("linear", "mlp")
 RULES = ("titans", "dgd")
-#: backends that implement the linear memory only (mlp falls back to the reference under "auto")
-LINEAR_ONLY_BACKENDS = ("cuda", "triton", "cpp")
 
 dispatch.register(OP, "reference", titan_memory_update_reference)
-#: backend -> why_not(Dk, Dv, chunk_size, rule, backward): None when its kernels run the call, else the reason
+#: (backend, memory) -> why_not(Dk, Dv, chunk_size, rule, backward) (mlp: why_not_mlp(D, E, ...)): None when its
+#: kernels run the call, else the reason; a kernel backend without an entry for a memory does not implement it
 _SHAPE_LIMITS = {}
-#: backend -> auto_declines(rule, backward): True where auto leaves the call to a later backend (measured slower)
+#: backend -> auto_declines(rule, backward, memory): True where auto leaves the call to a later backend (measured slower)
 _AUTO_DECLINES = {}
 try:
     from hope_kernels.titan_memory_update import triton as _triton_impl
 
-    _SHAPE_LIMITS["triton"] = _triton_impl.why_not
+    _SHAPE_LIMITS["triton", "linear"] = _triton_impl.why_not
+    if _triton_impl.why_not_mlp is not None:
+        _SHAPE_LIMITS["triton", "mlp"] = _triton_impl.why_not_mlp
 except ImportError:
     pass
 try:
     from hope_kernels.titan_memory_update import cuda as _cuda_impl
 
-    _SHAPE_LIMITS["cuda"] = _cuda_impl.why_not
+    _SHAPE_LIMITS["cuda", "linear"] = _cuda_impl.why_not
+    if _cuda_impl.why_not_mlp is not None:
+        _SHAPE_LIMITS["cuda", "mlp"] = _cuda_impl.why_not_mlp
 except ImportError:
     pass
 try:
     from hope_kernels.titan_memory_update import cpp as _cpp_impl
 
-    _SHAPE_LIMITS["cpp"] = _cpp_impl.why_not
+    _SHAPE_LIMITS["cpp", "linear"] = _cpp_impl.why_not
+    if _cpp_impl.why_not_mlp is not None:
+        _SHAPE_LIMITS["cpp", "mlp"] = _cpp_impl.why_not_mlp
     _AUTO_DECLINES["cpp"] = _cpp_impl.auto_declines
 except ImportError:
     pass
@@ -53,21 +58,23 @@ def _first_that_runs(dev, memory, rule, Dk, Dv, chunk_size, backward) -> str:
     """The first backend in the op's preference order that runs this call and that auto does not decline."""
     return next(b for b in dispatch.auto_candidates(OP, dev)
                 if _why_not(b, memory, rule, Dk, Dv, chunk_size, backward) is None
-                and not _declines(b, rule, backward))
+                and not _declines(b, memory, rule, backward))
 
 
-def _declines(backend: str, rule: str, backward: bool) -> bool:
+def _declines(backend: str, memory: str, rule: str, backward: bool) -> bool:
     """Whether auto leaves this call to a later backend (``backend`` measured slower on it)."""
     declines = _AUTO_DECLINES.get(backend)
-    return declines is not None and declines(rule, backward)
+    return declines is not None and declines(rule, backward, memory)
 
 
 def _why_not(backend: str, memory: str, rule: str, Dk: int, Dv: int, chunk_size: int, backward: bool):
-    """None when ``backend`` runs this call, else why not."""
-    if memory == "mlp" and backend in LINEAR_ONLY_BACKENDS:
+    """None when ``backend`` runs this call, else why not (mlp: Dv is the hidden width E)."""
+    if backend == "reference":
+        return None
+    limit = _SHAPE_LIMITS.get((backend, memory))
+    if limit is None:
         return "implements memory='linear' only"
-    limit = _SHAPE_LIMITS.get(backend)
-    return None if limit is None else limit(Dk, Dv, chunk_size, rule, backward)
+    return limit(Dk, Dv, chunk_size, rule, backward)
 
 
 def _check_state(state, memory: str, B: int, H: int, Dk: int, Dv: int, device):
@@ -159,15 +166,17 @@ def titan_memory_update(
         _check_state(state, memory, B, H, Dk, Dv, dev)
     backward = needs_backward(q, k, v, lr, momentum, decay, state)
     impl = dispatch.resolve_backend(OP, dev, backend)
-    why = _why_not(impl.backend, memory, rule, Dk, Dv, chunk_size, backward)
+    width = state.W1.shape[-1] if memory == "mlp" else Dv  # the kernels' second size: Dv, or the mlp's hidden E
+    why = _why_not(impl.backend, memory, rule, Dk, width, chunk_size, backward)
     if why is not None and backend != "auto":
         exc = NotImplementedError if memory == "mlp" else ValueError
         raise exc(f"backend={backend!r} of titan_memory_update {why}; use backend='auto' (picks a backend "
                   f"that runs it) or backend='reference'")
     # a backend $HOPE_BACKEND forces still runs the calls auto would leave to a faster one
-    declined = backend == "auto" and dispatch.forced_backend() is None and _declines(impl.backend, rule, backward)
+    declined = (backend == "auto" and dispatch.forced_backend() is None
+                and _declines(impl.backend, memory, rule, backward))
     if why is not None or declined:  # auto: the first backend in the op's preference order that runs this call
-        impl = dispatch.resolve_backend(OP, dev, _first_that_runs(dev, memory, rule, Dk, Dv, chunk_size, backward))
+        impl = dispatch.resolve_backend(OP, dev, _first_that_runs(dev, memory, rule, Dk, width, chunk_size, backward))
     return impl.fn(q, k, v, lr, momentum, decay, chunk_size, memory, rule, state)
 
 

@@ -35,7 +35,11 @@ def why_not(Dk: int, Dv: int, chunk_size: int, rule: str, backward: bool) -> str
     return None
 
 
-def auto_declines(rule: str, backward: bool) -> bool:
+#: the mlp memory has no C++ kernel yet
+why_not_mlp = None
+
+
+def auto_declines(rule: str, backward: bool, memory: str = "linear") -> bool:
     """Whether ``backend="auto"`` passes this call on to the reference (measured slower there; an explicit
     ``backend="cpp"`` still runs it)."""
     return rule not in MEASURED_FASTER or (not backward and rule not in MEASURED_FASTER_FWD_ONLY)

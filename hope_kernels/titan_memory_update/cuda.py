@@ -38,6 +38,10 @@ def why_not(Dk: int, Dv: int, chunk_size: int, rule: str, backward: bool) -> str
             f"chunk_size={chunk_size}")
 
 
+#: the mlp memory has no CUDA kernel yet
+why_not_mlp = None
+
+
 def _ext_fn(name: str):
     if not AVAILABLE:
         why = _ext.why_unavailable("_C_cuda") or "the loaded hope_kernels._C_cuda was built without it"

@@ -271,6 +271,10 @@ def why_not(Dk: int, Dv: int, chunk_size: int, rule: str, backward: bool) -> str
     return None
 
 
+#: the mlp memory has no Triton kernel yet
+why_not_mlp = None
+
+
 def _launch_options(dgd: bool) -> dict:
     opts = {"num_warps": TUNING["num_warps"]}
     # dgd loads four [C, C] score tiles per chunk: Triton's default 3-stage pipelining of the chunk loop asked
