@@ -155,8 +155,10 @@ TITAN_MLP_OUTPUT_NAMES = ["out", "W1_T", "W2_T", "S1_T", "S2_T", "dq", "dk", "dv
 
 def titan_mlp_inputs(B, H, T, D, E, *, device="cpu", dtype=torch.float32, seed=0):
     """Random ``([q, k, v, lr, momentum, decay], [W1, W2, S1, S2])`` for the mlp memory (some gates exactly 0
-    or 1, as ``titan_inputs``)."""
+    or 1, as ``titan_inputs``). lr is scaled by 2 / E: a step theta e a^T with ||a||^2 ~ 0.4 E overshoots (and the
+    memory diverges to inf) once theta ||a||^2 > 2."""
     args, _ = titan_inputs(B, H, T, D, D, device="cpu", dtype=torch.float64, seed=seed)
+    args[3] = args[3] * min(1.0, 2.0 / E)
     g = torch.Generator().manual_seed(seed + 100)
     state = [0.5 * torch.randn(B, H, D, E, generator=g) / E**0.5, torch.randn(B, H, E, D, generator=g),
              0.1 * torch.randn(B, H, D, E, generator=g) / E**0.5, 0.1 * torch.randn(B, H, E, D, generator=g)]

@@ -25,7 +25,9 @@ import triton.language as tl
 
 from hope_kernels import dispatch
 from hope_kernels.titan_memory_update.chunk_terms import VEC_ROWS
-from hope_kernels.titan_memory_update.state_pass import backend_entry, define_state_pass_ops
+from hope_kernels.titan_memory_update.state_pass import (backend_entry, define_mlp_state_pass_ops,
+                                                         define_state_pass_ops)
+from hope_kernels.titan_memory_update.triton_mlp import _mlp_bwd_kernel, _mlp_fwd_kernel
 
 OP = "titan_memory_update"
 N_VEC = len(VEC_ROWS)  # rows of LinearChunkTerms.vec, at these offsets (x C) in the kernels
@@ -242,7 +244,9 @@ def _linear_bwd_kernel(
 
 #: launch settings, overridable for tuning sweeps (bench/bench_titan_memory_update.py ``tune``): value-block
 #: caps for the forward / backward kernels, warps per program, software-pipelining stages (None: Triton's)
-TUNING = {"fwd_bv": 64, "bwd_bv": 32, "num_warps": 4, "num_stages": None, "dgd_num_stages": 1}
+TUNING = {"fwd_bv": 64, "bwd_bv": 32, "num_warps": 4, "num_stages": None, "dgd_num_stages": 1,
+          # mlp kernels: hidden units per tile, warps (one program per (b, h) holds several [C, D] tiles), stages
+          "mlp_be": 32, "mlp_num_warps": 8, "mlp_num_stages": 1}
 #: the last compiled kernel of each pass ("fwd" / "bwd"): its n_regs / n_spills feed the benchmark report
 LAST_KERNELS: dict = {}
 
@@ -269,10 +273,6 @@ def why_not(Dk: int, Dv: int, chunk_size: int, rule: str, backward: bool) -> str
         return (f"runs rule='dgd' with Dk > 64 and chunk_size > 32 forward only (its backward needs more shared "
                 f"memory than an H100 has), got Dk={Dk}, chunk_size={chunk_size}")
     return None
-
-
-#: the mlp memory has no Triton kernel yet
-why_not_mlp = None
 
 
 def _launch_options(dgd: bool) -> dict:
@@ -368,6 +368,101 @@ def _bwd(do, dWT, dST, q, k, kh, v, aqk, akk, tinv, aqw, vec, end, W0, S0, chunk
 
 #: ``hope::titan_linear_fwd`` / ``hope::titan_linear_bwd`` (fakes and autograd: state_pass.py)
 titan_linear_fwd, titan_linear_bwd = define_state_pass_ops("", _fwd, _bwd)
-titan_memory_update_triton = backend_entry("triton", titan_linear_fwd, why_not)
+
+
+# ------------------------------------------------------------------------------------------------ mlp memory
+#: largest head dim and chunk size of the mlp kernels: one program holds several [C, D] fp32 tiles on chip
+MLP_MAX_HEAD_DIM = 128
+MLP_MAX_CHUNK = 64
+
+
+def why_not_mlp(D: int, E: int, chunk_size: int, rule: str, backward: bool) -> str | None:
+    """None when the mlp kernels run this call, else why not (any hidden width E: it is tiled)."""
+    if D <= MLP_MAX_HEAD_DIM and chunk_size <= MLP_MAX_CHUNK:
+        return None
+    return (f"runs memory='mlp' with D <= {MLP_MAX_HEAD_DIM} and chunk_size <= {MLP_MAX_CHUNK} (its [C, D] tiles "
+            f"stay on chip), got D={D}, chunk_size={chunk_size}")
+
+
+def _mlp_blocks(C: int, D: int, E: int) -> tuple[int, int, int]:
+    """(BT, BD, BE): tl.dot needs every dimension >= 16; E is visited in tiles of BE hidden units."""
+    BT = max(16, triton.next_power_of_2(C))
+    BD = max(16, triton.next_power_of_2(D))
+    BE = max(16, min(TUNING["mlp_be"], triton.next_power_of_2(E)))
+    return BT, BD, BE
+
+
+def _mlp_launch_options() -> dict:
+    return {"num_warps": TUNING["mlp_num_warps"], "num_stages": TUNING["mlp_num_stages"]}
+
+
+def _run_mlp_fwd(q, k, kh, v, aqk, gth, akk, tinv, aqw, vec, end, W1, W2, S1, S2, C, write_out, store_states):
+    dgd = kh is not None
+    B, H, T, D = q.shape
+    E = W1.shape[-1]
+    NC = vec.shape[2]
+    BT, BD, BE = _mlp_blocks(C, D, E)
+    dev = q.device
+    # the kernel updates the state in place: these copies of the initial state end as the final state
+    W1T, W2T, S1T, S2T = (x.to(torch.float32, copy=True).contiguous() for x in (W1, W2, S1, S2))
+    out = _empty(B, H, T, D, device=dev, dtype=q.dtype) if write_out else q.new_empty(0)
+    states = (_empty(B, H, NC, 4, D, E, device=dev, dtype=torch.float32) if store_states
+              else W1T.new_empty(0))
+    LAST_KERNELS["mlp_fwd"] = _mlp_fwd_kernel[(B * H,)](
+        q, k, kh if dgd else k, v, aqk, gth, akk if dgd else aqk, tinv if dgd else aqk, aqw if dgd else aqk,
+        vec, end, W1T, W2T, S1T, S2T, out, states,
+        T, NC * C, NC, C, D, E,
+        BT=BT, BD=BD, BE=BE, DGD=dgd, WRITE_OUT=write_out, STORE_STATES=store_states,
+        PRECISION=_precision(q.dtype), **_mlp_launch_options(),
+    )
+    return out, W1T, W2T, S1T, S2T, states
+
+
+def _mlp_fwd(q, k, kh, v, aqk, gth, akk, tinv, aqw, vec, end, W1, W2, S1, S2, chunk_size):
+    out, W1T, W2T, S1T, S2T, _ = _run_mlp_fwd(q, k, kh, v, aqk, gth, akk, tinv, aqw, vec, end, W1, W2, S1, S2,
+                                              chunk_size, write_out=True, store_states=False)
+    return out, W1T, W2T, S1T, S2T
+
+
+def _mlp_bwd(do, dW1T, dW2T, dS1T, dS2T, q, k, kh, v, aqk, gth, akk, tinv, aqw, vec, end, W1, W2, S1, S2,
+             chunk_size):
+    dgd = kh is not None
+    B, H, T, D = q.shape
+    E = W1.shape[-1]
+    NC = vec.shape[2]
+    C = chunk_size
+    Tp = NC * C
+    BT, BD, BE = _mlp_blocks(C, D, E)
+    dev = q.device
+    # recompute the chunk-start states (the forward pass kept only its inputs)
+    *_, states = _run_mlp_fwd(q, k, kh, v, aqk, gth, akk, tinv, aqw, vec, end, W1, W2, S1, S2, C,
+                              write_out=False, store_states=True)
+    # the kernel carries the state gradient in place: these copies of the final state's end as the initial state's
+    dW1, dW2, dS1, dS2 = (x.to(torch.float32, copy=True).contiguous() for x in (dW1T, dW2T, dS1T, dS2T))
+    f32 = dict(device=dev, dtype=torch.float32)
+    dq = _empty(B, H, T, D, device=dev, dtype=q.dtype)
+    dk = _empty(B, H, T, D, device=dev, dtype=k.dtype)
+    dv = _empty(B, H, T, D, device=dev, dtype=v.dtype)
+    # masked stores skip the padded rows of the last chunk: their gradients are zeros
+    dmat = lambda: torch.zeros(B, H, NC, C, C, **f32)  # noqa: E731
+    daqk, dgth = dmat(), dmat()
+    dkh = torch.zeros(B, H, Tp, D, **f32) if dgd else dq.new_empty(0, dtype=torch.float32)
+    dakk, dtinv, daqw = (dmat(), dmat(), dmat()) if dgd else (daqk.new_empty(0) for _ in range(3))
+    dvec = torch.zeros(B, H, NC, N_VEC, C, **f32)
+    dend = _empty(B, H, NC, 3, **f32)
+    LAST_KERNELS["mlp_bwd"] = _mlp_bwd_kernel[(B * H,)](
+        q, k, kh if dgd else k, v, aqk, gth, akk if dgd else aqk, tinv if dgd else aqk, aqw if dgd else aqk,
+        vec, end, states, do, dW1, dW2, dS1, dS2,
+        dq, dk, dkh if dgd else dq, dv, daqk, dgth, dakk if dgd else daqk, dtinv if dgd else daqk,
+        daqw if dgd else daqk, dvec, dend,
+        T, Tp, NC, C, D, E,
+        BT=BT, BD=BD, BE=BE, DGD=dgd, PRECISION=_precision(q.dtype), **_mlp_launch_options(),
+    )
+    return [dq, dk, dkh, dv, daqk, dgth, dakk, dtinv, daqw, dvec, dend, dW1, dW2, dS1, dS2]
+
+
+#: ``hope::titan_mlp_fwd`` / ``hope::titan_mlp_bwd`` (fakes and autograd: state_pass.py)
+titan_mlp_fwd, titan_mlp_bwd = define_mlp_state_pass_ops("", _mlp_fwd, _mlp_bwd)
+titan_memory_update_triton = backend_entry("triton", titan_linear_fwd, why_not, titan_mlp_fwd, why_not_mlp)
 
 dispatch.register(OP, "triton", titan_memory_update_triton, supports=dispatch.triton_supports)
