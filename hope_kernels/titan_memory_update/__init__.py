@@ -54,6 +54,9 @@ dispatch.prefer(OP, ("triton", "cuda", "cpp", "reference"),
                 "Triton measured faster than the CUDA port on the H100 (docs/performance.md)")
 
 
+_NO_MEMORY = "implements memory='linear' only"
+
+
 def _first_that_runs(dev, memory, rule, Dk, Dv, chunk_size, backward) -> str:
     """The first backend in the op's preference order that runs this call and that auto does not decline."""
     return next(b for b in dispatch.auto_candidates(OP, dev)
@@ -73,7 +76,7 @@ def _why_not(backend: str, memory: str, rule: str, Dk: int, Dv: int, chunk_size:
         return None
     limit = _SHAPE_LIMITS.get((backend, memory))
     if limit is None:
-        return "implements memory='linear' only"
+        return _NO_MEMORY
     return limit(Dk, Dv, chunk_size, rule, backward)
 
 
@@ -169,7 +172,7 @@ def titan_memory_update(
     width = state.W1.shape[-1] if memory == "mlp" else Dv  # the kernels' second size: Dv, or the mlp's hidden E
     why = _why_not(impl.backend, memory, rule, Dk, width, chunk_size, backward)
     if why is not None and backend != "auto":
-        exc = NotImplementedError if memory == "mlp" else ValueError
+        exc = NotImplementedError if why == _NO_MEMORY else ValueError  # a memory it lacks / a shape it refuses
         raise exc(f"backend={backend!r} of titan_memory_update {why}; use backend='auto' (picks a backend "
                   f"that runs it) or backend='reference'")
     # a backend $HOPE_BACKEND forces still runs the calls auto would leave to a faster one

@@ -109,18 +109,13 @@ def test_nan_input_is_not_hidden():
     assert torch.isnan(out).any() and torch.isnan(st.W).any()
 
 
-def test_dispatch_and_mlp_fallback(monkeypatch):
+def test_dispatch_registers_triton():
+    """(The mlp memory's dispatch is tested in test_titan_memory_update_triton_mlp.py.)"""
     assert "triton" in dispatch.registered_backends("titan_memory_update")
-    args, _ = _inputs(1, 1, 9, 8, 8)
-    E = 12
-    st = MLPMemoryState(*(0.2 * torch.randn(1, 1, *shape, device=DEVICE)
-                          for shape in [(8, E), (E, 8), (8, E), (E, 8)]))
-    with pytest.raises(NotImplementedError, match="memory='linear' only"):
-        titan_memory_update(*args, chunk_size=4, memory="mlp", state=st, backend="triton")
-    monkeypatch.setenv("HOPE_BACKEND", "triton")  # forcing triton globally still runs mlp layers
-    out, _ = titan_memory_update(*args, chunk_size=4, memory="mlp", state=st)
-    ref, _ = titan_memory_update(*args, chunk_size=4, memory="mlp", state=st, backend="reference")
-    assert_rel_close("mlp via auto", out, ref, 1e-6)
+    args, state = _inputs(1, 1, 9, 8, 8)
+    out, _ = titan_memory_update(*args, chunk_size=4, state=LinearMemoryState(*state), backend="triton")
+    ref, _ = titan_memory_update(*args, chunk_size=4, state=LinearMemoryState(*state), backend="reference")
+    assert_rel_close("linear via triton", out, ref, TOL_FP32)
 
 
 def test_dgd_backward_beyond_shared_memory_is_refused_clearly():
