@@ -11,6 +11,9 @@ Linear memory, chunk 64, fwd and fwd+bwd (gradients to q, k, v, the gates and th
            its time is compared, not its output
 Issue targets (GPU): triton >= 10x eager, >= 2x compile, within 1.5x of fla on the shared case, at
 B=8 H=12 D=64 T=2048 and B=1 H=16 D=128 T=16384.
+
+``run_mlp(device)``: the same table for the mlp memory (M(x) = x + W1 gelu(W2 x), hidden width E = 2 D as the
+pilot configs' memory_expansion), without fla (no peer implements it).
 """
 from __future__ import annotations
 
@@ -20,7 +23,7 @@ import os
 import torch
 from _timing import peak_mb, time_ms
 
-from hope_kernels.titan_memory_update import LinearMemoryState, titan_memory_update
+from hope_kernels.titan_memory_update import LinearMemoryState, MLPMemoryState, titan_memory_update
 from hope_kernels.titan_memory_update import reference as _reference
 from hope_kernels.titan_memory_update.reference import titan_memory_update_reference
 
@@ -29,9 +32,10 @@ CPU_SHAPES = [(1, 2, 128, 16), (2, 4, 512, 32)]
 CHUNK = 64
 # the eager dgd reference loops over tokens in Python: too slow to time at T=16384
 EAGER_MAX_TOKENS_DGD = 4096
+MLP_EXPANSION = 2  # E = 2 D, the pilot configs' memory_expansion
 
 
-def _inputs(B, H, T, D, device, dtype, momentum_zero=False):
+def _inputs(B, H, T, D, device, dtype, momentum_zero=False, memory="linear"):
     g = torch.Generator().manual_seed(0)
     rnd = lambda *s: torch.randn(*s, generator=g).to(device)  # noqa: E731
     q, k = (torch.nn.functional.normalize(rnd(B, H, T, D), dim=-1).to(dtype) for _ in range(2))
@@ -39,7 +43,13 @@ def _inputs(B, H, T, D, device, dtype, momentum_zero=False):
     lr = torch.rand(B, H, T, generator=g).to(device) * 0.5
     momentum = torch.zeros(B, H, T, device=device) if momentum_zero else torch.rand(B, H, T, generator=g).to(device)
     decay = torch.rand(B, H, T, generator=g).to(device) * 0.1
-    state = [torch.zeros(B, H, D, D, device=device), torch.zeros(B, H, D, D, device=device)]
+    if memory == "mlp":  # a zero MLP memory never learns: random first-layer weights, small second layer
+        E = MLP_EXPANSION * D
+        state = [0.02 * rnd(B, H, D, E), rnd(B, H, E, D) / D**0.5, torch.zeros(B, H, D, E, device=device),
+                 torch.zeros(B, H, E, D, device=device)]
+        lr = lr * (2.0 / E)  # a stable step size for ||gelu(W2 k)||^2 ~ 0.4 E
+    else:
+        state = [torch.zeros(B, H, D, D, device=device), torch.zeros(B, H, D, D, device=device)]
     return [q, k, v, lr, momentum, decay], state
 
 
@@ -49,10 +59,11 @@ def compiled_reference():
     return functools.partial(titan_memory_update_reference, chunk_fns=chunk_fns)
 
 
-def _ours(fn, rule):
-    def call(q, k, v, lr, mo, de, W0, S0):
-        out, st = fn(q, k, v, lr, mo, de, CHUNK, "linear", rule, LinearMemoryState(W0, S0))
-        return out, st.W
+def _ours(fn, rule, memory="linear"):
+    def call(q, k, v, lr, mo, de, *state):
+        st_cls = MLPMemoryState if memory == "mlp" else LinearMemoryState
+        out, st = fn(q, k, v, lr, mo, de, CHUNK, memory, rule, st_cls(*state))
+        return out, st[0]
     return call
 
 
@@ -99,7 +110,12 @@ def _kernel_stats() -> dict:
     return stats
 
 
-def run(device="cuda"):
+def run_mlp(device="cuda"):
+    """``run`` for the mlp memory."""
+    return run(device, memory="mlp")
+
+
+def run(device="cuda", memory="linear"):
     """Yields one row per (shape, rule, pass, impl); speed-up columns are filled per group before yielding."""
     device = torch.device(device)
     on_gpu = device.type == "cuda"
@@ -121,7 +137,7 @@ def run(device="cuda"):
 
         if _cpp.AVAILABLE:
             impls["cpp"] = _cpp.titan_memory_update_cpp
-    fla = _fla_call() if on_gpu else None
+    fla = _fla_call() if on_gpu and memory == "linear" else None
     wanted = os.environ.get("HOPE_BENCH_IMPLS")  # comma list: time only these (the suite splits runs this way)
     if wanted:
         keep = set(wanted.split(","))
@@ -132,15 +148,16 @@ def run(device="cuda"):
     for B, H, T, D in shapes:
         for rule in ("titans", "dgd"):
             shared = rule == "titans"  # momentum 0: the case fla's gated delta rule also covers
-            args, state = _inputs(B, H, T, D, device, dtype, momentum_zero=shared)
-            shape = f"B{B} H{H} T{T} D{D} C{CHUNK} {str(dtype).replace('torch.', '')}"
-            calls = {name: _ours(fn, rule) for name, fn in impls.items()}
+            args, state = _inputs(B, H, T, D, device, dtype, momentum_zero=shared, memory=memory)
+            hidden = f" E{MLP_EXPANSION * D}" if memory == "mlp" else ""
+            shape = f"B{B} H{H} T{T} D{D}{hidden} C{CHUNK} {str(dtype).replace('torch.', '')}"
+            calls = {name: _ours(fn, rule, memory) for name, fn in impls.items()}
             if shared and fla is not None:
                 calls["fla"] = fla
             for backward in (False, True):
                 base, group = {}, []
                 for impl, call in calls.items():
-                    row = {"op": "titan_memory_update", "impl": impl, "rule": rule, "shape": shape,
+                    row = {"op": "titan_memory_update", "memory": memory, "impl": impl, "rule": rule, "shape": shape,
                            "pass": "fwd+bwd" if backward else "fwd"}
                     if impl == "eager" and rule == "dgd" and T > EAGER_MAX_TOKENS_DGD:
                         group.append(dict(row, skipped=f"per-token Python loop; T > {EAGER_MAX_TOKENS_DGD}"))
