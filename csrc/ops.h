@@ -29,6 +29,23 @@ std::vector<at::Tensor> titan_linear_bwd_cpu(const at::Tensor& grad_out, const a
                                              const at::Tensor& end, const at::Tensor& W0, const at::Tensor& S0,
                                              int64_t chunk_size);
 
+std::vector<at::Tensor> titan_mlp_fwd_cpu(const at::Tensor& q, const at::Tensor& k,
+                                          const std::optional<at::Tensor>& kh, const at::Tensor& v,
+                                          const at::Tensor& aqk, const at::Tensor& gth,
+                                          const std::optional<at::Tensor>& akk, const std::optional<at::Tensor>& tinv,
+                                          const std::optional<at::Tensor>& aqw, const at::Tensor& vec,
+                                          const at::Tensor& end, const at::Tensor& W1, const at::Tensor& W2,
+                                          const at::Tensor& S1, const at::Tensor& S2, int64_t chunk_size,
+                                          bool store_states);
+std::vector<at::Tensor> titan_mlp_bwd_cpu(const at::Tensor& grad_out, const at::Tensor& dW1T, const at::Tensor& dW2T,
+                                          const at::Tensor& dS1T, const at::Tensor& dS2T, const at::Tensor& q,
+                                          const at::Tensor& k, const std::optional<at::Tensor>& kh,
+                                          const at::Tensor& v, const at::Tensor& aqk, const at::Tensor& gth,
+                                          const std::optional<at::Tensor>& akk, const std::optional<at::Tensor>& tinv,
+                                          const std::optional<at::Tensor>& aqw, const at::Tensor& vec,
+                                          const at::Tensor& end, const at::Tensor& W1, const at::Tensor& W2,
+                                          const at::Tensor& S1, const at::Tensor& S2, int64_t chunk_size);
+
 // CUDA kernels (_C_cuda); their inputs are checked by the bindings (checks_cuda.h, titan_linear_checks.h)
 std::vector<at::Tensor> cms_update_cuda(const at::Tensor& w1, const at::Tensor& w2, const at::Tensor& m1,
                                         const at::Tensor& m2, const at::Tensor& x, const at::Tensor& delta,
@@ -50,4 +67,20 @@ std::vector<at::Tensor> titan_linear_bwd_cuda(const at::Tensor& grad_out, const 
                                               const std::optional<at::Tensor>& aqw, const at::Tensor& vec,
                                               const at::Tensor& end, const at::Tensor& W0, const at::Tensor& S0,
                                               int64_t chunk_size);
+std::vector<at::Tensor> titan_mlp_fwd_cuda(const at::Tensor& q, const at::Tensor& k,
+                                          const std::optional<at::Tensor>& kh, const at::Tensor& v,
+                                          const at::Tensor& aqk, const at::Tensor& gth,
+                                          const std::optional<at::Tensor>& akk, const std::optional<at::Tensor>& tinv,
+                                          const std::optional<at::Tensor>& aqw, const at::Tensor& vec,
+                                          const at::Tensor& end, const at::Tensor& W1, const at::Tensor& W2,
+                                          const at::Tensor& S1, const at::Tensor& S2, int64_t chunk_size,
+                                          bool store_states);
+std::vector<at::Tensor> titan_mlp_bwd_cuda(const at::Tensor& grad_out, const at::Tensor& dW1T, const at::Tensor& dW2T,
+                                          const at::Tensor& dS1T, const at::Tensor& dS2T, const at::Tensor& q,
+                                          const at::Tensor& k, const std::optional<at::Tensor>& kh,
+                                          const at::Tensor& v, const at::Tensor& aqk, const at::Tensor& gth,
+                                          const std::optional<at::Tensor>& akk, const std::optional<at::Tensor>& tinv,
+                                          const std::optional<at::Tensor>& aqw, const at::Tensor& vec,
+                                          const at::Tensor& end, const at::Tensor& W1, const at::Tensor& W2,
+                                          const at::Tensor& S1, const at::Tensor& S2, int64_t chunk_size);
 }  // namespace hope

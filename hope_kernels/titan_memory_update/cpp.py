@@ -11,16 +11,24 @@ here, results cast back) and are registered as the custom ops ``hope::titan_line
 
 Registered with the dispatcher as backend "cpp" for CPU tensors only for the rules it measured faster than the
 PyTorch reference on (fwd+bwd, see ``MEASURED_FASTER`` and docs/kernels/csrc.md); ``auto_declines`` names the
-calls ``backend="auto"`` leaves to the reference. The mlp memory runs on the reference.
+calls ``backend="auto"`` leaves to the reference.
+
+The mlp memory (M(x) = x + W1 gelu(W2 x)) has its own pair, ``titan_mlp_fwd`` / ``titan_mlp_bwd``
+(csrc/titan_mlp_cpu.cpp: the block-phased body csrc/titan_mlp_body.h that csrc/titan_mlp.cu shares), registered as
+``hope::titan_mlp_fwd_cpp`` / ``hope::titan_mlp_bwd_cpp``; auto takes it only where it measured faster
+(``MLP_MEASURED_FASTER``).
 """
 from __future__ import annotations
 
 from hope_kernels import _ext, dispatch
-from hope_kernels.titan_memory_update.state_pass import backend_entry, define_state_pass_ops
+from hope_kernels.titan_memory_update.state_pass import (backend_entry, define_mlp_state_pass_ops,
+                                                         define_state_pass_ops)
 
 OP = "titan_memory_update"
 #: the extension was built with these kernels (an older build of _C_cpu may lack them)
 AVAILABLE = _ext.cpu is not None and hasattr(_ext.cpu, "titan_linear_fwd")
+#: the extension has the mlp kernels too
+MLP_AVAILABLE = AVAILABLE and hasattr(_ext.cpu, "titan_mlp_fwd")
 #: rules on which the C++ state pass measured faster than the reference fwd+bwd (2-core CPU, torch 2.13.0+cpu,
 #: 2026-11-25, bench/bench_titan_memory_update.py cpu; table in docs/kernels/csrc.md): titans 1.5-1.6x, dgd 12-16x
 MEASURED_FASTER = ("titans", "dgd")
@@ -35,13 +43,23 @@ def why_not(Dk: int, Dv: int, chunk_size: int, rule: str, backward: bool) -> str
     return None
 
 
-#: the mlp memory has no C++ kernel yet
-why_not_mlp = None
+#: mlp memory: (rule, backward) pairs on which the C++ state pass measured faster than the reference (filled in
+#: from bench/bench_titan_memory_update.py cpu_mlp; table in docs/kernels/csrc.md)
+MLP_MEASURED_FASTER: tuple = ()
+
+
+def why_not_mlp(D: int, E: int, chunk_size: int, rule: str, backward: bool) -> str | None:
+    """None: the C++ mlp kernels take every shape (no shape limits), when the extension has them."""
+    if not MLP_AVAILABLE:
+        return "was built without the mlp kernels (rebuild hope_kernels._C_cpu)"
+    return None
 
 
 def auto_declines(rule: str, backward: bool, memory: str = "linear") -> bool:
     """Whether ``backend="auto"`` passes this call on to the reference (measured slower there; an explicit
     ``backend="cpp"`` still runs it)."""
+    if memory == "mlp":
+        return (rule, backward) not in MLP_MEASURED_FASTER
     return rule not in MEASURED_FASTER or (not backward and rule not in MEASURED_FASTER_FWD_ONLY)
 
 
@@ -72,7 +90,25 @@ def _bwd(do, dWT, dST, q, k, kh, v, aqk, akk, tinv, aqw, vec, end, W0, S0, chunk
 #: ``hope::titan_linear_fwd_cpp`` / ``hope::titan_linear_bwd_cpp`` (fakes and autograd: state_pass.py); the kernels
 #: take fp32, half inputs are cast here and results cast back
 titan_linear_fwd_cpp, titan_linear_bwd_cpp = define_state_pass_ops("_cpp", _fwd, _bwd)
-titan_memory_update_cpp = backend_entry("cpp", titan_linear_fwd_cpp, why_not)
+
+
+def _mlp_fwd(q, k, kh, v, aqk, gth, akk, tinv, aqw, vec, end, W1, W2, S1, S2, chunk_size):
+    xs = _f32(q, k, kh, v, aqk, gth, akk, tinv, aqw, vec, end, W1, W2, S1, S2)
+    out, *st, _ = _ext_fn("titan_mlp_fwd")(*xs, chunk_size, False)
+    return (out.to(q.dtype), *st)
+
+
+def _mlp_bwd(do, dW1T, dW2T, dS1T, dS2T, q, k, kh, v, aqk, gth, akk, tinv, aqw, vec, end, W1, W2, S1, S2, chunk_size):
+    xs = _f32(do, dW1T, dW2T, dS1T, dS2T, q, k, kh, v, aqk, gth, akk, tinv, aqw, vec, end, W1, W2, S1, S2)
+    grads = list(_ext_fn("titan_mlp_bwd")(*xs, chunk_size))
+    grads[0], grads[1], grads[3] = grads[0].to(q.dtype), grads[1].to(k.dtype), grads[3].to(v.dtype)
+    return grads
+
+
+#: ``hope::titan_mlp_fwd_cpp`` / ``hope::titan_mlp_bwd_cpp`` (mlp memory; fakes and autograd: state_pass.py)
+titan_mlp_fwd_cpp, titan_mlp_bwd_cpp = define_mlp_state_pass_ops("_cpp", _mlp_fwd, _mlp_bwd)
+titan_memory_update_cpp = backend_entry("cpp", titan_linear_fwd_cpp, why_not, mlp_fwd_op=titan_mlp_fwd_cpp,
+                                        mlp_why_not=why_not_mlp)
 
 if AVAILABLE and MEASURED_FASTER:
     dispatch.register(OP, "cpp", titan_memory_update_cpp, lambda device: device.type == "cpu")

@@ -1,19 +1,25 @@
-"""C++ CPU titan_memory_update (csrc/titan_linear_cpu.cpp, linear memory, titans and dgd) vs the reference and the
-float64 oracle: forward, final state and every gradient; odd sizes, chunk sizes 8/16/64, exact 0 / 1 gates; zero
+"""C++ CPU titan_memory_update (csrc/titan_linear_cpu.cpp, linear memory; csrc/titan_mlp_cpu.cpp, mlp memory; titans
+and dgd) vs the reference and the float64 oracle: forward, final state and every gradient; odd sizes, chunk sizes 8/16/64, exact 0 / 1 gates; zero
 initial state; NaN propagation; argument checks naming the argument; custom ops and torch.compile; dispatch.
 Runs on the CPU (needs hope_kernels._C_cpu built)."""
 from __future__ import annotations
+
+import contextlib
 
 import pytest
 import torch
 
 from hope_kernels import _ext, dispatch
-from hope_kernels.testing import (TITAN_CASES, TITAN_STATE_PASS_GRAD_NAMES, assert_rel_close, assert_titan_close,
-                                  check_titan_compiles_fullgraph, titan_inputs, titan_outputs_and_grads,
+from hope_kernels.testing import (TITAN_CASES, TITAN_MLP_CASES, TITAN_STATE_PASS_GRAD_NAMES, assert_rel_close,
+                                  assert_titan_close, assert_titan_mlp_close, check_titan_compiles_fullgraph,
+                                  titan_inputs, titan_mlp_inputs, titan_mlp_outputs_and_grads,
+                                  titan_mlp_state_pass_args, titan_mlp_state_pass_grads, titan_outputs_and_grads,
                                   titan_state_pass_args)
-from hope_kernels.titan_memory_update import LinearMemoryState, titan_memory_update
+from hope_kernels.titan_memory_update import LinearMemoryState, MLPMemoryState, titan_memory_update
+from hope_kernels.titan_memory_update.chunk_terms import LinearChunkTerms, mlp_state_pass
 from hope_kernels.titan_memory_update.oracle import titan_memory_update_oracle
 from hope_kernels.titan_memory_update.reference import titan_memory_update_reference
+from hope_kernels.titan_memory_update.state_pass import MLP_GRAD_NAMES
 
 CASES = TITAN_CASES
 _run = titan_outputs_and_grads
@@ -175,3 +181,213 @@ def test_dispatch_picks_cpp_on_cpu_where_measured_faster(cpp, monkeypatch):
     with torch.no_grad():  # an explicit backend="cpp" runs what auto leaves to the reference
         titan_memory_update(*args, chunk_size=4, rule="titans", backend="cpp")
     assert seen == ["titans"]
+
+
+# --------------------------------------------------------------- mlp memory (csrc/titan_mlp_cpu.cpp)
+# The CPU build of the block-phased body (csrc/titan_mlp_body.h) that csrc/titan_mlp.cu shares: these tests check
+# the CUDA kernels' arithmetic too.
+MLP_OP_NAMES = ["q", "k", "kh", "v", "aqk", "gth", "akk", "tinv", "aqw", "vec", "end", "W1", "W2", "S1", "S2",
+                "chunk_size"]
+
+
+@pytest.fixture(scope="module")
+def cpp_mlp(cpp):
+    if not cpp.MLP_AVAILABLE:
+        pytest.fail("hope_kernels._C_cpu was built without titan_mlp_fwd / titan_mlp_bwd")
+    return cpp
+
+
+def _mlp_case_id(c):
+    return "B{}H{}T{}D{}E{}C{}".format(*c)
+
+
+@pytest.mark.parametrize("rule", ["titans", "dgd"])
+@pytest.mark.parametrize("case", TITAN_MLP_CASES, ids=_mlp_case_id)
+def test_cpp_mlp_matches_reference_fp32(cpp_mlp, rule, case):
+    B, H, T, D, E, C = case
+    args, state = titan_mlp_inputs(B, H, T, D, E)
+    expected = titan_mlp_outputs_and_grads(titan_memory_update_reference, args, state, C, rule)
+    actual = titan_mlp_outputs_and_grads(cpp_mlp.titan_memory_update_cpp, args, state, C, rule)
+    assert_titan_mlp_close(actual, expected, TOL_FP32, f"cpp mlp {rule} {case}")
+
+
+@pytest.mark.parametrize("dgd", [False, True])
+@pytest.mark.parametrize("case", TITAN_MLP_CASES, ids=_mlp_case_id)
+def test_cpp_mlp_raw_ops_match_the_state_pass(cpp_mlp, dgd, case):
+    """Raw forward vs chunk_terms.mlp_state_pass; raw backward vs its float64 autograd (all 15 gradients; padded
+    rows zero, the dgd-only ones empty for titans)."""
+    B, H, T, D, E, C = case
+    args, state = titan_mlp_inputs(B, H, T, D, E)
+    op_args = titan_mlp_state_pass_args(args, state, C, dgd)
+    q, k, kh, v, aqk, gth, akk, tinv, aqw, vec, end, W1, W2, S1, S2, _ = op_args
+    terms = LinearChunkTerms(aqk, akk, tinv, aqw, vec, end, kh, gth)
+    expected = mlp_state_pass(q, k, v, terms, W1, W2, S1, S2, C)
+    got = _ext.cpu.titan_mlp_fwd(*op_args, True)
+    for name, a, e in zip(["out", "W1_T", "W2_T", "S1_T", "S2_T"], got, expected):
+        assert_rel_close(f"fwd {name}", a, e, TOL_FP32)
+    states = got[5].view(B, H, -1, 4, D, E)
+    assert torch.equal(states[:, :, 0, 0], W1) and torch.equal(states[:, :, 0, 1].reshape(W2.shape), W2)
+    g = torch.Generator().manual_seed(3)
+    cot = [torch.randn(x.shape, generator=g) for x in expected]
+    grads = _ext.cpu.titan_mlp_bwd(*cot, *op_args)
+    oracle = titan_mlp_state_pass_grads(cot, *op_args)
+    for name, a, e in zip(MLP_GRAD_NAMES, grads, oracle):
+        if e is None:
+            assert a.numel() == 0, name
+        else:
+            assert a.shape == e.shape, name
+            assert_rel_close(f"bwd {name}", a, e.float(), TOL_FP32)
+
+
+@contextlib.contextmanager
+def _nan_filled_empty():
+    """torch / at::empty fill new memory with NaN (deterministic mode's fill_uninitialized_memory), so an output
+    element the kernels leave unwritten shows up as NaN."""
+    import torch.utils.deterministic as det
+
+    was = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),
+           det.fill_uninitialized_memory)
+    torch.use_deterministic_algorithms(True)
+    det.fill_uninitialized_memory = True
+    try:
+        assert torch.isnan(torch.empty(7)).all()
+        yield
+    finally:
+        det.fill_uninitialized_memory = was[2]
+        torch.use_deterministic_algorithms(was[0], warn_only=was[1])
+
+
+@pytest.mark.parametrize("rule", ["titans", "dgd"])
+@pytest.mark.parametrize("case", [(1, 2, 21, 6, 9, 8), (1, 1, 5, 3, 1, 16)], ids=_mlp_case_id)
+def test_cpp_mlp_every_output_is_written(cpp_mlp, rule, case):
+    B, H, T, D, E, C = case
+    args, state = titan_mlp_inputs(B, H, T, D, E)
+    op_args = titan_mlp_state_pass_args(args, state, C, rule == "dgd")
+    cot = [torch.randn(B, H, T, D), *(torch.randn_like(s) for s in state)]
+    with _nan_filled_empty():
+        fwd = _ext.cpu.titan_mlp_fwd(*op_args, True)
+        grads = _ext.cpu.titan_mlp_bwd(*cot, *op_args)
+    for name, t in zip(["out", "W1_T", "W2_T", "S1_T", "S2_T", "states"], fwd):
+        assert torch.isfinite(t).all(), f"forward {name} has non-finite entries: left unwritten"
+    for name, t in zip(MLP_GRAD_NAMES, grads):
+        assert torch.isfinite(t).all(), f"backward {name} has non-finite entries: left unwritten"
+
+
+def test_cpp_mlp_nan_input_is_not_hidden(cpp_mlp):
+    args, state = titan_mlp_inputs(1, 1, 12, 8, 8)
+    args[2][0, 0, 3, 5] = float("nan")
+    for rule in ("titans", "dgd"):
+        out, st = cpp_mlp.titan_memory_update_cpp(*args, 8, "mlp", rule, MLPMemoryState(*state))
+        assert torch.isnan(out).any() and all(torch.isnan(s).any() for s in st), rule
+
+
+@pytest.mark.parametrize(
+    "bad_arg,make_bad",
+    [
+        ("q", lambda a: dict(a, q=a["q"].double())),
+        ("k", lambda a: dict(a, k=a["k"][:, :, :-1].contiguous())),
+        ("v", lambda a: dict(a, v=a["v"].transpose(2, 3).contiguous().transpose(2, 3))),
+        ("kh", lambda a: dict(a, kh=a["kh"][:, :, :-1].contiguous())),
+        ("aqk", lambda a: dict(a, aqk=a["aqk"].transpose(-1, -2))),
+        ("gth", lambda a: dict(a, gth=a["gth"][..., :-1].contiguous())),
+        ("tinv", lambda a: dict(a, tinv=None)),
+        ("vec", lambda a: dict(a, vec=a["vec"].double())),
+        ("end", lambda a: dict(a, end=a["end"][..., :2].contiguous())),
+        ("W1", lambda a: dict(a, W1=a["W1"][0])),
+        ("W2", lambda a: dict(a, W2=a["W2"].transpose(-1, -2).contiguous())),
+        ("S1", lambda a: dict(a, S1=a["S1"].half())),
+        ("S2", lambda a: dict(a, S2=a["S2"][..., :-1].contiguous())),
+        ("chunk_size", lambda a: dict(a, chunk_size=0)),
+    ],
+)
+def test_cpp_mlp_checks_name_the_argument(cpp_mlp, bad_arg, make_bad):
+    args, state = titan_mlp_inputs(1, 2, 13, 8, 6)
+    good = dict(zip(MLP_OP_NAMES, titan_mlp_state_pass_args(args, state, 8, True)))
+    with pytest.raises(RuntimeError, match=rf"\b{bad_arg}\b"):
+        _ext.cpu.titan_mlp_fwd(**make_bad(good), store_states=False)
+    out, W1T, W2T, S1T, S2T, _ = _ext.cpu.titan_mlp_fwd(**good, store_states=False)
+    with pytest.raises(RuntimeError, match=rf"\b{bad_arg}\b"):
+        _ext.cpu.titan_mlp_bwd(out, W1T, W2T, S1T, S2T, **make_bad(good))
+
+
+def test_cpp_mlp_checks_name_the_gradient_arguments(cpp_mlp):
+    args, state = titan_mlp_inputs(1, 2, 13, 8, 6)
+    op_args = titan_mlp_state_pass_args(args, state, 8, False)
+    out, W1T, W2T, S1T, S2T, _ = _ext.cpu.titan_mlp_fwd(*op_args, False)
+    bwd = _ext.cpu.titan_mlp_bwd
+    with pytest.raises(RuntimeError, match=r"\bdo\b"):
+        bwd(out[..., :-1].contiguous(), W1T, W2T, S1T, S2T, *op_args)
+    with pytest.raises(RuntimeError, match=r"\bdW1T\b"):
+        bwd(out, W1T.double(), W2T, S1T, S2T, *op_args)
+    with pytest.raises(RuntimeError, match=r"\bdW2T\b"):
+        bwd(out, W1T, W1T, S1T, S2T, *op_args)
+    with pytest.raises(RuntimeError, match=r"\bdS1T\b"):
+        bwd(out, W1T, W2T, S1T[..., :-1].contiguous(), S2T, *op_args)
+    with pytest.raises(RuntimeError, match=r"\bdS2T\b"):
+        bwd(out, W1T, W2T, S1T, S2T.transpose(-1, -2), *op_args)
+
+
+@pytest.mark.parametrize("rule", ["titans", "dgd"])
+def test_cpp_mlp_through_public_api(cpp_mlp, rule):
+    args, state = titan_mlp_inputs(1, 3, 41, 12, 20)
+    leaves = [a.clone().requires_grad_(True) for a in args]
+    out_c, st_c = titan_memory_update(*leaves, chunk_size=16, memory="mlp", rule=rule,
+                                      state=MLPMemoryState(*state), backend="cpp")
+    out_r, st_r = titan_memory_update(*args, chunk_size=16, memory="mlp", rule=rule, state=MLPMemoryState(*state),
+                                      backend="reference")
+    assert_rel_close("out", out_c.detach(), out_r, TOL_FP32)
+    for name, a, e in zip(("W1", "W2", "S1", "S2"), st_c, st_r):
+        assert_rel_close(name, a.detach(), e, TOL_FP32)
+    out_c.sum().backward()
+    assert all(torch.isfinite(x.grad).all() for x in leaves)
+
+
+def test_cpp_mlp_bf16_inputs_are_cast(cpp_mlp):
+    args, state = titan_mlp_inputs(1, 2, 20, 8, 12)
+    half = [a.bfloat16() if a.dim() == 4 else a for a in args]
+    out, st = cpp_mlp.titan_memory_update_cpp(*half, 8, "mlp", "dgd", MLPMemoryState(*state))
+    assert out.dtype == torch.bfloat16 and st.W1.dtype == torch.float32
+    ref, _ = titan_memory_update_reference(*[a.float() if a.dim() == 4 else a for a in half], 8, "mlp", "dgd",
+                                           MLPMemoryState(*state))
+    assert_rel_close("bf16 out", out.float(), ref, 2e-2)
+
+
+def test_cpp_mlp_custom_ops_opcheck(cpp_mlp):
+    args, state = titan_mlp_inputs(1, 2, 13, 8, 12)
+    for dgd in (False, True):
+        fa = titan_mlp_state_pass_args(args, state, 8, dgd)
+        torch.library.opcheck(torch.ops.hope.titan_mlp_fwd_cpp.default, fa)
+        outs = cpp_mlp.titan_mlp_fwd_cpp(*fa)
+        bwd_args = (*(torch.randn_like(o) for o in outs), *fa)
+        torch.library.opcheck(torch.ops.hope.titan_mlp_bwd_cpp.default, bwd_args)
+
+
+def test_cpp_mlp_dispatch_where_measured_faster(cpp_mlp, monkeypatch):
+    """backend='auto' takes the C++ mlp kernels exactly for the (rule, backward) pairs in MLP_MEASURED_FASTER and
+    the reference elsewhere; an explicit backend='cpp' always runs them."""
+    monkeypatch.delenv(dispatch.BACKEND_ENV, raising=False)
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    seen = []
+    real = cpp_mlp.titan_memory_update_cpp
+
+    def spy(*a):
+        seen.append((a[8], a[7]))
+        return real(*a)
+
+    impl = dispatch._REGISTRY["titan_memory_update"]["cpp"]
+    monkeypatch.setitem(dispatch._REGISTRY["titan_memory_update"], "cpp",
+                        dispatch.Implementation("cpp", spy, impl.supports))
+    args, state = titan_mlp_inputs(1, 1, 9, 8, 8)
+    for rule in ("titans", "dgd"):
+        for backward in (True, False):
+            leaves = [a.clone().requires_grad_(backward) for a in args]
+            seen.clear()
+            with torch.set_grad_enabled(backward):
+                titan_memory_update(*leaves, chunk_size=4, memory="mlp", rule=rule, state=MLPMemoryState(*state))
+            assert seen == ([(rule, "mlp")] if (rule, backward) in cpp_mlp.MLP_MEASURED_FASTER else []), (rule, backward)
+    assert cpp_mlp.why_not_mlp(300, 1000, 128, "dgd", True) is None  # no shape limits
+    seen.clear()
+    with torch.no_grad():
+        titan_memory_update(*args, chunk_size=4, memory="mlp", rule="titans", state=MLPMemoryState(*state),
+                            backend="cpp")
+    assert seen == [("titans", "mlp")]
