@@ -9,13 +9,18 @@ states). They take the Triton launchers' tensor contract and are registered as t
 so ``torch.compile(fullgraph=True)`` traces them.
 
 Limits of the kernels: Dk, Dv <= 128 and chunk_size <= 64 (state tiles in shared memory); ``titan_memory_update``
-under ``backend="auto"`` runs larger shapes on the next backend (see ``why_not``). The mlp memory runs on the
-reference.
+under ``backend="auto"`` runs larger shapes on the next backend (see ``why_not``).
+
+The mlp memory (M(x) = x + W1 gelu(W2 x)) has its own pair, ``titan_mlp_fwd`` / ``titan_mlp_bwd`` (csrc/titan_mlp.cu:
+one thread block per (b, h) running the block-phased body csrc/titan_mlp_body.h, which the C++ CPU backend shares),
+registered as ``hope::titan_mlp_fwd_cuda`` / ``hope::titan_mlp_bwd_cuda``; limits D <= 128, E <= 512,
+chunk_size <= 64 (``why_not_mlp``). Compile-checked; not yet timed on a GPU, so auto prefers Triton where it runs.
 """
 from __future__ import annotations
 
 from hope_kernels import _ext, dispatch
-from hope_kernels.titan_memory_update.state_pass import backend_entry, define_state_pass_ops
+from hope_kernels.titan_memory_update.state_pass import (backend_entry, define_mlp_state_pass_ops,
+                                                         define_state_pass_ops)
 
 OP = "titan_memory_update"
 #: largest head dims (Dk, Dv) and chunk size the CUDA kernels take (csrc/titan_linear.cu kMaxDim, kMaxChunk)
@@ -23,6 +28,13 @@ MAX_HEAD_DIM = 128
 MAX_CHUNK = 64
 #: the extension was built with these kernels (an older build of _C_cuda may lack them)
 AVAILABLE = _ext.cuda is not None and hasattr(_ext.cuda, "titan_linear_fwd")
+#: mlp memory: largest head dim D, hidden width E and chunk size the CUDA kernels take (csrc/titan_mlp_checks.h
+#: kTitanMlpMaxDim, kTitanMlpMaxHidden, kTitanMlpMaxChunk: they bound the per-(b, h) global scratch)
+MLP_MAX_HEAD_DIM = 128
+MLP_MAX_HIDDEN = 512
+MLP_MAX_CHUNK = 64
+#: the extension has the mlp kernels too
+MLP_AVAILABLE = AVAILABLE and hasattr(_ext.cuda, "titan_mlp_fwd")
 
 
 def fits(Dk: int, Dv: int, chunk_size: int) -> bool:
@@ -38,8 +50,14 @@ def why_not(Dk: int, Dv: int, chunk_size: int, rule: str, backward: bool) -> str
             f"chunk_size={chunk_size}")
 
 
-#: the mlp memory has no CUDA kernel yet
-why_not_mlp = None
+def why_not_mlp(D: int, E: int, chunk_size: int, rule: str, backward: bool) -> str | None:
+    """None when the CUDA mlp kernels run this call, else why not (the dispatcher's per-shape check)."""
+    if not MLP_AVAILABLE:
+        return "was built without the mlp kernels (rebuild hope_kernels._C_cuda)"
+    if D <= MLP_MAX_HEAD_DIM and E <= MLP_MAX_HIDDEN and chunk_size <= MLP_MAX_CHUNK:
+        return None
+    return (f"takes D <= {MLP_MAX_HEAD_DIM}, E <= {MLP_MAX_HIDDEN} and chunk_size <= {MLP_MAX_CHUNK} for "
+            f"memory='mlp', got D={D}, E={E}, chunk_size={chunk_size}")
 
 
 def _ext_fn(name: str):
@@ -61,7 +79,23 @@ def _bwd(do, dWT, dST, q, k, kh, v, aqk, akk, tinv, aqw, vec, end, W0, S0, chunk
 
 #: ``hope::titan_linear_fwd_cuda`` / ``hope::titan_linear_bwd_cuda`` (fakes and autograd: state_pass.py)
 titan_linear_fwd_cuda, titan_linear_bwd_cuda = define_state_pass_ops("_cuda", _fwd, _bwd)
-titan_memory_update_cuda = backend_entry("cuda", titan_linear_fwd_cuda, why_not)
+
+
+def _mlp_fwd(q, k, kh, v, aqk, gth, akk, tinv, aqw, vec, end, W1, W2, S1, S2, chunk_size):
+    out, *st, _ = _ext_fn("titan_mlp_fwd")(q, k, kh, v, aqk, gth, akk, tinv, aqw, vec, end, W1, W2, S1, S2,
+                                           chunk_size, False)
+    return (out, *st)
+
+
+def _mlp_bwd(do, dW1T, dW2T, dS1T, dS2T, q, k, kh, v, aqk, gth, akk, tinv, aqw, vec, end, W1, W2, S1, S2, chunk_size):
+    return _ext_fn("titan_mlp_bwd")(do, dW1T, dW2T, dS1T, dS2T, q, k, kh, v, aqk, gth, akk, tinv, aqw, vec, end,
+                                    W1, W2, S1, S2, chunk_size)
+
+
+#: ``hope::titan_mlp_fwd_cuda`` / ``hope::titan_mlp_bwd_cuda`` (mlp memory; fakes and autograd: state_pass.py)
+titan_mlp_fwd_cuda, titan_mlp_bwd_cuda = define_mlp_state_pass_ops("_cuda", _mlp_fwd, _mlp_bwd)
+titan_memory_update_cuda = backend_entry("cuda", titan_linear_fwd_cuda, why_not, mlp_fwd_op=titan_mlp_fwd_cuda,
+                                         mlp_why_not=why_not_mlp)
 
 
 if AVAILABLE:

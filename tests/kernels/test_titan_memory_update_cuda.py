@@ -1,4 +1,4 @@
-"""CUDA titan_memory_update (csrc/titan_linear.cu, linear memory, titans and dgd) vs the reference, the float64
+"""CUDA titan_memory_update (csrc/titan_linear.cu, linear memory; csrc/titan_mlp.cu, mlp memory; titans and dgd) vs the reference, the float64
 oracle and the Triton backend: forward, final state and every gradient; odd sizes, chunk sizes 8/16/64,
 head dims up to 128; half inputs; every output element written; NaN propagation; argument checks naming the
 argument; custom ops and torch.compile; dispatch. All need a GPU (skipped on the CPU)."""
@@ -11,12 +11,15 @@ import pytest
 import torch
 
 from hope_kernels import _ext, dispatch
-from hope_kernels.testing import (TITAN_CASES, TITAN_STATE_PASS_GRAD_NAMES, assert_rel_close,
-                                  assert_titan_close, check_titan_compiles_fullgraph, titan_inputs,
-                                  titan_outputs_and_grads, titan_state_pass_args)
+from hope_kernels.testing import (TITAN_CASES, TITAN_MLP_CASES, TITAN_STATE_PASS_GRAD_NAMES, assert_rel_close,
+                                  assert_titan_close, assert_titan_mlp_close, check_titan_compiles_fullgraph,
+                                  titan_inputs, titan_mlp_inputs, titan_mlp_outputs_and_grads,
+                                  titan_mlp_state_pass_args, titan_mlp_state_pass_grads, titan_outputs_and_grads,
+                                  titan_state_pass_args)
 from hope_kernels.titan_memory_update import LinearMemoryState, MLPMemoryState, titan_memory_update
 from hope_kernels.titan_memory_update.oracle import titan_memory_update_oracle
 from hope_kernels.titan_memory_update.reference import titan_memory_update_reference
+from hope_kernels.titan_memory_update.state_pass import MLP_GRAD_NAMES
 
 pytestmark = pytest.mark.gpu
 DEVICE = "cuda"
@@ -201,8 +204,8 @@ def test_cuda_matches_triton_backend(rule, dtype, case):
     _compare(actual, expected, TOL_FP32 if dtype == torch.float32 else TOL_BF16, f"{rule} {dtype} vs triton")
 
 
-def test_dispatch_auto_mlp_fallback_and_limits(monkeypatch):
-    _cuda()
+def test_dispatch_auto_mlp_and_limits(monkeypatch):
+    ext = _cuda()
     assert "cuda" in dispatch.registered_backends("titan_memory_update")
     # measured on the H100: Triton faster than this port, so auto prefers it and CUDA comes next
     order = [b for b in dispatch.available_backends("titan_memory_update", DEVICE) if b in ("triton", "cuda")]
@@ -211,13 +214,15 @@ def test_dispatch_auto_mlp_fallback_and_limits(monkeypatch):
     E = 12
     st = MLPMemoryState(*(0.2 * torch.randn(1, 1, *shape, device=DEVICE)
                           for shape in [(8, E), (E, 8), (8, E), (E, 8)]))
-    with pytest.raises(NotImplementedError, match="memory='linear' only"):
-        titan_memory_update(*args, chunk_size=4, memory="mlp", state=st, backend="cuda")
-    monkeypatch.setenv("HOPE_BACKEND", "cuda")  # forcing cuda globally still runs mlp layers (on the reference)
-    out, _ = titan_memory_update(*args, chunk_size=4, memory="mlp", state=st)
     ref, _ = titan_memory_update(*args, chunk_size=4, memory="mlp", state=st, backend="reference")
-    assert_rel_close("mlp via auto", out, ref, 1e-6)
+    out, _ = titan_memory_update(*args, chunk_size=4, memory="mlp", state=st, backend="cuda")  # the mlp kernels
+    assert_rel_close("mlp via cuda", out, ref, TOL_FP32)
+    monkeypatch.setenv("HOPE_BACKEND", "cuda")
+    out, _ = titan_memory_update(*args, chunk_size=4, memory="mlp", state=st)
+    assert_rel_close("mlp via HOPE_BACKEND=cuda", out, ref, TOL_FP32)
     monkeypatch.delenv("HOPE_BACKEND")
+    assert ext.why_not_mlp(128, 512, 64, "dgd", True) is None
+    assert "E <= 512" in ext.why_not_mlp(64, 513, 64, "dgd", True)
     # beyond the kernels' limits: named backend refuses, auto runs the next backend
     args, _ = _inputs(1, 1, 20, 8, 8)
     with pytest.raises(ValueError, match="chunk_size <= 64"):
@@ -225,6 +230,11 @@ def test_dispatch_auto_mlp_fallback_and_limits(monkeypatch):
     out, _ = titan_memory_update(*args, chunk_size=128)
     ref, _ = titan_memory_update(*args, chunk_size=128, backend="reference")
     assert_rel_close("chunk 128 via auto", out, ref, TOL_FP32)
+    with pytest.raises((NotImplementedError, ValueError), match="chunk_size <= 64"):
+        titan_memory_update(*args, chunk_size=128, memory="mlp", state=st, backend="cuda")
+    out, _ = titan_memory_update(*args, chunk_size=128, memory="mlp", state=st)  # auto: the next backend
+    ref, _ = titan_memory_update(*args, chunk_size=128, memory="mlp", state=st, backend="reference")
+    assert_rel_close("mlp chunk 128 via auto", out, ref, TOL_FP32)
 
 
 def test_custom_ops_opcheck():
@@ -259,3 +269,158 @@ def test_noncontiguous_inputs_and_second_device_stream():
     ref, st_r = titan_memory_update_reference(*args, 16, "linear", "dgd", LinearMemoryState(*state))
     assert_rel_close("out", out, ref, TOL_FP32)
     assert_rel_close("W_T", st.W, st_r.W, TOL_FP32)
+
+
+# --------------------------------------------------------------- mlp memory (csrc/titan_mlp.cu)
+MLP_OP_NAMES = ["q", "k", "kh", "v", "aqk", "gth", "akk", "tinv", "aqw", "vec", "end", "W1", "W2", "S1", "S2",
+                "chunk_size"]
+# the shared cases, plus the largest sizes the kernels take
+MLP_CASES = [*TITAN_MLP_CASES, (1, 2, 300, 64, 128, 64), (1, 1, 130, 128, 512, 64)]
+
+
+def _mlp_case_id(c):
+    return "B{}H{}T{}D{}E{}C{}".format(*c)
+
+
+def _mlp_inputs(*shape, device=DEVICE, **kw):
+    return titan_mlp_inputs(*shape, device=device, **kw)
+
+
+@pytest.mark.parametrize("rule", ["titans", "dgd"])
+@pytest.mark.parametrize("case", MLP_CASES, ids=_mlp_case_id)
+def test_cuda_mlp_matches_reference_fp32(rule, case):
+    B, H, T, D, E, C = case
+    args, state = _mlp_inputs(B, H, T, D, E)
+    expected = titan_mlp_outputs_and_grads(titan_memory_update_reference, args, state, C, rule)
+    actual = titan_mlp_outputs_and_grads(_cuda().titan_memory_update_cuda, args, state, C, rule)
+    assert_titan_mlp_close(actual, expected, TOL_FP32, f"cuda mlp {rule} {case}")
+
+
+@pytest.mark.parametrize("dgd", [False, True])
+@pytest.mark.parametrize("case", TITAN_MLP_CASES, ids=_mlp_case_id)
+def test_cuda_mlp_raw_ops_match_the_state_pass_and_the_cpu_body(dgd, case):
+    """Raw forward vs chunk_terms.mlp_state_pass, raw backward vs its float64 autograd (all 15 gradients), and
+    both vs the C++ CPU build of the same body (titan_mlp_body.h)."""
+    from hope_kernels.titan_memory_update.chunk_terms import LinearChunkTerms, mlp_state_pass
+
+    _cuda()
+    B, H, T, D, E, C = case
+    args, state = _mlp_inputs(B, H, T, D, E, device="cpu")
+    cpu_args = titan_mlp_state_pass_args(args, state, C, dgd)
+    op_args = tuple(x.to(DEVICE) if isinstance(x, torch.Tensor) else x for x in cpu_args)
+    q, k, kh, v, aqk, gth, akk, tinv, aqw, vec, end, W1, W2, S1, S2, _ = cpu_args
+    expected = mlp_state_pass(q, k, v, LinearChunkTerms(aqk, akk, tinv, aqw, vec, end, kh, gth), W1, W2, S1, S2, C)
+    got = [x.cpu() for x in _ext.cuda.titan_mlp_fwd(*op_args, True)]
+    for name, a, e in zip(["out", "W1_T", "W2_T", "S1_T", "S2_T"], got, expected):
+        assert_rel_close(f"fwd {name}", a, e, TOL_FP32)
+    g = torch.Generator().manual_seed(3)
+    cot = [torch.randn(x.shape, generator=g) for x in expected]
+    grads = [x.cpu() for x in _ext.cuda.titan_mlp_bwd(*(c.to(DEVICE) for c in cot), *op_args)]
+    oracle = titan_mlp_state_pass_grads(cot, *cpu_args)
+    for name, a, e in zip(MLP_GRAD_NAMES, grads, oracle):
+        if e is None:
+            assert a.numel() == 0, name
+        else:
+            assert_rel_close(f"bwd {name}", a, e.float(), TOL_FP32)
+    if _ext.cpu is not None and hasattr(_ext.cpu, "titan_mlp_bwd"):
+        cpu_grads = _ext.cpu.titan_mlp_bwd(*cot, *cpu_args)
+        for name, a, e in zip(MLP_GRAD_NAMES, grads, cpu_grads):
+            assert_rel_close(f"cuda vs cpu body {name}", a, e, 1e-5)
+
+
+@pytest.mark.parametrize("rule", ["titans", "dgd"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_cuda_mlp_half_inputs(rule, dtype):
+    args, state = _mlp_inputs(2, 3, 150, 64, 96, dtype=dtype)
+    expected = titan_mlp_outputs_and_grads(titan_memory_update_reference,
+                                           [a.float() if a.dim() == 4 else a for a in args], state, 32, rule)
+    actual = titan_mlp_outputs_and_grads(_cuda().titan_memory_update_cuda, args, state, 32, rule)
+    assert actual[0].dtype == dtype and actual[5].dtype == dtype and actual[7].dtype == dtype
+    assert_titan_mlp_close(actual, expected, TOL_BF16, f"cuda mlp {rule} {dtype}")
+
+
+@pytest.mark.parametrize("rule", ["titans", "dgd"])
+@pytest.mark.parametrize("case", [(1, 2, 21, 20, 40, 8), (2, 1, 67, 128, 33, 64), (1, 1, 5, 3, 1, 16)],
+                         ids=_mlp_case_id)
+def test_cuda_mlp_every_output_is_written(rule, case):
+    _cuda()
+    B, H, T, D, E, C = case
+    args, state = _mlp_inputs(B, H, T, D, E)
+    with torch.no_grad():
+        op_args = titan_mlp_state_pass_args(args, state, C, rule == "dgd")
+    cot = [torch.randn(B, H, T, D, device=DEVICE), *(torch.randn_like(s) for s in state)]
+    with _nan_filled_empty():
+        fwd = _ext.cuda.titan_mlp_fwd(*op_args, True)
+        grads = _ext.cuda.titan_mlp_bwd(*cot, *op_args)
+        torch.cuda.synchronize()
+    for name, t in zip(["out", "W1_T", "W2_T", "S1_T", "S2_T", "states"], fwd):
+        assert torch.isfinite(t).all(), f"forward {name} has non-finite entries: left unwritten"
+    for name, t in zip(MLP_GRAD_NAMES, grads):
+        assert torch.isfinite(t).all(), f"backward {name} has non-finite entries: left unwritten"
+
+
+def test_cuda_mlp_nan_input_is_not_hidden():
+    ext = _cuda()
+    args, state = _mlp_inputs(1, 1, 12, 16, 16)
+    args[2][0, 0, 3, 5] = float("nan")
+    for rule in ("titans", "dgd"):
+        out, st = ext.titan_memory_update_cuda(*args, 8, "mlp", rule, MLPMemoryState(*state))
+        assert torch.isnan(out).any() and all(torch.isnan(s).any() for s in st), rule
+
+
+@pytest.mark.parametrize(
+    "bad_arg,make_bad",
+    [
+        ("q", lambda a: dict(a, q=a["q"].cpu())),
+        ("k", lambda a: dict(a, k=a["k"][:, :, :-1].contiguous())),
+        ("v", lambda a: dict(a, v=a["v"].double())),
+        ("kh", lambda a: dict(a, kh=a["kh"][:, :, :-1].contiguous())),
+        ("aqk", lambda a: dict(a, aqk=a["aqk"].transpose(-1, -2))),
+        ("gth", lambda a: dict(a, gth=a["gth"].cpu())),
+        ("tinv", lambda a: dict(a, tinv=None)),
+        ("vec", lambda a: dict(a, vec=a["vec"].double())),
+        ("end", lambda a: dict(a, end=a["end"][..., :2].contiguous())),
+        ("W1", lambda a: dict(a, W1=a["W1"][0])),
+        ("W2", lambda a: dict(a, W2=a["W2"].transpose(-1, -2).contiguous())),
+        ("S1", lambda a: dict(a, S1=a["S1"].half())),
+        ("S2", lambda a: dict(a, S2=a["S2"][..., :-1].contiguous())),
+        ("chunk_size", lambda a: dict(a, chunk_size=65)),
+    ],
+)
+def test_cuda_mlp_checks_name_the_argument(bad_arg, make_bad):
+    _cuda()
+    args, state = _mlp_inputs(1, 2, 13, 16, 12)
+    good = dict(zip(MLP_OP_NAMES, titan_mlp_state_pass_args(args, state, 8, True)))
+    with pytest.raises(RuntimeError, match=rf"\b{bad_arg}\b"):
+        _ext.cuda.titan_mlp_fwd(**make_bad(good), store_states=False)
+    out, W1T, W2T, S1T, S2T, _ = _ext.cuda.titan_mlp_fwd(**good, store_states=False)
+    with pytest.raises(RuntimeError, match=rf"\b{bad_arg}\b"):
+        _ext.cuda.titan_mlp_bwd(out, W1T, W2T, S1T, S2T, **make_bad(good))
+    with pytest.raises(RuntimeError, match=r"\bdW2T\b"):
+        _ext.cuda.titan_mlp_bwd(out, W1T, W1T, S1T, S2T, **good)
+
+
+@pytest.mark.parametrize("rule", ["titans", "dgd"])
+def test_cuda_mlp_through_public_api(rule):
+    _cuda()
+    args, state = _mlp_inputs(1, 3, 41, 12, 20)
+    out_c, st_c = titan_memory_update(*args, chunk_size=16, memory="mlp", rule=rule, state=MLPMemoryState(*state),
+                                      backend="cuda")
+    out_r, st_r = titan_memory_update(*args, chunk_size=16, memory="mlp", rule=rule, state=MLPMemoryState(*state),
+                                      backend="reference")
+    assert_rel_close("out", out_c, out_r, TOL_FP32)
+    for name, a, e in zip(("W1", "W2", "S1", "S2"), st_c, st_r):
+        assert_rel_close(name, a, e, TOL_FP32)
+
+
+def test_cuda_mlp_custom_ops_opcheck():
+    ext = _cuda()
+    args, state = _mlp_inputs(1, 2, 13, 16, 20)
+    for dgd in (False, True):
+        fa = titan_mlp_state_pass_args(args, state, 8, dgd)
+        torch.library.opcheck(torch.ops.hope.titan_mlp_fwd_cuda.default, fa,
+                              test_utils=("test_schema", "test_faketensor"))
+        outs = ext.titan_mlp_fwd_cuda(*fa)
+        bwd_args = (*(torch.randn_like(o) for o in outs), *fa)
+        torch.library.opcheck(torch.ops.hope.titan_mlp_bwd_cuda.default, bwd_args,
+                              test_utils=("test_schema", "test_faketensor"))
