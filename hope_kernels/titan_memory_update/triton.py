@@ -246,7 +246,7 @@ def _linear_bwd_kernel(
 #: caps for the forward / backward kernels, warps per program, software-pipelining stages (None: Triton's)
 TUNING = {"fwd_bv": 64, "bwd_bv": 32, "num_warps": 4, "num_stages": None, "dgd_num_stages": 1,
           # mlp kernels: hidden units per tile, warps (one program per (b, h) holds several [C, D] tiles), stages
-          "mlp_be": 32, "mlp_num_warps": 8, "mlp_num_stages": 1}
+          "mlp_be": 32, "mlp_num_warps": 8, "mlp_num_stages": 1, "mlp_fused_fwd": True}
 #: the last compiled kernel of each pass ("fwd" / "bwd"): its n_regs / n_spills feed the benchmark report
 LAST_KERNELS: dict = {}
 
@@ -371,17 +371,26 @@ titan_linear_fwd, titan_linear_bwd = define_state_pass_ops("", _fwd, _bwd)
 
 
 # ------------------------------------------------------------------------------------------------ mlp memory
-#: largest head dim and chunk size of the mlp kernels: one program holds several [C, D] fp32 tiles on chip
+#: the largest chunk size (as its power-of-two tile) the mlp kernels take, per (head-dim tile, rule, backward):
+#: every launch compiled for sm_90 (Triton 3.6 as on our H100, and 3.9) needs at most the H100's 227 KiB of shared
+#: memory there (hope_kernels.triton_resources; tests/kernels/test_triton_resources.py keeps it so). Each step up
+#: would not fit, e.g. the dgd read-out backward at D 64, C 64 needs 344 KiB, the titans one at D 128, C 64 360 KiB.
+MLP_MAX_CHUNK = {(64, "titans", False): 64, (64, "titans", True): 64, (64, "dgd", False): 64, (64, "dgd", True): 32,
+                 (128, "titans", False): 64, (128, "titans", True): 32, (128, "dgd", False): 32,
+                 (128, "dgd", True): 16}
 MLP_MAX_HEAD_DIM = 128
-MLP_MAX_CHUNK = 64
 
 
 def why_not_mlp(D: int, E: int, chunk_size: int, rule: str, backward: bool) -> str | None:
     """None when the mlp kernels run this call, else why not (any hidden width E: it is tiled)."""
-    if D <= MLP_MAX_HEAD_DIM and chunk_size <= MLP_MAX_CHUNK:
+    if D > MLP_MAX_HEAD_DIM:
+        return f"runs memory='mlp' with D <= {MLP_MAX_HEAD_DIM} (its [C, D] tiles stay on chip), got D={D}"
+    cap = MLP_MAX_CHUNK[(max(64, triton.next_power_of_2(D)), rule, backward)]
+    if triton.next_power_of_2(chunk_size) <= cap:
         return None
-    return (f"runs memory='mlp' with D <= {MLP_MAX_HEAD_DIM} and chunk_size <= {MLP_MAX_CHUNK} (its [C, D] tiles "
-            f"stay on chip), got D={D}, chunk_size={chunk_size}")
+    return (f"runs memory='mlp', rule={rule!r} at D={D} with chunk_size <= {cap}"
+            f"{' when a backward is needed' if backward else ''} (larger chunks need more shared memory than an "
+            f"H100 has), got chunk_size={chunk_size}")
 
 
 def _mlp_blocks(C: int, D: int, E: int) -> tuple[int, int, int]:
@@ -396,25 +405,46 @@ def _mlp_launch_options() -> dict:
     return {"num_warps": TUNING["mlp_num_warps"], "num_stages": TUNING["mlp_num_stages"]}
 
 
+def _mlp_fused_forward(D: int, rule: str) -> bool:
+    """Whether the forward runs the update and the read-out in one sequential launch (else: the update, then the
+    read-out of all chunks in parallel from the stored chunk-start states). The fused launch keeps the read-out's
+    tiles on chip beside the update's; compiled for sm_90 (hope_kernels.triton_resources) it fits an H100's shared
+    memory at D <= 64 (176 KiB under dgd at C 64), not at D 128."""
+    return TUNING["mlp_fused_fwd"] and D <= 64
+
+
+def _mlp_args(q, k, kh, v, aqk, gth, akk, tinv, aqw, vec, end):
+    """The kernels' leading tensor arguments (dgd's terms replaced by a placeholder when absent)."""
+    dgd = kh is not None
+    return (q, k, kh if dgd else k, v, aqk, gth, akk if dgd else aqk, tinv if dgd else aqk, aqw if dgd else aqk,
+            vec, end)
+
+
 def _run_mlp_fwd(q, k, kh, v, aqk, gth, akk, tinv, aqw, vec, end, W1, W2, S1, S2, C, write_out, store_states):
+    """The forward launches: (out, W1_T, W2_T, S1_T, S2_T, chunk-start states or an empty tensor)."""
     dgd = kh is not None
     B, H, T, D = q.shape
     E = W1.shape[-1]
     NC = vec.shape[2]
     BT, BD, BE = _mlp_blocks(C, D, E)
     dev = q.device
+    fused = write_out and not store_states and _mlp_fused_forward(D, "dgd" if dgd else "titans")
+    store_states = store_states or (write_out and not fused)  # the parallel read-out reads the stored states
     # the kernel updates the state in place: these copies of the initial state end as the final state
     W1T, W2T, S1T, S2T = (x.to(torch.float32, copy=True).contiguous() for x in (W1, W2, S1, S2))
     out = _empty(B, H, T, D, device=dev, dtype=q.dtype) if write_out else q.new_empty(0)
     states = (_empty(B, H, NC, 4, D, E, device=dev, dtype=torch.float32) if store_states
               else W1T.new_empty(0))
+    common = dict(BT=BT, BD=BD, BE=BE, DGD=dgd, PRECISION=_precision(q.dtype), **_mlp_launch_options())
+    args = _mlp_args(q, k, kh, v, aqk, gth, akk, tinv, aqw, vec, end)
+    sizes = (T, NC * C, NC, C, D, E)
     LAST_KERNELS["mlp_fwd"] = _mlp_fwd_kernel[(B * H,)](
-        q, k, kh if dgd else k, v, aqk, gth, akk if dgd else aqk, tinv if dgd else aqk, aqw if dgd else aqk,
-        vec, end, W1T, W2T, S1T, S2T, out, states,
-        T, NC * C, NC, C, D, E,
-        BT=BT, BD=BD, BE=BE, DGD=dgd, WRITE_OUT=write_out, STORE_STATES=store_states,
-        PRECISION=_precision(q.dtype), **_mlp_launch_options(),
-    )
+        *args, W1T, W2T, S1T, S2T, out, states, *sizes,
+        UPDATE=True, READOUT=fused, STORE_STATES=store_states, **common)
+    if write_out and not fused:
+        LAST_KERNELS["mlp_readout"] = _mlp_fwd_kernel[(B * H, NC)](
+            *args, W1T, W2T, S1T, S2T, out, states, *sizes,
+            UPDATE=False, READOUT=True, STORE_STATES=False, **common)
     return out, W1T, W2T, S1T, S2T, states
 
 
@@ -426,6 +456,8 @@ def _mlp_fwd(q, k, kh, v, aqk, gth, akk, tinv, aqw, vec, end, W1, W2, S1, S2, ch
 
 def _mlp_bwd(do, dW1T, dW2T, dS1T, dS2T, q, k, kh, v, aqk, gth, akk, tinv, aqw, vec, end, W1, W2, S1, S2,
              chunk_size):
+    """Three launches: the forward's update (recomputing the chunk-start states), the read-out's backward for all
+    chunks in parallel, then the update's backward carrying the state gradient through the chunks in reverse."""
     dgd = kh is not None
     B, H, T, D = q.shape
     E = W1.shape[-1]
@@ -434,15 +466,16 @@ def _mlp_bwd(do, dW1T, dW2T, dS1T, dS2T, q, k, kh, v, aqk, gth, akk, tinv, aqw, 
     Tp = NC * C
     BT, BD, BE = _mlp_blocks(C, D, E)
     dev = q.device
-    # recompute the chunk-start states (the forward pass kept only its inputs)
     *_, states = _run_mlp_fwd(q, k, kh, v, aqk, gth, akk, tinv, aqw, vec, end, W1, W2, S1, S2, C,
                               write_out=False, store_states=True)
-    # the kernel carries the state gradient in place: these copies of the final state's end as the initial state's
+    # the update's backward carries the state gradient in place: copies of the final state's end as the initial's
     dW1, dW2, dS1, dS2 = (x.to(torch.float32, copy=True).contiguous() for x in (dW1T, dW2T, dS1T, dS2T))
     f32 = dict(device=dev, dtype=torch.float32)
     dq = _empty(B, H, T, D, device=dev, dtype=q.dtype)
     dk = _empty(B, H, T, D, device=dev, dtype=k.dtype)
     dv = _empty(B, H, T, D, device=dev, dtype=v.dtype)
+    dk_r, dv_r = _empty(B, H, T, D, **f32), _empty(B, H, T, D, **f32)  # the read-out's parts
+    dstates = _empty(B, H, NC, 4, D, E, **f32)  # the read-out's gradient of each chunk-start state
     # masked stores skip the padded rows of the last chunk: their gradients are zeros
     dmat = lambda: torch.zeros(B, H, NC, C, C, **f32)  # noqa: E731
     daqk, dgth = dmat(), dmat()
@@ -450,14 +483,12 @@ def _mlp_bwd(do, dW1T, dW2T, dS1T, dS2T, q, k, kh, v, aqk, gth, akk, tinv, aqw, 
     dakk, dtinv, daqw = (dmat(), dmat(), dmat()) if dgd else (daqk.new_empty(0) for _ in range(3))
     dvec = torch.zeros(B, H, NC, N_VEC, C, **f32)
     dend = _empty(B, H, NC, 3, **f32)
-    LAST_KERNELS["mlp_bwd"] = _mlp_bwd_kernel[(B * H,)](
-        q, k, kh if dgd else k, v, aqk, gth, akk if dgd else aqk, tinv if dgd else aqk, aqw if dgd else aqk,
-        vec, end, states, do, dW1, dW2, dS1, dS2,
-        dq, dk, dkh if dgd else dq, dv, daqk, dgth, dakk if dgd else daqk, dtinv if dgd else daqk,
-        daqw if dgd else daqk, dvec, dend,
-        T, Tp, NC, C, D, E,
-        BT=BT, BD=BD, BE=BE, DGD=dgd, PRECISION=_precision(q.dtype), **_mlp_launch_options(),
-    )
+    args = (*_mlp_args(q, k, kh, v, aqk, gth, akk, tinv, aqw, vec, end), states, do, dW1, dW2, dS1, dS2, dstates,
+            dq, dk, dkh if dgd else dq, dv, dk_r, dv_r, daqk, dgth, dakk if dgd else daqk, dtinv if dgd else daqk,
+            daqw if dgd else daqk, dvec, dend, T, Tp, NC, C, D, E)
+    common = dict(BT=BT, BD=BD, BE=BE, DGD=dgd, PRECISION=_precision(q.dtype), **_mlp_launch_options())
+    LAST_KERNELS["mlp_bwd_readout"] = _mlp_bwd_kernel[(B * H, NC)](*args, READOUT=True, **common)
+    LAST_KERNELS["mlp_bwd"] = _mlp_bwd_kernel[(B * H,)](*args, READOUT=False, **common)
     return [dq, dk, dkh, dv, daqk, dgth, dakk, dtinv, daqw, dvec, dend, dW1, dW2, dS1, dS2]
 
 

@@ -16,8 +16,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-_SQRT1_2 = 0.7071067811865476
-_INV_SQRT_2PI = 0.3989422804014327
+_SQRT1_2 = tl.constexpr(0.7071067811865476)
+_INV_SQRT_2PI = tl.constexpr(0.3989422804014327)
 
 
 @triton.jit
@@ -70,16 +70,26 @@ def _mlp_fwd_kernel(
     p_w1, p_w2, p_s1, p_s2, p_o, p_states,
     T, Tp, NC, C, D, E,
     BT: tl.constexpr, BD: tl.constexpr, BE: tl.constexpr, DGD: tl.constexpr,
-    WRITE_OUT: tl.constexpr, STORE_STATES: tl.constexpr, PRECISION: tl.constexpr,
+    UPDATE: tl.constexpr, READOUT: tl.constexpr, STORE_STATES: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    """p_w1 .. p_s2: the working state, holding the initial state on entry and the final state on exit."""
+    """UPDATE: one program per (b, h) walks the chunks and updates the working state p_w1 .. p_s2 in place (the
+    initial state on entry, the final state on exit), storing every chunk-start state in p_states when STORE_STATES.
+    READOUT: writes the outputs; without UPDATE one program per (b, h, chunk) reads its chunk-start state from
+    p_states (all chunks in parallel)."""
     i_bh = tl.program_id(0)
     o_t = tl.arange(0, BT)
     o_d = tl.arange(0, BD)
     o_e = tl.arange(0, BE)
     m_d = o_d < D
     o_base = i_bh * D * E
-    for i_c in range(0, NC):
+    if UPDATE:
+        c_lo = 0
+        n_c = NC
+    else:
+        c_lo = tl.program_id(1)
+        n_c = 1
+    for i_r in range(0, n_c):
+        i_c = c_lo + i_r
         t0 = i_c * C
         m_t = (o_t < C) & (t0 + o_t < T)
         m_tt = m_t[:, None] & m_t[None, :]
@@ -89,6 +99,18 @@ def _mlp_fwd_kernel(
         o_tt = (i_bh * NC + i_c) * C * C + o_t[:, None] * C + o_t[None, :]
         o_vec = (i_bh * NC + i_c) * 7 * C + o_t
         o_end = (i_bh * NC + i_c) * 3
+        o_st = (i_bh * NC + i_c) * 4 * D * E
+        # where this chunk's start state is read: the working copy (UPDATE) or the stored states
+        if UPDATE:
+            p_cw1 = p_w1 + o_base
+            p_cw2 = p_w2 + o_base
+            p_cs1 = p_s1 + o_base
+            p_cs2 = p_s2 + o_base
+        else:
+            p_cw1 = p_states + o_st
+            p_cw2 = p_states + o_st + D * E
+            p_cs1 = p_states + o_st + 2 * D * E
+            p_cs2 = p_states + o_st + 3 * D * E
         b_q = tl.load(p_q + o_td, mask=m_td, other=0.0).to(tl.float32)
         b_k = tl.load(p_k + o_td, mask=m_td, other=0.0).to(tl.float32)
         b_v = tl.load(p_v + o_td, mask=m_td, other=0.0).to(tl.float32)
@@ -120,56 +142,55 @@ def _mlp_fwd_kernel(
         b_err = b_k - b_v
         for e0 in range(0, E, BE):
             m_e = e0 + o_e < E
-            o_de = o_base + o_d[:, None] * E + (e0 + o_e)[None, :]  # W1, S1 [D, E]
-            o_ed = o_base + (e0 + o_e)[:, None] * D + o_d[None, :]  # W2, S2 [E, D]
-            m_de = m_d[:, None] & m_e[None, :]
-            m_ed = m_e[:, None] & m_d[None, :]
-            b_w1 = tl.load(p_w1 + o_de, mask=m_de, other=0.0)
-            b_w2 = tl.load(p_w2 + o_ed, mask=m_ed, other=0.0)
+            o_de = o_d[:, None] * E + (e0 + o_e)[None, :]  # W1, S1 [D, E]
+            o_ed = (e0 + o_e)[:, None] * D + o_d[None, :]  # W2, S2 [E, D]
+            b_w1 = tl.load(p_cw1 + o_de, mask=m_d[:, None] & m_e[None, :], other=0.0)
+            b_w2 = tl.load(p_cw2 + o_ed, mask=m_e[:, None] & m_d[None, :], other=0.0)
             b_hk = tl.dot(b_k, tl.trans(b_w2), input_precision=PRECISION)
             b_err += tl.dot(_gelu(b_hk), tl.trans(b_w1), input_precision=PRECISION)
 
-        # pass 2: the read-out's per-tile parts, its score Z = Aq A^T, and the state update in place
+        # pass 2: the read-out's per-tile parts and its score Z = Aq A^T; the state update in place
         b_acc = tl.zeros([BT, BD], dtype=tl.float32)
         b_z = tl.zeros([BT, BT], dtype=tl.float32)
-        o_st = (i_bh * NC + i_c) * 4 * D * E
         for e0 in range(0, E, BE):
             m_e = e0 + o_e < E
-            o_de = o_base + o_d[:, None] * E + (e0 + o_e)[None, :]
-            o_ed = o_base + (e0 + o_e)[:, None] * D + o_d[None, :]
+            o_de = o_d[:, None] * E + (e0 + o_e)[None, :]
+            o_ed = (e0 + o_e)[:, None] * D + o_d[None, :]
             m_de = m_d[:, None] & m_e[None, :]
             m_ed = m_e[:, None] & m_d[None, :]
-            b_w1 = tl.load(p_w1 + o_de, mask=m_de, other=0.0)
-            b_w2 = tl.load(p_w2 + o_ed, mask=m_ed, other=0.0)
-            b_s1 = tl.load(p_s1 + o_de, mask=m_de, other=0.0)
-            b_s2 = tl.load(p_s2 + o_ed, mask=m_ed, other=0.0)
-            if STORE_STATES:
-                o_local_de = o_de - o_base
-                o_local_ed = o_ed - o_base
-                tl.store(p_states + o_st + o_local_de, b_w1, mask=m_de)
-                tl.store(p_states + o_st + D * E + o_local_ed, b_w2, mask=m_ed)
-                tl.store(p_states + o_st + 2 * D * E + o_local_de, b_s1, mask=m_de)
-                tl.store(p_states + o_st + 3 * D * E + o_local_ed, b_s2, mask=m_ed)
+            b_w1 = tl.load(p_cw1 + o_de, mask=m_de, other=0.0)
+            b_w2 = tl.load(p_cw2 + o_ed, mask=m_ed, other=0.0)
+            b_s1 = tl.load(p_cs1 + o_de, mask=m_de, other=0.0)
+            b_s2 = tl.load(p_cs2 + o_ed, mask=m_ed, other=0.0)
             b_hk, b_a, b_u, b_g, b_r, b_w, b_hq, b_aq, b_qw2, b_qs2, b_khw2, b_khs2 = _mlp_tile(
                 b_q, b_k, b_kh, b_err, b_w1, b_w2, b_s2, b_aqk, b_akk, b_tinv, b_aqw, b_Bc, b_c, b_Bp, b_cp,
                 DGD, PRECISION)
-            if WRITE_OUT:
+            if READOUT:
                 b_acc += (b_Bc[:, None] * tl.dot(b_aq, tl.trans(b_w1), input_precision=PRECISION)
                           + b_c[:, None] * tl.dot(b_aq, tl.trans(b_s1), input_precision=PRECISION))
                 b_z += tl.dot(b_aq, tl.trans(b_a), input_precision=PRECISION)
-            b_w1n = b_BL * b_w1 + b_cL * b_s1 - tl.dot(tl.trans(b_err), b_a * b_wg[:, None], input_precision=PRECISION)
-            b_s1n = b_AL * b_s1 - tl.dot(tl.trans(b_err), b_a * b_wp[:, None], input_precision=PRECISION)
-            b_w2n = b_BL * b_w2 + b_cL * b_s2 - tl.dot(tl.trans(b_g * b_wg[:, None]), b_k, input_precision=PRECISION)
-            if DGD:
-                b_w2n -= tl.dot(tl.trans(b_w * b_wb[:, None]), b_kh, input_precision=PRECISION)
-            b_s2n = b_AL * b_s2 - tl.dot(tl.trans(b_g * b_wp[:, None]), b_k, input_precision=PRECISION)
+            if UPDATE:
+                if STORE_STATES:
+                    tl.store(p_states + o_st + o_de, b_w1, mask=m_de)
+                    tl.store(p_states + o_st + D * E + o_ed, b_w2, mask=m_ed)
+                    tl.store(p_states + o_st + 2 * D * E + o_de, b_s1, mask=m_de)
+                    tl.store(p_states + o_st + 3 * D * E + o_ed, b_s2, mask=m_ed)
+                b_w1n = (b_BL * b_w1 + b_cL * b_s1
+                         - tl.dot(tl.trans(b_err), b_a * b_wg[:, None], input_precision=PRECISION))
+                b_s1n = b_AL * b_s1 - tl.dot(tl.trans(b_err), b_a * b_wp[:, None], input_precision=PRECISION)
+                b_w2n = (b_BL * b_w2 + b_cL * b_s2
+                         - tl.dot(tl.trans(b_g * b_wg[:, None]), b_k, input_precision=PRECISION))
+                if DGD:
+                    b_w2n -= tl.dot(tl.trans(b_w * b_wb[:, None]), b_kh, input_precision=PRECISION)
+                b_s2n = b_AL * b_s2 - tl.dot(tl.trans(b_g * b_wp[:, None]), b_k, input_precision=PRECISION)
+                tl.debug_barrier()
+                tl.store(p_cw1 + o_de, b_w1n, mask=m_de)
+                tl.store(p_cs1 + o_de, b_s1n, mask=m_de)
+                tl.store(p_cw2 + o_ed, b_w2n, mask=m_ed)
+                tl.store(p_cs2 + o_ed, b_s2n, mask=m_ed)
+        if UPDATE:
             tl.debug_barrier()
-            tl.store(p_w1 + o_de, b_w1n, mask=m_de)
-            tl.store(p_s1 + o_de, b_s1n, mask=m_de)
-            tl.store(p_w2 + o_ed, b_w2n, mask=m_ed)
-            tl.store(p_s2 + o_ed, b_s2n, mask=m_ed)
-        tl.debug_barrier()
-        if WRITE_OUT:
+        if READOUT:
             b_gth = tl.load(p_gth + o_tt, mask=m_tt, other=0.0)
             b_o = b_q + b_acc - tl.dot(b_gth * b_z, b_err, input_precision=PRECISION)
             tl.store(p_o + o_td, b_o.to(p_o.dtype.element_ty), mask=m_td)
@@ -178,21 +199,38 @@ def _mlp_fwd_kernel(
 @triton.jit
 def _mlp_bwd_kernel(
     p_q, p_k, p_kh, p_v, p_aqk, p_gth, p_akk, p_tinv, p_aqw, p_vec, p_end, p_states, p_do,
-    p_dw1, p_dw2, p_ds1, p_ds2,
-    p_dq, p_dk, p_dkh, p_dv, p_daqk, p_dgth, p_dakk, p_dtinv, p_daqw, p_dvec, p_dend,
+    p_dw1, p_dw2, p_ds1, p_ds2, p_dstates,
+    p_dq, p_dk, p_dkh, p_dv, p_dk_r, p_dv_r, p_daqk, p_dgth, p_dakk, p_dtinv, p_daqw, p_dvec, p_dend,
     T, Tp, NC, C, D, E,
-    BT: tl.constexpr, BD: tl.constexpr, BE: tl.constexpr, DGD: tl.constexpr, PRECISION: tl.constexpr,
+    BT: tl.constexpr, BD: tl.constexpr, BE: tl.constexpr, DGD: tl.constexpr, READOUT: tl.constexpr,
+    PRECISION: tl.constexpr,
 ):
-    """p_dw1 .. p_ds2: the working state gradient, holding that of the final state on entry and that of the
-    initial state on exit; p_states: every chunk's start state [NC, 4, D * E] per (b, h) (W1, W2, S1, S2)."""
+    """The backward is linear in the cotangents, so it splits into two launches (docs/kernels/titan_memory.md):
+
+    READOUT, one program per (b, h, chunk), all chunks in parallel: what flows from a chunk's outputs dO through its
+    read-out, at its chunk-start state (p_states): dq; the read-out's parts of dk, dv (fp32 p_dk_r, p_dv_r), dk^, the
+    [C, C] terms and vec rows; and of the chunk-start state (p_dstates, [NC, 4, D E] per (b, h)).
+    Otherwise (the update), one program per (b, h) walks the chunks in reverse with the state gradient p_dw1 ..
+    p_ds2 in place (that of the final state on entry, of the initial state on exit): what flows through each chunk's
+    state update, plus the read-out's state gradient of that chunk; it completes dk, dv, dk^, dtinv, dakk, vec, end.
+    """
     i_bh = tl.program_id(0)
     o_t = tl.arange(0, BT)
     o_d = tl.arange(0, BD)
     o_e = tl.arange(0, BE)
     m_d = o_d < D
     o_base = i_bh * D * E
-    for i_r in range(0, NC):
-        i_c = NC - 1 - i_r
+    if READOUT:
+        c_lo = tl.program_id(1)
+        n_c = 1
+    else:
+        c_lo = 0
+        n_c = NC
+    for i_r in range(0, n_c):
+        if READOUT:
+            i_c = c_lo
+        else:
+            i_c = NC - 1 - i_r
         t0 = i_c * C
         m_t = (o_t < C) & (t0 + o_t < T)
         m_tt = m_t[:, None] & m_t[None, :]
@@ -206,16 +244,11 @@ def _mlp_bwd_kernel(
         b_q = tl.load(p_q + o_td, mask=m_td, other=0.0).to(tl.float32)
         b_k = tl.load(p_k + o_td, mask=m_td, other=0.0).to(tl.float32)
         b_v = tl.load(p_v + o_td, mask=m_td, other=0.0).to(tl.float32)
-        b_do = tl.load(p_do + o_td, mask=m_td, other=0.0).to(tl.float32)
         b_aqk = tl.load(p_aqk + o_tt, mask=m_tt, other=0.0)
-        b_gth = tl.load(p_gth + o_tt, mask=m_tt, other=0.0)
         b_Bc = tl.load(p_vec + o_vec, mask=m_t, other=0.0)
         b_c = tl.load(p_vec + o_vec + C, mask=m_t, other=0.0)
         b_wg = tl.load(p_vec + o_vec + 4 * C, mask=m_t, other=0.0)
         b_wp = tl.load(p_vec + o_vec + 5 * C, mask=m_t, other=0.0)
-        b_BL = tl.load(p_end + o_end)
-        b_cL = tl.load(p_end + o_end + 1)
-        b_AL = tl.load(p_end + o_end + 2)
         b_kh = b_k
         b_akk = b_aqk
         b_tinv = b_aqk
@@ -238,34 +271,42 @@ def _mlp_bwd_kernel(
             m_e = e0 + o_e < E
             o_de = o_d[:, None] * E + (e0 + o_e)[None, :]
             o_ed = (e0 + o_e)[:, None] * D + o_d[None, :]
-            m_de = m_d[:, None] & m_e[None, :]
-            m_ed = m_e[:, None] & m_d[None, :]
-            b_w1 = tl.load(p_states + o_st + o_de, mask=m_de, other=0.0)
-            b_w2 = tl.load(p_states + o_st + D * E + o_ed, mask=m_ed, other=0.0)
+            b_w1 = tl.load(p_states + o_st + o_de, mask=m_d[:, None] & m_e[None, :], other=0.0)
+            b_w2 = tl.load(p_states + o_st + D * E + o_ed, mask=m_e[:, None] & m_d[None, :], other=0.0)
             b_hk = tl.dot(b_k, tl.trans(b_w2), input_precision=PRECISION)
             b_err += tl.dot(_gelu(b_hk), tl.trans(b_w1), input_precision=PRECISION)
 
-        # pass 2: the read-out score Z = Aq A^T; then O = ... - (gth * Z) Err gives dZ, dgth and part of dErr
-        b_z = tl.zeros([BT, BT], dtype=tl.float32)
-        for e0 in range(0, E, BE):
-            m_e = e0 + o_e < E
-            o_de = o_d[:, None] * E + (e0 + o_e)[None, :]
-            o_ed = (e0 + o_e)[:, None] * D + o_d[None, :]
-            m_de = m_d[:, None] & m_e[None, :]
-            m_ed = m_e[:, None] & m_d[None, :]
-            b_w1 = tl.load(p_states + o_st + o_de, mask=m_de, other=0.0)
-            b_w2 = tl.load(p_states + o_st + D * E + o_ed, mask=m_ed, other=0.0)
-            b_s2 = tl.load(p_states + o_st + 3 * D * E + o_ed, mask=m_ed, other=0.0)
-            b_hk, b_a, b_u, b_g, b_r, b_w, b_hq, b_aq, b_qw2, b_qs2, b_khw2, b_khs2 = _mlp_tile(
-                b_q, b_k, b_kh, b_err, b_w1, b_w2, b_s2, b_aqk, b_akk, b_tinv, b_aqw, b_Bc, b_c, b_Bp, b_cp,
-                DGD, PRECISION)
-            b_z += tl.dot(b_aq, tl.trans(b_a), input_precision=PRECISION)
-        b_doerr = tl.dot(b_do, tl.trans(b_err), input_precision=PRECISION)  # -dAaa
-        b_dz = -b_gth * b_doerr
-        b_dgth = -b_doerr * b_z
-        b_derr = -tl.dot(tl.trans(b_gth * b_z), b_do, input_precision=PRECISION)
+        if READOUT:
+            # pass 2: the score Z = Aq A^T; O = ... - (gth * Z) Err gives dZ, dgth and dErr's first part
+            b_do = tl.load(p_do + o_td, mask=m_td, other=0.0).to(tl.float32)
+            b_gth = tl.load(p_gth + o_tt, mask=m_tt, other=0.0)
+            b_z = tl.zeros([BT, BT], dtype=tl.float32)
+            for e0 in range(0, E, BE):
+                m_e = e0 + o_e < E
+                o_de = o_d[:, None] * E + (e0 + o_e)[None, :]
+                o_ed = (e0 + o_e)[:, None] * D + o_d[None, :]
+                m_de = m_d[:, None] & m_e[None, :]
+                m_ed = m_e[:, None] & m_d[None, :]
+                b_w1 = tl.load(p_states + o_st + o_de, mask=m_de, other=0.0)
+                b_w2 = tl.load(p_states + o_st + D * E + o_ed, mask=m_ed, other=0.0)
+                b_s2 = tl.load(p_states + o_st + 3 * D * E + o_ed, mask=m_ed, other=0.0)
+                b_hk, b_a, b_u, b_g, b_r, b_w, b_hq, b_aq, b_qw2, b_qs2, b_khw2, b_khs2 = _mlp_tile(
+                    b_q, b_k, b_kh, b_err, b_w1, b_w2, b_s2, b_aqk, b_akk, b_tinv, b_aqw, b_Bc, b_c, b_Bp, b_cp,
+                    DGD, PRECISION)
+                b_z += tl.dot(b_aq, tl.trans(b_a), input_precision=PRECISION)
+            b_doerr = tl.dot(b_do, tl.trans(b_err), input_precision=PRECISION)  # -dAaa
+            b_dz = -b_gth * b_doerr
+            b_dgth = -b_doerr * b_z
+            b_derr = -tl.dot(tl.trans(b_gth * b_z), b_do, input_precision=PRECISION)
+        else:
+            b_BL = tl.load(p_end + o_end)
+            b_cL = tl.load(p_end + o_end + 1)
+            b_AL = tl.load(p_end + o_end + 2)
+            b_do = b_q  # unused: the update's cotangent is the state gradient
+            b_dz = b_aqk
+            b_derr = tl.zeros([BT, BD], dtype=tl.float32)
 
-        # pass 3: the rest of dErr, through U = Err W1 and the W1 / S1 updates (a sum over E)
+        # pass 3: the rest of dErr (a sum over E), through U = Err W1 [and the W1 / S1 updates]
         for e0 in range(0, E, BE):
             m_e = e0 + o_e < E
             o_de = o_d[:, None] * E + (e0 + o_e)[None, :]
@@ -276,49 +317,48 @@ def _mlp_bwd_kernel(
             b_w2 = tl.load(p_states + o_st + D * E + o_ed, mask=m_ed, other=0.0)
             b_s1 = tl.load(p_states + o_st + 2 * D * E + o_de, mask=m_de, other=0.0)
             b_s2 = tl.load(p_states + o_st + 3 * D * E + o_ed, mask=m_ed, other=0.0)
-            b_dw1 = tl.load(p_dw1 + o_base + o_de, mask=m_de, other=0.0)
-            b_ds1 = tl.load(p_ds1 + o_base + o_de, mask=m_de, other=0.0)
-            b_dw2 = tl.load(p_dw2 + o_base + o_ed, mask=m_ed, other=0.0)
-            b_ds2 = tl.load(p_ds2 + o_base + o_ed, mask=m_ed, other=0.0)
             b_hk, b_a, b_u, b_g, b_r, b_w, b_hq, b_aq, b_qw2, b_qs2, b_khw2, b_khs2 = _mlp_tile(
                 b_q, b_k, b_kh, b_err, b_w1, b_w2, b_s2, b_aqk, b_akk, b_tinv, b_aqw, b_Bc, b_c, b_Bp, b_cp,
                 DGD, PRECISION)
-            b_dow1 = tl.dot(b_do, b_w1, input_precision=PRECISION)
-            b_dos1 = tl.dot(b_do, b_s1, input_precision=PRECISION)
-            b_dhq = (b_Bc[:, None] * b_dow1 + b_c[:, None] * b_dos1
-                     + tl.dot(b_dz, b_a, input_precision=PRECISION)) * _gelu_grad(b_hq)
-            b_kdw2 = tl.dot(b_k, tl.trans(b_dw2), input_precision=PRECISION)
-            b_kds2 = tl.dot(b_k, tl.trans(b_ds2), input_precision=PRECISION)
-            b_dg = (-b_wg[:, None] * b_kdw2 - b_wp[:, None] * b_kds2
-                    - tl.dot(tl.trans(b_aqk), b_dhq, input_precision=PRECISION))
+            if READOUT:
+                b_dhq = (b_Bc[:, None] * tl.dot(b_do, b_w1, input_precision=PRECISION)
+                         + b_c[:, None] * tl.dot(b_do, b_s1, input_precision=PRECISION)
+                         + tl.dot(b_dz, b_a, input_precision=PRECISION)) * _gelu_grad(b_hq)
+                b_dg = -tl.dot(tl.trans(b_aqk), b_dhq, input_precision=PRECISION)
+                if DGD:
+                    b_dw = -tl.dot(tl.trans(b_aqw), b_dhq, input_precision=PRECISION)
+            else:
+                b_dw1 = tl.load(p_dw1 + o_base + o_de, mask=m_de, other=0.0)
+                b_ds1 = tl.load(p_ds1 + o_base + o_de, mask=m_de, other=0.0)
+                b_dw2 = tl.load(p_dw2 + o_base + o_ed, mask=m_ed, other=0.0)
+                b_ds2 = tl.load(p_ds2 + o_base + o_ed, mask=m_ed, other=0.0)
+                b_dg = (-b_wg[:, None] * tl.dot(b_k, tl.trans(b_dw2), input_precision=PRECISION)
+                        - b_wp[:, None] * tl.dot(b_k, tl.trans(b_ds2), input_precision=PRECISION))
+                if DGD:
+                    b_dw = -b_wb[:, None] * tl.dot(b_kh, tl.trans(b_dw2), input_precision=PRECISION)
+                b_derr -= (b_wg[:, None] * tl.dot(b_a, tl.trans(b_dw1), input_precision=PRECISION)
+                           + b_wp[:, None] * tl.dot(b_a, tl.trans(b_ds1), input_precision=PRECISION))
             if DGD:
-                b_dw = (-tl.dot(tl.trans(b_aqw), b_dhq, input_precision=PRECISION)
-                        - b_wb[:, None] * tl.dot(b_kh, tl.trans(b_dw2), input_precision=PRECISION))
-                b_dr = tl.dot(tl.trans(b_tinv), b_dw, input_precision=PRECISION)
-                b_dg -= tl.dot(tl.trans(b_akk), b_dr, input_precision=PRECISION)
-            b_du = b_dg * _gelu_grad(b_hk)
-            b_derr += (tl.dot(b_du, tl.trans(b_w1), input_precision=PRECISION)
-                       - b_wg[:, None] * tl.dot(b_a, tl.trans(b_dw1), input_precision=PRECISION)
-                       - b_wp[:, None] * tl.dot(b_a, tl.trans(b_ds1), input_precision=PRECISION))
+                b_dg -= tl.dot(tl.trans(b_akk), tl.dot(tl.trans(b_tinv), b_dw, input_precision=PRECISION),
+                               input_precision=PRECISION)
+            b_derr += tl.dot(b_dg * _gelu_grad(b_hk), tl.trans(b_w1), input_precision=PRECISION)
 
-        # pass 4: every other gradient, and the state gradient carried back through the chunk (in place)
-        b_dq = b_do
+        # pass 4: every other gradient, and the chunk-start state's
         b_dk = b_derr
+        b_dq = b_do
         b_daqk = tl.zeros([BT, BT], dtype=tl.float32)
-        b_dBc = tl.zeros([BT], dtype=tl.float32)
-        b_dc = tl.zeros([BT], dtype=tl.float32)
-        b_dwg = tl.zeros([BT], dtype=tl.float32)
-        b_dwp = tl.zeros([BT], dtype=tl.float32)
-        b_dBL = tl.sum(tl.zeros([BT], dtype=tl.float32), axis=0)
-        b_dcL = b_dBL
-        b_dAL = b_dBL
-        b_dkh = tl.zeros([BT, BD], dtype=tl.float32)
+        b_daqw = tl.zeros([BT, BT], dtype=tl.float32)
         b_dtinv = tl.zeros([BT, BT], dtype=tl.float32)
         b_dakk = tl.zeros([BT, BT], dtype=tl.float32)
-        b_daqw = tl.zeros([BT, BT], dtype=tl.float32)
+        b_dkh = tl.zeros([BT, BD], dtype=tl.float32)
+        b_dv1 = tl.zeros([BT], dtype=tl.float32)  # dBc (read-out) / dwg (update)
+        b_dv2 = tl.zeros([BT], dtype=tl.float32)  # dc / dwp
         b_dBp = tl.zeros([BT], dtype=tl.float32)
         b_dcp = tl.zeros([BT], dtype=tl.float32)
         b_dwb = tl.zeros([BT], dtype=tl.float32)
+        b_dBL = tl.sum(tl.zeros([BT], dtype=tl.float32), axis=0)
+        b_dcL = b_dBL
+        b_dAL = b_dBL
         for e0 in range(0, E, BE):
             m_e = e0 + o_e < E
             o_de = o_d[:, None] * E + (e0 + o_e)[None, :]
@@ -329,93 +369,128 @@ def _mlp_bwd_kernel(
             b_w2 = tl.load(p_states + o_st + D * E + o_ed, mask=m_ed, other=0.0)
             b_s1 = tl.load(p_states + o_st + 2 * D * E + o_de, mask=m_de, other=0.0)
             b_s2 = tl.load(p_states + o_st + 3 * D * E + o_ed, mask=m_ed, other=0.0)
-            b_dw1 = tl.load(p_dw1 + o_base + o_de, mask=m_de, other=0.0)
-            b_ds1 = tl.load(p_ds1 + o_base + o_de, mask=m_de, other=0.0)
-            b_dw2 = tl.load(p_dw2 + o_base + o_ed, mask=m_ed, other=0.0)
-            b_ds2 = tl.load(p_ds2 + o_base + o_ed, mask=m_ed, other=0.0)
             b_hk, b_a, b_u, b_g, b_r, b_w, b_hq, b_aq, b_qw2, b_qs2, b_khw2, b_khs2 = _mlp_tile(
                 b_q, b_k, b_kh, b_err, b_w1, b_w2, b_s2, b_aqk, b_akk, b_tinv, b_aqw, b_Bc, b_c, b_Bp, b_cp,
                 DGD, PRECISION)
-            # as pass 3
-            b_dow1 = tl.dot(b_do, b_w1, input_precision=PRECISION)
-            b_dos1 = tl.dot(b_do, b_s1, input_precision=PRECISION)
-            b_dhq = (b_Bc[:, None] * b_dow1 + b_c[:, None] * b_dos1
-                     + tl.dot(b_dz, b_a, input_precision=PRECISION)) * _gelu_grad(b_hq)
-            b_kdw2 = tl.dot(b_k, tl.trans(b_dw2), input_precision=PRECISION)
-            b_kds2 = tl.dot(b_k, tl.trans(b_ds2), input_precision=PRECISION)
-            b_dg = (-b_wg[:, None] * b_kdw2 - b_wp[:, None] * b_kds2
-                    - tl.dot(tl.trans(b_aqk), b_dhq, input_precision=PRECISION))
+            b_da = tl.dot(b_derr, b_w1, input_precision=PRECISION)
+            if READOUT:  # as pass 3
+                b_dow1 = tl.dot(b_do, b_w1, input_precision=PRECISION)
+                b_dos1 = tl.dot(b_do, b_s1, input_precision=PRECISION)
+                b_dhq = (b_Bc[:, None] * b_dow1 + b_c[:, None] * b_dos1
+                         + tl.dot(b_dz, b_a, input_precision=PRECISION)) * _gelu_grad(b_hq)
+                b_dg = -tl.dot(tl.trans(b_aqk), b_dhq, input_precision=PRECISION)
+                if DGD:
+                    b_dw = -tl.dot(tl.trans(b_aqw), b_dhq, input_precision=PRECISION)
+                    b_daqw -= tl.dot(b_dhq, tl.trans(b_w), input_precision=PRECISION)
+                b_da += tl.dot(tl.trans(b_dz), b_aq, input_precision=PRECISION)
+                b_dq += (b_Bc[:, None] * tl.dot(b_dhq, b_w2, input_precision=PRECISION)
+                         + b_c[:, None] * tl.dot(b_dhq, b_s2, input_precision=PRECISION))
+                b_daqk -= tl.dot(b_dhq, tl.trans(b_g), input_precision=PRECISION)
+                b_dv1 += tl.sum(b_dow1 * b_aq, axis=1) + tl.sum(b_dhq * b_qw2, axis=1)
+                b_dv2 += tl.sum(b_dos1 * b_aq, axis=1) + tl.sum(b_dhq * b_qs2, axis=1)
+            else:
+                b_dw1 = tl.load(p_dw1 + o_base + o_de, mask=m_de, other=0.0)
+                b_ds1 = tl.load(p_ds1 + o_base + o_de, mask=m_de, other=0.0)
+                b_dw2 = tl.load(p_dw2 + o_base + o_ed, mask=m_ed, other=0.0)
+                b_ds2 = tl.load(p_ds2 + o_base + o_ed, mask=m_ed, other=0.0)
+                b_kdw2 = tl.dot(b_k, tl.trans(b_dw2), input_precision=PRECISION)
+                b_kds2 = tl.dot(b_k, tl.trans(b_ds2), input_precision=PRECISION)
+                b_dg = -b_wg[:, None] * b_kdw2 - b_wp[:, None] * b_kds2
+                if DGD:
+                    b_khdw2 = tl.dot(b_kh, tl.trans(b_dw2), input_precision=PRECISION)
+                    b_dw = -b_wb[:, None] * b_khdw2
+                    b_dkh -= tl.dot(b_w * b_wb[:, None], b_dw2, input_precision=PRECISION)
+                    b_dwb -= tl.sum(b_w * b_khdw2, axis=1)
+                b_errdw1 = tl.dot(b_err, b_dw1, input_precision=PRECISION)
+                b_errds1 = tl.dot(b_err, b_ds1, input_precision=PRECISION)
+                b_da -= b_wg[:, None] * b_errdw1 + b_wp[:, None] * b_errds1
+                b_dk -= (tl.dot(b_g * b_wg[:, None], b_dw2, input_precision=PRECISION)
+                         + tl.dot(b_g * b_wp[:, None], b_ds2, input_precision=PRECISION))
+                b_dv1 -= tl.sum(b_errdw1 * b_a, axis=1) + tl.sum(b_g * b_kdw2, axis=1)
+                b_dv2 -= tl.sum(b_errds1 * b_a, axis=1) + tl.sum(b_g * b_kds2, axis=1)
+                b_dBL += tl.sum(tl.sum(b_dw1 * b_w1, axis=1), axis=0) + tl.sum(tl.sum(b_dw2 * b_w2, axis=1), axis=0)
+                b_dcL += tl.sum(tl.sum(b_dw1 * b_s1, axis=1), axis=0) + tl.sum(tl.sum(b_dw2 * b_s2, axis=1), axis=0)
+                b_dAL += tl.sum(tl.sum(b_ds1 * b_s1, axis=1), axis=0) + tl.sum(tl.sum(b_ds2 * b_s2, axis=1), axis=0)
             b_dr = b_dg
-            if DGD:
-                b_khdw2 = tl.dot(b_kh, tl.trans(b_dw2), input_precision=PRECISION)
-                b_dw = -tl.dot(tl.trans(b_aqw), b_dhq, input_precision=PRECISION) - b_wb[:, None] * b_khdw2
+            if DGD:  # w = Tinv R, R = diag(Bp) K^ W2^T + diag(cp) K^ S2^T - Akk G
                 b_dr = tl.dot(tl.trans(b_tinv), b_dw, input_precision=PRECISION)
                 b_dg -= tl.dot(tl.trans(b_akk), b_dr, input_precision=PRECISION)
-                b_dkh += (-tl.dot(b_w * b_wb[:, None], b_dw2, input_precision=PRECISION)
-                          + b_Bp[:, None] * tl.dot(b_dr, b_w2, input_precision=PRECISION)
+                b_dkh += (b_Bp[:, None] * tl.dot(b_dr, b_w2, input_precision=PRECISION)
                           + b_cp[:, None] * tl.dot(b_dr, b_s2, input_precision=PRECISION))
                 b_dtinv += tl.dot(b_dw, tl.trans(b_r), input_precision=PRECISION)
                 b_dakk -= tl.dot(b_dr, tl.trans(b_g), input_precision=PRECISION)
-                b_daqw -= tl.dot(b_dhq, tl.trans(b_w), input_precision=PRECISION)
                 b_dBp += tl.sum(b_dr * b_khw2, axis=1)
                 b_dcp += tl.sum(b_dr * b_khs2, axis=1)
-                b_dwb -= tl.sum(b_w * b_khdw2, axis=1)
             b_du = b_dg * _gelu_grad(b_hk)
-            # A = gelu(Hk) feeds Err, the W1 / S1 updates and the score Z; Hk = K W2^T also feeds G = U gelu'(Hk)
-            b_errdw1 = tl.dot(b_err, b_dw1, input_precision=PRECISION)
-            b_errds1 = tl.dot(b_err, b_ds1, input_precision=PRECISION)
-            b_da = (tl.dot(b_derr, b_w1, input_precision=PRECISION) - b_wg[:, None] * b_errdw1
-                    - b_wp[:, None] * b_errds1 + tl.dot(tl.trans(b_dz), b_aq, input_precision=PRECISION))
+            # Hk = K W2^T feeds A = gelu(Hk) and G = U gelu'(Hk)
             b_dhk = b_da * _gelu_grad(b_hk) + b_dg * b_u * _gelu_grad2(b_hk)
-            b_dq += (b_Bc[:, None] * tl.dot(b_dhq, b_w2, input_precision=PRECISION)
-                     + b_c[:, None] * tl.dot(b_dhq, b_s2, input_precision=PRECISION))
-            b_dk += (tl.dot(b_dhk, b_w2, input_precision=PRECISION)
-                     - tl.dot(b_g * b_wg[:, None], b_dw2, input_precision=PRECISION)
-                     - tl.dot(b_g * b_wp[:, None], b_ds2, input_precision=PRECISION))
-            b_daqk -= tl.dot(b_dhq, tl.trans(b_g), input_precision=PRECISION)
-            b_dBc += tl.sum(b_dow1 * b_aq, axis=1) + tl.sum(b_dhq * b_qw2, axis=1)
-            b_dc += tl.sum(b_dos1 * b_aq, axis=1) + tl.sum(b_dhq * b_qs2, axis=1)
-            b_dwg -= tl.sum(b_errdw1 * b_a, axis=1) + tl.sum(b_g * b_kdw2, axis=1)
-            b_dwp -= tl.sum(b_errds1 * b_a, axis=1) + tl.sum(b_g * b_kds2, axis=1)
-            b_dBL += tl.sum(tl.sum(b_dw1 * b_w1, axis=1), axis=0) + tl.sum(tl.sum(b_dw2 * b_w2, axis=1), axis=0)
-            b_dcL += tl.sum(tl.sum(b_dw1 * b_s1, axis=1), axis=0) + tl.sum(tl.sum(b_dw2 * b_s2, axis=1), axis=0)
-            b_dAL += tl.sum(tl.sum(b_ds1 * b_s1, axis=1), axis=0) + tl.sum(tl.sum(b_ds2 * b_s2, axis=1), axis=0)
-            # gradient of the chunk-start state (W1' = B_L W1 + c_L S1 - Err^T diag(wg) A, ...; O, Err, Hk, Hq)
-            b_dw1n = (b_BL * b_dw1 + tl.dot(tl.trans(b_do * b_Bc[:, None]), b_aq, input_precision=PRECISION)
-                      + tl.dot(tl.trans(b_err), b_du, input_precision=PRECISION)
+            b_dk += tl.dot(b_dhk, b_w2, input_precision=PRECISION)
+            # gradient of the chunk-start state through Err, U, Hk [R], and the read-out (O, Hq) or the update
+            b_dw1n = (tl.dot(tl.trans(b_err), b_du, input_precision=PRECISION)
                       + tl.dot(tl.trans(b_derr), b_a, input_precision=PRECISION))
-            b_ds1n = (b_cL * b_dw1 + b_AL * b_ds1
-                      + tl.dot(tl.trans(b_do * b_c[:, None]), b_aq, input_precision=PRECISION))
-            b_dw2n = (b_BL * b_dw2 + tl.dot(tl.trans(b_dhq * b_Bc[:, None]), b_q, input_precision=PRECISION)
-                      + tl.dot(tl.trans(b_dhk), b_k, input_precision=PRECISION))
-            b_ds2n = (b_cL * b_dw2 + b_AL * b_ds2
-                      + tl.dot(tl.trans(b_dhq * b_c[:, None]), b_q, input_precision=PRECISION))
+            b_dw2n = tl.dot(tl.trans(b_dhk), b_k, input_precision=PRECISION)
+            b_ds2n = tl.zeros([BE, BD], dtype=tl.float32)
             if DGD:
                 b_dw2n += tl.dot(tl.trans(b_dr * b_Bp[:, None]), b_kh, input_precision=PRECISION)
                 b_ds2n += tl.dot(tl.trans(b_dr * b_cp[:, None]), b_kh, input_precision=PRECISION)
+            if READOUT:
+                b_dw1n += tl.dot(tl.trans(b_do * b_Bc[:, None]), b_aq, input_precision=PRECISION)
+                b_ds1n = tl.dot(tl.trans(b_do * b_c[:, None]), b_aq, input_precision=PRECISION)
+                b_dw2n += tl.dot(tl.trans(b_dhq * b_Bc[:, None]), b_q, input_precision=PRECISION)
+                b_ds2n += tl.dot(tl.trans(b_dhq * b_c[:, None]), b_q, input_precision=PRECISION)
+                tl.store(p_dstates + o_st + o_de, b_dw1n, mask=m_de)
+                tl.store(p_dstates + o_st + D * E + o_ed, b_dw2n, mask=m_ed)
+                tl.store(p_dstates + o_st + 2 * D * E + o_de, b_ds1n, mask=m_de)
+                tl.store(p_dstates + o_st + 3 * D * E + o_ed, b_ds2n, mask=m_ed)
+            else:
+                # W1' = B_L W1 + c_L S1 - ..., S1' = A_L S1 - ...; plus the read-out's part (its launch ran first)
+                b_dw1n += b_BL * b_dw1 + tl.load(p_dstates + o_st + o_de, mask=m_de, other=0.0)
+                b_ds1n = (b_cL * b_dw1 + b_AL * b_ds1
+                          + tl.load(p_dstates + o_st + 2 * D * E + o_de, mask=m_de, other=0.0))
+                b_dw2n += b_BL * b_dw2 + tl.load(p_dstates + o_st + D * E + o_ed, mask=m_ed, other=0.0)
+                b_ds2n += (b_cL * b_dw2 + b_AL * b_ds2
+                           + tl.load(p_dstates + o_st + 3 * D * E + o_ed, mask=m_ed, other=0.0))
+                tl.debug_barrier()
+                tl.store(p_dw1 + o_base + o_de, b_dw1n, mask=m_de)
+                tl.store(p_ds1 + o_base + o_de, b_ds1n, mask=m_de)
+                tl.store(p_dw2 + o_base + o_ed, b_dw2n, mask=m_ed)
+                tl.store(p_ds2 + o_base + o_ed, b_ds2n, mask=m_ed)
+
+        if READOUT:
+            tl.store(p_dq + o_td, b_dq.to(p_dq.dtype.element_ty), mask=m_td)
+            tl.store(p_dk_r + o_td, b_dk, mask=m_td)
+            tl.store(p_dv_r + o_td, -b_derr, mask=m_td)
+            tl.store(p_daqk + o_tt, b_daqk, mask=m_tt)
+            tl.store(p_dgth + o_tt, b_dgth, mask=m_tt)
+            tl.store(p_dvec + o_vec, b_dv1, mask=m_t)
+            tl.store(p_dvec + o_vec + C, b_dv2, mask=m_t)
+            if DGD:
+                tl.store(p_daqw + o_tt, b_daqw, mask=m_tt)
+                tl.store(p_dkh + o_tdp, b_dkh, mask=m_td)
+                tl.store(p_dtinv + o_tt, b_dtinv, mask=m_tt)
+                tl.store(p_dakk + o_tt, b_dakk, mask=m_tt)
+                tl.store(p_dvec + o_vec + 2 * C, b_dBp, mask=m_t)
+                tl.store(p_dvec + o_vec + 3 * C, b_dcp, mask=m_t)
+        else:
             tl.debug_barrier()
-            tl.store(p_dw1 + o_base + o_de, b_dw1n, mask=m_de)
-            tl.store(p_ds1 + o_base + o_de, b_ds1n, mask=m_de)
-            tl.store(p_dw2 + o_base + o_ed, b_dw2n, mask=m_ed)
-            tl.store(p_ds2 + o_base + o_ed, b_ds2n, mask=m_ed)
-        tl.debug_barrier()
-        tl.store(p_dq + o_td, b_dq.to(p_dq.dtype.element_ty), mask=m_td)
-        tl.store(p_dk + o_td, b_dk.to(p_dk.dtype.element_ty), mask=m_td)
-        tl.store(p_dv + o_td, (-b_derr).to(p_dv.dtype.element_ty), mask=m_td)
-        tl.store(p_daqk + o_tt, b_daqk, mask=m_tt)
-        tl.store(p_dgth + o_tt, b_dgth, mask=m_tt)
-        tl.store(p_dvec + o_vec, b_dBc, mask=m_t)
-        tl.store(p_dvec + o_vec + C, b_dc, mask=m_t)
-        tl.store(p_dvec + o_vec + 4 * C, b_dwg, mask=m_t)
-        tl.store(p_dvec + o_vec + 5 * C, b_dwp, mask=m_t)
-        tl.store(p_dend + o_end, b_dBL)
-        tl.store(p_dend + o_end + 1, b_dcL)
-        tl.store(p_dend + o_end + 2, b_dAL)
-        if DGD:
-            tl.store(p_dkh + o_tdp, b_dkh, mask=m_td)
-            tl.store(p_dtinv + o_tt, b_dtinv, mask=m_tt)
-            tl.store(p_dakk + o_tt, b_dakk, mask=m_tt)
-            tl.store(p_daqw + o_tt, b_daqw, mask=m_tt)
-            tl.store(p_dvec + o_vec + 2 * C, b_dBp, mask=m_t)
-            tl.store(p_dvec + o_vec + 3 * C, b_dcp, mask=m_t)
-            tl.store(p_dvec + o_vec + 6 * C, b_dwb, mask=m_t)
+            b_dk += tl.load(p_dk_r + o_td, mask=m_td, other=0.0)
+            b_dv = tl.load(p_dv_r + o_td, mask=m_td, other=0.0) - b_derr
+            tl.store(p_dk + o_td, b_dk.to(p_dk.dtype.element_ty), mask=m_td)
+            tl.store(p_dv + o_td, b_dv.to(p_dv.dtype.element_ty), mask=m_td)
+            tl.store(p_dvec + o_vec + 4 * C, b_dv1, mask=m_t)
+            tl.store(p_dvec + o_vec + 5 * C, b_dv2, mask=m_t)
+            tl.store(p_dend + o_end, b_dBL)
+            tl.store(p_dend + o_end + 1, b_dcL)
+            tl.store(p_dend + o_end + 2, b_dAL)
+            if DGD:
+                b_dkh += tl.load(p_dkh + o_tdp, mask=m_td, other=0.0)
+                b_dtinv += tl.load(p_dtinv + o_tt, mask=m_tt, other=0.0)
+                b_dakk += tl.load(p_dakk + o_tt, mask=m_tt, other=0.0)
+                b_dBp += tl.load(p_dvec + o_vec + 2 * C, mask=m_t, other=0.0)
+                b_dcp += tl.load(p_dvec + o_vec + 3 * C, mask=m_t, other=0.0)
+                tl.store(p_dkh + o_tdp, b_dkh, mask=m_td)
+                tl.store(p_dtinv + o_tt, b_dtinv, mask=m_tt)
+                tl.store(p_dakk + o_tt, b_dakk, mask=m_tt)
+                tl.store(p_dvec + o_vec + 2 * C, b_dBp, mask=m_t)
+                tl.store(p_dvec + o_vec + 3 * C, b_dcp, mask=m_t)
+                tl.store(p_dvec + o_vec + 6 * C, b_dwb, mask=m_t)

@@ -36,6 +36,12 @@ def _inputs(*shape, device=DEVICE, **kw):
     return titan_mlp_inputs(*shape, device=device, **kw)
 
 
+def _largest_chunk(D, rule):
+    """The largest chunk the kernels take at head dim D with a backward (triton.MLP_MAX_CHUNK)."""
+    import triton
+    return _tri().MLP_MAX_CHUNK[(max(64, triton.next_power_of_2(D)), rule, True)]
+
+
 def _case_id(c):
     return "B{}H{}T{}D{}E{}C{}".format(*c)
 
@@ -44,6 +50,7 @@ def _case_id(c):
 @pytest.mark.parametrize("case", TITAN_MLP_CASES, ids=_case_id)
 def test_triton_mlp_matches_reference_fp32(rule, case):
     B, H, T, D, E, C = case
+    C = min(C, _largest_chunk(D, rule))  # dgd's backward takes chunks <= 32 (shared memory on the GPU)
     args, state = _inputs(B, H, T, D, E)
     expected = titan_mlp_outputs_and_grads(titan_memory_update_reference, args, state, C, rule)
     actual = titan_mlp_outputs_and_grads(_tri().titan_memory_update_triton, args, state, C, rule)
@@ -60,10 +67,13 @@ def test_triton_mlp_matches_float64_oracle(rule):
     assert_titan_mlp_close([a.cpu() for a in actual], expected, TOL_FP32, f"{rule} vs oracle")
 
 
+@pytest.mark.parametrize("fused", [True, False], ids=["fused-forward", "update-then-parallel-readout"])
 @pytest.mark.parametrize("rule", RULES)
-def test_raw_state_pass_matches_its_spec(rule):
-    """The raw ops against chunk_terms.mlp_state_pass (forward) and its float64 autograd (all 15 gradients)."""
+def test_raw_state_pass_matches_its_spec(rule, fused, monkeypatch):
+    """The raw ops against chunk_terms.mlp_state_pass (forward, by both forward paths) and its float64 autograd
+    (all 15 gradients)."""
     tri = _tri()
+    monkeypatch.setitem(tri.TUNING, "mlp_fused_fwd", fused)
     args, state = _inputs(2, 1, 45, 20, 36)
     op_args = titan_mlp_state_pass_args(args, state, 16, rule == "dgd")
     out = tri.titan_mlp_fwd(*op_args)
@@ -108,8 +118,17 @@ def test_dispatch_picks_triton_for_mlp_and_falls_back_beyond_its_limits(monkeypa
     ref, _ = titan_memory_update(*args, chunk_size=4, memory="mlp", state=MLPMemoryState(*state),
                                  backend="reference")
     assert_rel_close("mlp via triton", out, ref, TOL_FP32)
-    assert _tri().why_not_mlp(136, 64, 16, "titans", True) is not None
-    assert _tri().why_not_mlp(128, 1000, 64, "dgd", True) is None  # any E: it is tiled
+    tri = _tri()
+    assert tri.why_not_mlp(136, 64, 16, "titans", True) is not None
+    assert tri.why_not_mlp(64, 1000, 64, "titans", True) is None  # any E: it is tiled
+    # dgd's backward at D 64 takes chunks up to 32 (a 64-token chunk needs more shared memory than an H100 has)
+    assert tri.why_not_mlp(64, 128, 32, "dgd", True) is None and tri.why_not_mlp(64, 128, 64, "dgd", False) is None
+    assert "chunk_size <= 32" in tri.why_not_mlp(64, 128, 64, "dgd", True)
+    assert tri.why_not_mlp(100, 200, 16, "dgd", True) is None and tri.why_not_mlp(100, 200, 32, "dgd", True)
+    leaves = [t.clone().requires_grad_(True) for t in args]
+    with pytest.raises(ValueError, match="chunk_size <= 32"):
+        titan_memory_update(*leaves, chunk_size=64, memory="mlp", rule="dgd", state=MLPMemoryState(*state),
+                            backend="triton")
     args, state = _inputs(1, 1, 5, 136, 16)
     with pytest.raises(ValueError, match="D <= 128"):
         titan_memory_update(*args, chunk_size=4, memory="mlp", state=MLPMemoryState(*state), backend="triton")
@@ -162,17 +181,35 @@ def test_compile_fullgraph_traces_the_op():
 def test_triton_mlp_half_inputs_gpu(rule, dtype):
     args, state = _inputs(2, 3, 300, 64, 128, dtype=dtype)
     full = [a.float() if a.dim() == 4 else a for a in args]
-    expected = titan_mlp_outputs_and_grads(titan_memory_update_reference, full, state, 64, rule)
-    actual = titan_mlp_outputs_and_grads(_tri().titan_memory_update_triton, args, state, 64, rule)
+    C = _largest_chunk(64, rule)
+    expected = titan_mlp_outputs_and_grads(titan_memory_update_reference, full, state, C, rule)
+    actual = titan_mlp_outputs_and_grads(_tri().titan_memory_update_triton, args, state, C, rule)
     assert_titan_mlp_close(actual, expected, TOL_BF16, f"{rule} {dtype}")
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("rule", RULES)
-@pytest.mark.parametrize("shape", [(2, 4, 1000, 64, 128, 64), (1, 2, 700, 128, 256, 64), (1, 2, 257, 96, 200, 16)])
+@pytest.mark.parametrize("shape", [(2, 4, 1000, 64, 128), (1, 2, 700, 128, 256), (1, 2, 257, 96, 200)])
 def test_triton_mlp_fp32_gpu_head_dims(rule, shape):
-    B, H, T, D, E, C = shape
+    B, H, T, D, E = shape
+    C = _largest_chunk(D, rule)
     args, state = _inputs(B, H, T, D, E)
     expected = titan_mlp_outputs_and_grads(titan_memory_update_reference, args, state, C, rule)
     actual = titan_mlp_outputs_and_grads(_tri().titan_memory_update_triton, args, state, C, rule)
-    assert_titan_mlp_close(actual, expected, 5e-3, f"{rule} {shape}")
+    assert_titan_mlp_close(actual, expected, 5e-3, f"{rule} {shape} C{C}")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("rule", RULES)
+def test_triton_mlp_forward_only_gpu(rule):
+    """Forward-only calls take the larger forward chunk limit (and at D 128 the split forward: update, then the
+    parallel read-out)."""
+    for D in (64, 128):
+        import triton
+        C = _tri().MLP_MAX_CHUNK[(max(64, triton.next_power_of_2(D)), rule, False)]
+        args, state = _inputs(1, 4, 333, D, 2 * D)
+        with torch.no_grad():
+            out, st = _tri().titan_memory_update_triton(*args, C, "mlp", rule, MLPMemoryState(*state))
+        ref, st_r = titan_memory_update_reference(*args, C, "mlp", rule, MLPMemoryState(*state))
+        assert_rel_close(f"out D{D}", out, ref, 5e-3)
+        assert_rel_close(f"W1 D{D}", st.W1, st_r.W1, 5e-3)

@@ -1,0 +1,190 @@
+"""What our Triton kernels need on a GPU, measured without one: compile each launch for an sm_90 target.
+
+A launcher runs as usual (on small CPU tensors) with its ``@triton.jit`` kernels replaced by recorders; every
+recorded launch is then compiled ahead of time for the target with Triton's own CUDA backend (ptxas ships in the
+Triton wheel) and its resources are read off the result: shared memory (``metadata.shared``), registers and spill
+stack (``cuobjdump --dump-resource-usage`` on the cubin). A kernel asking for more shared memory than the GPU has
+fails at launch there (``OutOfResources``); this finds it here. Checked against the H100 once: the dgd linear
+backward at Dk = 128, C = 64 needed 270336 bytes on the GPU (Triton 3.6) and compiles to 270336 here with Triton 3.6.
+
+    python -m hope_kernels.triton_resources [--arch 90] [--json PATH]     # report every launch of LAUNCHES
+
+Runs with TRITON_INTERPRET unset (the interpreter replaces kernels by Python functions that cannot be compiled).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from typing import Callable
+
+#: shared memory per block an H100 (sm_90) grants a kernel, bytes (Triton's "Hardware limit")
+H100_MAX_SHARED = 232448
+
+_TORCH_TO_TRITON = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16", "float64": "fp64", "int32": "i32",
+                    "int64": "i64", "uint8": "u8", "bool": "i1"}
+
+
+class _Recorder:
+    """Stands in for a ``@triton.jit`` kernel: ``kernel[grid](*args, **kwargs)`` records instead of launching."""
+
+    def __init__(self, name: str, kernel):
+        self.name, self.kernel, self.calls = name, kernel, []
+
+    def __getitem__(self, grid):
+        def record(*args, **kwargs):
+            self.calls.append((args, kwargs))
+        return record
+
+
+def record_launches(module, kernel_names: tuple[str, ...], launch: Callable[[], object]) -> list:
+    """Runs ``launch()`` with ``module.<name>`` replaced by recorders; returns ``[(name, kernel, args, kwargs)]``."""
+    recorders = {n: _Recorder(n, getattr(module, n)) for n in kernel_names}
+    saved = {n: getattr(module, n) for n in kernel_names}
+    try:
+        for n, r in recorders.items():
+            setattr(module, n, r)
+        launch()
+    finally:
+        for n, k in saved.items():
+            setattr(module, n, k)
+    return [(r.name, r.kernel, a, kw) for r in recorders.values() for a, kw in r.calls]
+
+
+def _signature(kernel, args, kwargs):
+    import torch
+
+    params = kernel.params
+    bound = dict(zip([p.name for p in params], args))
+    bound.update({k: v for k, v in kwargs.items() if k in bound or any(p.name == k for p in params)})
+    signature, constexprs = {}, {}
+    for p in params:
+        value = bound[p.name]
+        if p.is_constexpr:
+            signature[p.name] = "constexpr"
+            constexprs[p.name] = value
+        elif isinstance(value, torch.Tensor):
+            signature[p.name] = "*" + _TORCH_TO_TRITON[str(value.dtype).replace("torch.", "")]
+        elif isinstance(value, bool):
+            signature[p.name] = "i1"
+        elif isinstance(value, int):
+            signature[p.name] = "i32" if -(2**31) <= value < 2**31 else "i64"
+        elif isinstance(value, float):
+            signature[p.name] = "fp32"
+        else:
+            raise TypeError(f"argument {p.name!r} of {kernel.__name__}: unsupported type {type(value).__name__}")
+    options = {k: v for k, v in kwargs.items() if k in ("num_warps", "num_stages")}
+    return signature, constexprs, options
+
+
+def compile_resources(kernel, args, kwargs, arch: int = 90) -> dict:
+    """Compiles one recorded launch for ``sm_<arch>``: ``{shared, regs, spill_stack, num_warps, num_stages}``."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    signature, constexprs, options = _signature(kernel, args, kwargs)
+    compiled = triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=constexprs),
+                              target=GPUTarget("cuda", arch, 32), options=options)
+    row = {"shared": int(compiled.metadata.shared), "num_warps": compiled.metadata.num_warps,
+           "num_stages": compiled.metadata.num_stages}
+    cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(compiled.asm["cubin"])
+        f.flush()
+        usage = subprocess.run([cuobjdump, "--dump-resource-usage", f.name], capture_output=True, text=True).stdout
+    m = re.search(r"REG:(\d+) STACK:(\d+)", usage)
+    if m:
+        row.update(regs=int(m.group(1)), spill_stack=int(m.group(2)))
+    return row
+
+
+# ------------------------------------------------------------------------------------------ what we launch
+def _titan_launches():
+    """(tag, module, kernel names, launch) for the titan_memory_update launchers at the GPU benchmark / test shapes."""
+    import torch
+
+    from hope_kernels.testing import (titan_inputs, titan_mlp_inputs, titan_mlp_state_pass_args,
+                                      titan_state_pass_args)
+    from hope_kernels.titan_memory_update import triton as tri
+
+    out = []
+    dtype = torch.bfloat16
+    for D, C in ((64, 64), (128, 64), (128, 32)):
+        for rule in ("titans", "dgd"):
+            if tri.why_not(D, D, C, rule, backward=True) is not None:
+                continue
+            args, state = titan_inputs(1, 1, 2 * C, D, D, dtype=dtype)
+            op_args = titan_state_pass_args(args, state, C, rule == "dgd")
+            tag = f"linear {rule} D{D} C{C} {str(dtype)[6:]}"
+            out.append((tag + " fwd", tri, ("_linear_fwd_kernel",), lambda a=op_args: tri._fwd(*a)))
+            out.append((tag + " bwd", tri, ("_linear_fwd_kernel", "_linear_bwd_kernel"),
+                        lambda a=op_args, D=D: tri._bwd(torch.zeros(1, 1, a[0].shape[2], D, dtype=a[0].dtype),
+                                                        torch.zeros(1, 1, D, D), torch.zeros(1, 1, D, D), *a)))
+    # the mlp kernels at the largest chunk each head-dim tile allows, forward-only and with a backward
+    for (D, rule, backward), C in tri.MLP_MAX_CHUNK.items():
+        args, state = titan_mlp_inputs(1, 1, 2 * C, D, 2 * D, dtype=dtype)
+        op_args = titan_mlp_state_pass_args(args, state, C, rule == "dgd")
+        tag = f"mlp {rule} D{D} E{2 * D} C{C} {str(dtype)[6:]}"
+        if backward:
+            out.append((tag + " bwd", tri, ("_mlp_fwd_kernel", "_mlp_bwd_kernel"),
+                        lambda a=op_args: tri._mlp_bwd(torch.zeros_like(a[0]),
+                                                       *(torch.zeros_like(s) for s in a[11:15]), *a)))
+        else:
+            out.append((tag + " fwd", tri, ("_mlp_fwd_kernel",), lambda a=op_args: tri._mlp_fwd(*a)))
+    return out
+
+
+#: every launch family the report covers
+LAUNCHES = {"titan_memory_update": _titan_launches}
+
+
+def report(arch: int = 90, ops=None):
+    """Yields one row per compiled launch: op, case, kernel, shared, regs, spill_stack, fits (shared <= limit)."""
+    seen = set()
+    for op, launches in LAUNCHES.items():
+        if ops and op not in ops:
+            continue
+        for tag, module, names, launch in launches():
+            for name, kernel, args, kwargs in record_launches(module, names, launch):
+                sig = _signature(kernel, args, kwargs)
+                key = (name, repr(sig))
+                if key in seen:  # the backward's forward re-run is the forward's kernel with other flags only
+                    continue
+                seen.add(key)
+                flags = "+".join(k for k, v in kwargs.items() if k.isupper() and v is True and k != "DGD")
+                row = {"op": op, "case": tag, "kernel": name, "flags": flags,
+                       **compile_resources(kernel, args, kwargs, arch)}
+                row["fits_h100"] = row["shared"] <= H100_MAX_SHARED
+                yield row
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--arch", type=int, default=90)
+    parser.add_argument("--json", help="also write the rows (with the Triton version) to this file")
+    parser.add_argument("--op", action="append", help="only these ops (default: all)")
+    ns = parser.parse_args(argv)
+    if os.environ.get("TRITON_INTERPRET", "0") == "1":
+        print("triton_resources: unset TRITON_INTERPRET (interpreted kernels cannot be compiled)", file=sys.stderr)
+        return 2
+    import triton
+
+    rows = []
+    for row in report(ns.arch, ns.op):
+        rows.append(row)
+        print(f"{row['case']:<34} {row['kernel']:<20} {row['flags']:<20} shared {row['shared'] / 1024:6.1f} KiB  regs "
+              f"{row.get('regs', '?'):>3}  spill stack {row.get('spill_stack', '?'):>5} B"
+              f"{'' if row['fits_h100'] else '  DOES NOT FIT an H100'}", flush=True)
+    if ns.json:
+        with open(ns.json, "w") as f:
+            json.dump({"triton": triton.__version__, "arch": ns.arch, "rows": rows}, f, indent=1)
+    return 0 if all(r["fits_h100"] for r in rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

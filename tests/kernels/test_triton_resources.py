@@ -1,0 +1,36 @@
+"""Every Triton launch of our kernels at the largest shapes the dispatcher lets them take fits an H100: compiled
+for sm_90 here, without a GPU (hope_kernels.triton_resources), each needs at most 227 KiB of shared memory. A kernel
+that would fail at launch there with OutOfResources fails here first."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+
+def _has_cuda_backend() -> bool:
+    try:
+        import triton
+        from triton.backends.nvidia.compiler import CUDABackend  # noqa: F401
+    except Exception:  # noqa: BLE001 - no Triton or no CUDA backend in it: nothing to compile with
+        return False
+    ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+    return os.path.exists(ptxas)
+
+
+@pytest.mark.skipif(not _has_cuda_backend(), reason="Triton's CUDA backend (ptxas) is not installed")
+def test_every_titan_launch_fits_an_h100(tmp_path):
+    out = tmp_path / "resources.json"
+    env = {**os.environ, "TRITON_INTERPRET": "0"}  # interpreted kernels cannot be compiled
+    proc = subprocess.run([sys.executable, "-m", "hope_kernels.triton_resources", "--op", "titan_memory_update",
+                           "--json", str(out)], capture_output=True, text=True, env=env, timeout=1200)
+    assert out.exists(), f"the report did not run:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    rows = json.loads(out.read_text())["rows"]
+    kernels = {r["kernel"] for r in rows}
+    assert {"_linear_fwd_kernel", "_linear_bwd_kernel", "_mlp_fwd_kernel", "_mlp_bwd_kernel"} <= kernels
+    too_big = [f"{r['case']} {r['kernel']} {r['flags']}: {r['shared']} B" for r in rows if not r["fits_h100"]]
+    assert not too_big, "launches that need more shared memory than an H100 has:\n" + "\n".join(too_big)
+    assert proc.returncode == 0, proc.stderr[-3000:]
