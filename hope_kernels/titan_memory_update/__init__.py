@@ -49,7 +49,8 @@ except ImportError:
     pass
 # measured on the H100 (torch 2.11+cu130, triton 3.6, 2026-11-25, bf16, B4 H8 T2048 C64, fwd+bwd): Triton 2.78 ms
 # vs CUDA 4.93 (titans, D64), 7.44 vs 10.93 (dgd, D64), 3.58 vs 6.54 (titans, D128): auto prefers Triton, and
-# takes CUDA for what Triton refuses (bench/results/titan_cuda_vs_triton-H100-2026-11-25.log)
+# takes CUDA for what Triton refuses (bench/results/titan_cuda_vs_triton-H100-2026-11-25.log: Dk > 128, and the mlp
+# memory's chunk limits, triton.MLP_MAX_CHUNK)
 dispatch.prefer(OP, ("triton", "cuda", "cpp", "reference"),
                 "Triton measured faster than the CUDA port on the H100 (docs/performance.md)")
 

@@ -251,7 +251,7 @@ TUNING = {"fwd_bv": 64, "bwd_bv": 32, "num_warps": 4, "num_stages": None, "dgd_n
 LAST_KERNELS: dict = {}
 
 
-def _blocks(C: int, Dk: int, Dv: int, backward: bool = False) -> tuple[int, int, int]:
+def _blocks(C: int, Dk: int, Dv: int, backward: bool = False, dgd: bool = False) -> tuple[int, int, int]:
     """(BT, BK, BV): tl.dot needs every dimension >= 16. The state tiles [BV, BK] fp32 stay in registers
     (forward: W, S; backward: W, S, dW, dS), so BV shrinks as Dk grows."""
     BT = max(16, triton.next_power_of_2(C))
@@ -259,19 +259,25 @@ def _blocks(C: int, Dk: int, Dv: int, backward: bool = False) -> tuple[int, int,
     cap = TUNING["bwd_bv"] if backward else TUNING["fwd_bv"]
     if BK > 64:
         cap = min(cap, 32)
+    if backward and dgd and BK > 64 and BT > 32:
+        # compiled for sm_90 (hope_kernels.triton_resources, Triton 3.6): 264 KiB of shared memory at BV 32, the
+        # H100 has 227 KiB (it failed there); 204 KiB at BV 16
+        cap = min(cap, 16)
     BV = max(16, min(cap, triton.next_power_of_2(Dv)))
     return BT, BK, BV
+
+
+#: the largest key head dim the linear kernels take (their [C, Dk] tiles and [BV, Dk] state tiles stay on chip)
+MAX_HEAD_DIM = 128
 
 
 def why_not(Dk: int, Dv: int, chunk_size: int, rule: str, backward: bool) -> str | None:
     """None when the Triton kernels run this call, else why not (the dispatcher's per-shape check).
 
-    Measured on the H100 (torch 2.11, triton 3.6, 2026-11-25): the dgd backward kernel at Dk=128, C=64 asked for
-    264 KiB of shared memory (227 KiB there) even unpipelined; its [C, Dk] tiles are padded to powers of two, so
-    every Dk > 64 with chunk_size > 32 is refused rather than failing at launch."""
-    if rule == "dgd" and backward and triton.next_power_of_2(Dk) > 64 and triton.next_power_of_2(chunk_size) > 32:
-        return (f"runs rule='dgd' with Dk > 64 and chunk_size > 32 forward only (its backward needs more shared "
-                f"memory than an H100 has), got Dk={Dk}, chunk_size={chunk_size}")
+    Every launch at Dk <= 128 fits an H100 (hope_kernels.triton_resources; the dgd backward at Dk > 64, C 64 once
+    asked for 264 KiB there and now runs value blocks of 16, 204 KiB: ``_blocks``)."""
+    if Dk > MAX_HEAD_DIM:
+        return f"takes Dk <= {MAX_HEAD_DIM} (its [C, Dk] tiles stay on chip), got Dk={Dk}"
     return None
 
 
@@ -334,7 +340,7 @@ def _bwd(do, dWT, dST, q, k, kh, v, aqk, akk, tinv, aqw, vec, end, W0, S0, chunk
     NC = vec.shape[2]
     C = chunk_size
     Tp = NC * C
-    BT, BK, BV = _blocks(C, Dk, Dv, backward=True)
+    BT, BK, BV = _blocks(C, Dk, Dv, backward=True, dgd=dgd)
     NV = triton.cdiv(Dv, BV)
     dev = q.device
     # recompute the chunk-start states (the forward pass kept only its inputs)
