@@ -14,6 +14,7 @@ Runs with TRITON_INTERPRET unset (the interpreter replaces kernels by Python fun
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import re
@@ -139,8 +140,60 @@ def _titan_launches():
     return out
 
 
+def _with_gpu_config(module, launch):
+    """``launch`` with ``module._config`` picking the GPU tiles although the tensors are on the CPU."""
+    def run():
+        original = module._config
+        module._config = functools.partial(original, gpu=True)
+        try:
+            launch()
+        finally:
+            module._config = original
+    return run
+
+
+def _teach_signal_launches():
+    """teach_signal at the benchmark's vocabularies: fp32 and bf16 hidden states (their tiles differ)."""
+    import torch
+
+    from hope_kernels.teach_signal import triton as ts
+
+    out = []
+    for dtype in (torch.float32, torch.bfloat16):
+        for D, V in ((768, 32000), (4096, 128256)):
+            h = torch.zeros(64, D, dtype=dtype)
+            w = torch.zeros(V, D, dtype=dtype)
+            t = torch.zeros(64, dtype=torch.long)
+            launch = _with_gpu_config(ts, lambda h=h, w=w, t=t: ts._teach_signal_forward(h, w, t, -100, True))
+            out.append((f"teach_signal N64 D{D} V{V} {str(dtype)[6:]}", ts, ("_ts_lse_kernel", "_ts_grad_kernel"),
+                        launch))
+    return out
+
+
+def _cms_update_launches():
+    """cms_update at the benchmark's chunk lengths (the tile over tokens depends on C), plain and preconditioned."""
+    import torch
+
+    from hope_kernels.cms_update import triton as cms
+
+    out = []
+    for C in (1, 16, 64, 1024):
+        for precond in (False, True):
+            D, E = 768, 1024
+            x = torch.zeros(2, C, D)
+            ws = [torch.zeros(2, E, D), torch.zeros(2, D, E)]  # w1 [B, E, D], w2 [B, D, E]
+            outs = [torch.empty_like(t) for t in ws + ws]
+
+            def launch(x=x, ws=ws, outs=outs, precond=precond):
+                cms.cms_update_triton_op(ws[0], ws[1], ws[0].clone(), ws[1].clone(), x, x, *outs, 0.1, 0.9, precond)
+            out.append((f"cms_update C{C} D{D} E{E} precond={precond}", cms, ("_cms_update_kernel",),
+                        _with_gpu_config(cms, launch)))
+    return out
+
+
 #: every launch family the report covers
-LAUNCHES = {"titan_memory_update": _titan_launches}
+LAUNCHES = {"titan_memory_update": _titan_launches, "teach_signal": _teach_signal_launches,
+            "cms_update": _cms_update_launches}
 
 
 def report(arch: int = 90, ops=None):

@@ -129,9 +129,10 @@ def _cms_update_kernel(
     tl.store(p_sq2 + i_b * n_e + i_e, tl.sum(b_sq2, axis=0))
 
 
-def _config(device: torch.device, C: int, D: int, E: int) -> dict:
-    """Fixed tiles: tensor-core sized on GPU, the smallest legal dot tiles under the interpreter."""
-    if device.type != "cuda":
+def _config(device: torch.device, C: int, D: int, E: int, gpu: bool | None = None) -> dict:
+    """Fixed tiles: tensor-core sized on GPU, the smallest legal dot tiles under the interpreter (``gpu`` overrides
+    the device check: hope_kernels.triton_resources compiles the GPU tiles without a GPU)."""
+    if not (device.type == "cuda" if gpu is None else gpu):
         return dict(BLOCK_C=16, BLOCK_D=16 if D <= 16 else 32, BLOCK_E=16 if E <= 16 else 32, num_warps=4)
     block_c = 16 if C <= 16 else (32 if C <= 32 else 64)
     return dict(BLOCK_C=block_c, BLOCK_D=64, BLOCK_E=32, num_warps=4)

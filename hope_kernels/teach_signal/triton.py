@@ -103,9 +103,10 @@ def _ts_grad_kernel(
             tl.atomic_add(p_dw + o_v[:, None] * D + o_d[None, :], b_dw, mask=m_v[:, None] & m_d[None, :])
 
 
-def _config(hidden: torch.Tensor, D: int) -> dict:
-    """Fixed tiles (the interpreter gets autotune wrong): tensor-core sized on GPU, small under interpretation."""
-    if hidden.device.type != "cuda":
+def _config(hidden: torch.Tensor, D: int, gpu: bool | None = None) -> dict:
+    """Fixed tiles (the interpreter gets autotune wrong): tensor-core sized on GPU, small under interpretation
+    (``gpu`` overrides the device check: hope_kernels.triton_resources compiles the GPU tiles without a GPU)."""
+    if not (hidden.device.type == "cuda" if gpu is None else gpu):
         return dict(BLOCK_N=16, BLOCK_V=32, BLOCK_D=16, num_warps=4)
     if hidden.dtype == torch.float32:
         return dict(BLOCK_N=64, BLOCK_V=64, BLOCK_D=32, num_warps=4)
