@@ -6,8 +6,9 @@
 // a barrier (HOPE_SYNC). Under nvcc one thread block runs one (b, h): HOPE_PFOR strides the range over the block's
 // threads and HOPE_SYNC is __syncthreads(). On the CPU HOPE_PFOR is a plain loop and HOPE_SYNC a no-op, one
 // at::parallel_for task per (b, h). Every element of a phase is computed by one iteration from data written in
-// earlier phases (or by the same iteration), so both run the same arithmetic in the same order: the CPU tests
-// validate the CUDA kernels' math.
+// earlier phases (or by the same iteration), so both run the same formulas in the same phase order: the CPU tests
+// validate the CUDA kernels' math (only the summation order inside a dot product differs: omp-simd partial sums on
+// the CPU, a sequential FMA chain per thread on the GPU).
 //
 // Memory: the state (working copy: the output state buffers, initialized from the inputs; backward: the gradient
 // buffers, initialized from the incoming gradients) and a per-(b, h) fp32 scratch (MlpLayout) hold everything;

@@ -14,6 +14,17 @@ namespace {
 
 using Params = mlp::MlpParams<float>;
 
+// The body of one (b, h), compiled for AVX-512 / AVX2+FMA / baseline x86-64 with run-time selection (GCC
+// target_clones; flatten inlines the body and its dot products into each clone, so the omp-simd reductions use
+// that clone's vector width).
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
+#define HOPE_MLP_CLONES __attribute__((target_clones("arch=skylake-avx512", "arch=haswell", "default"), flatten))
+#else
+#define HOPE_MLP_CLONES
+#endif
+HOPE_MLP_CLONES void fwd_one(const Params& p, int64_t bh) { mlp::fwd_body(p, bh); }
+HOPE_MLP_CLONES void bwd_one(const Params& p, int64_t bh) { mlp::bwd_body(p, bh); }
+
 const float* opt_ptr(const std::optional<at::Tensor>& t, bool dgd) { return dgd ? t->data_ptr<float>() : nullptr; }
 
 Params params(const MlpDims& d, const at::Tensor& q, const at::Tensor& k, const std::optional<at::Tensor>& kh,
@@ -78,7 +89,7 @@ FwdOut run_fwd(const MlpDims& d, Params p, bool write_out, bool store_states) {
   p.S2T = r.S2T.data_ptr<float>();
   p.states = store_states ? r.states.data_ptr<float>() : nullptr;
   const int64_t floats = mlp::MlpLayout(d.C, d.D, d.E).fwd_total;
-  for_each_bh(d, p, floats, [](const Params& pp, int64_t bh) { mlp::fwd_body(pp, bh); });
+  for_each_bh(d, p, floats, [](const Params& pp, int64_t bh) { fwd_one(pp, bh); });
   return r;
 }
 
@@ -153,7 +164,7 @@ std::vector<at::Tensor> titan_mlp_bwd_cpu(const at::Tensor& grad_out, const at::
   p.dS1 = ptr(dS1);
   p.dS2 = ptr(dS2);
   const int64_t floats = mlp::MlpLayout(d.C, d.D, d.E).total;
-  for_each_bh(d, p, floats, [](const Params& pp, int64_t bh) { mlp::bwd_body(pp, bh); });
+  for_each_bh(d, p, floats, [](const Params& pp, int64_t bh) { bwd_one(pp, bh); });
   return {dq, dk, dkh, dv, daqk, dgth, dakk, dtinv, daqw, dvec, dend, dW1, dW2, dS1, dS2};
 }
 

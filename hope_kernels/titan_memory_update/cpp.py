@@ -43,9 +43,12 @@ def why_not(Dk: int, Dv: int, chunk_size: int, rule: str, backward: bool) -> str
     return None
 
 
-#: mlp memory: (rule, backward) pairs on which the C++ state pass measured faster than the reference (filled in
-#: from bench/bench_titan_memory_update.py cpu_mlp; table in docs/kernels/csrc.md)
-MLP_MEASURED_FASTER: tuple = ()
+#: mlp memory: (rule, backward) pairs on which the C++ state pass measured faster than the reference (2-core CPU,
+#: torch 2.13.0+cpu, 2026-11-25, bench/bench_titan_mlp_cpu.py, B2 H4 T512 D32 E64 C32 and B1 H2 T256 D64 E128 C64,
+#: fp32; table in docs/kernels/csrc.md): dgd fwd 2.1-2.4x and fwd+bwd 2.5-2.8x on 1 thread (4.7-5.3x on 2: the
+#: reference's per-token loop), titans 0.27-0.43x on 1 thread (0.6-0.8x on 2; the reference's batched matmuls win),
+#: so auto takes the C++ mlp kernels for dgd only
+MLP_MEASURED_FASTER = (("dgd", True), ("dgd", False))
 
 
 def why_not_mlp(D: int, E: int, chunk_size: int, rule: str, backward: bool) -> str | None:
