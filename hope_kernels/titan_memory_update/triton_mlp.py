@@ -76,7 +76,7 @@ def _mlp_fwd_kernel(
     initial state on entry, the final state on exit), storing every chunk-start state in p_states when STORE_STATES.
     READOUT: writes the outputs; without UPDATE one program per (b, h, chunk) reads its chunk-start state from
     p_states (all chunks in parallel)."""
-    i_bh = tl.program_id(0)
+    i_bh = tl.program_id(0).to(tl.int64)  # the [B H, NC, 4, D, E] state buffers can pass 2^31 elements
     o_t = tl.arange(0, BT)
     o_d = tl.arange(0, BD)
     o_e = tl.arange(0, BE)
@@ -214,7 +214,7 @@ def _mlp_bwd_kernel(
     p_ds2 in place (that of the final state on entry, of the initial state on exit): what flows through each chunk's
     state update, plus the read-out's state gradient of that chunk; it completes dk, dv, dk^, dtinv, dakk, vec, end.
     """
-    i_bh = tl.program_id(0)
+    i_bh = tl.program_id(0).to(tl.int64)  # the [B H, NC, 4, D, E] state buffers can pass 2^31 elements
     o_t = tl.arange(0, BT)
     o_d = tl.arange(0, BD)
     o_e = tl.arange(0, BE)
