@@ -65,6 +65,68 @@ def _mlp_tile(b_q, b_k, b_kh, b_err, b_w1, b_w2, b_s2, b_aqk, b_akk, b_tinv, b_a
 
 
 @triton.jit
+def _chunk_offsets(i_bh, i_c, T, Tp, NC, C, D, E, o_t, o_d, m_d):
+    """Masks and offsets of chunk i_c of (b, h) i_bh: valid rows, [C, C] / [C, D] masks, token rows in [T, D] and
+    padded [Tp, D] tensors, the [C, C] terms, vec rows, end scalars and the chunk's stored state [4, D E]."""
+    t0 = i_c * C
+    m_t = (o_t < C) & (t0 + o_t < T)
+    m_tt = m_t[:, None] & m_t[None, :]
+    m_td = m_t[:, None] & m_d[None, :]
+    o_td = i_bh * T * D + (t0 + o_t)[:, None] * D + o_d[None, :]
+    o_tdp = i_bh * Tp * D + (t0 + o_t)[:, None] * D + o_d[None, :]
+    o_tt = (i_bh * NC + i_c) * C * C + o_t[:, None] * C + o_t[None, :]
+    o_vec = (i_bh * NC + i_c) * 7 * C + o_t
+    o_end = (i_bh * NC + i_c) * 3
+    o_st = (i_bh * NC + i_c) * 4 * D * E
+    return m_t, m_tt, m_td, o_td, o_tdp, o_tt, o_vec, o_end, o_st
+
+
+@triton.jit
+def _chunk_inputs(p_q, p_k, p_kh, p_v, p_aqk, p_akk, p_tinv, p_aqw, p_vec, o_td, o_tdp, o_tt, o_vec, m_t, m_td, m_tt, C,
+                  DGD: tl.constexpr):
+    """The chunk's tokens (fp32) and state-independent terms; without DGD its terms are stand-ins, never read."""
+    b_q = tl.load(p_q + o_td, mask=m_td, other=0.0).to(tl.float32)
+    b_k = tl.load(p_k + o_td, mask=m_td, other=0.0).to(tl.float32)
+    b_v = tl.load(p_v + o_td, mask=m_td, other=0.0).to(tl.float32)
+    b_aqk = tl.load(p_aqk + o_tt, mask=m_tt, other=0.0)
+    b_Bc = tl.load(p_vec + o_vec, mask=m_t, other=0.0)
+    b_c = tl.load(p_vec + o_vec + C, mask=m_t, other=0.0)
+    b_wg = tl.load(p_vec + o_vec + 4 * C, mask=m_t, other=0.0)
+    b_wp = tl.load(p_vec + o_vec + 5 * C, mask=m_t, other=0.0)
+    b_kh = b_k
+    b_akk = b_aqk
+    b_tinv = b_aqk
+    b_aqw = b_aqk
+    b_Bp = b_Bc
+    b_cp = b_c
+    b_wb = b_wg
+    if DGD:
+        b_kh = tl.load(p_kh + o_tdp, mask=m_td, other=0.0)
+        b_akk = tl.load(p_akk + o_tt, mask=m_tt, other=0.0)
+        b_tinv = tl.load(p_tinv + o_tt, mask=m_tt, other=0.0)
+        b_aqw = tl.load(p_aqw + o_tt, mask=m_tt, other=0.0)
+        b_Bp = tl.load(p_vec + o_vec + 2 * C, mask=m_t, other=0.0)
+        b_cp = tl.load(p_vec + o_vec + 3 * C, mask=m_t, other=0.0)
+        b_wb = tl.load(p_vec + o_vec + 6 * C, mask=m_t, other=0.0)
+    return b_q, b_k, b_v, b_aqk, b_Bc, b_c, b_wg, b_wp, b_kh, b_akk, b_tinv, b_aqw, b_Bp, b_cp, b_wb
+
+
+@triton.jit
+def _state_tiles(p_w1, p_w2, p_s1, p_s2, e0, o_d, o_e, m_d, D, E):
+    """Hidden units e0 .. e0 + BE of a state: W1, S1 [D, E] and W2, S2 [E, D] tiles, with their offsets and masks."""
+    m_e = e0 + o_e < E
+    o_de = o_d[:, None] * E + (e0 + o_e)[None, :]
+    o_ed = (e0 + o_e)[:, None] * D + o_d[None, :]
+    m_de = m_d[:, None] & m_e[None, :]
+    m_ed = m_e[:, None] & m_d[None, :]
+    b_w1 = tl.load(p_w1 + o_de, mask=m_de, other=0.0)
+    b_w2 = tl.load(p_w2 + o_ed, mask=m_ed, other=0.0)
+    b_s1 = tl.load(p_s1 + o_de, mask=m_de, other=0.0)
+    b_s2 = tl.load(p_s2 + o_ed, mask=m_ed, other=0.0)
+    return o_de, o_ed, m_de, m_ed, b_w1, b_w2, b_s1, b_s2
+
+
+@triton.jit
 def _mlp_fwd_kernel(
     p_q, p_k, p_kh, p_v, p_aqk, p_gth, p_akk, p_tinv, p_aqw, p_vec, p_end,
     p_w1, p_w2, p_s1, p_s2, p_o, p_states,
@@ -90,16 +152,8 @@ def _mlp_fwd_kernel(
         n_c = 1
     for i_r in range(0, n_c):
         i_c = c_lo + i_r
-        t0 = i_c * C
-        m_t = (o_t < C) & (t0 + o_t < T)
-        m_tt = m_t[:, None] & m_t[None, :]
-        m_td = m_t[:, None] & m_d[None, :]
-        o_td = i_bh * T * D + (t0 + o_t)[:, None] * D + o_d[None, :]
-        o_tdp = i_bh * Tp * D + (t0 + o_t)[:, None] * D + o_d[None, :]
-        o_tt = (i_bh * NC + i_c) * C * C + o_t[:, None] * C + o_t[None, :]
-        o_vec = (i_bh * NC + i_c) * 7 * C + o_t
-        o_end = (i_bh * NC + i_c) * 3
-        o_st = (i_bh * NC + i_c) * 4 * D * E
+        m_t, m_tt, m_td, o_td, o_tdp, o_tt, o_vec, o_end, o_st = _chunk_offsets(i_bh, i_c, T, Tp, NC, C, D, E, o_t,
+                                                                                o_d, m_d)
         # where this chunk's start state is read: the working copy (UPDATE) or the stored states
         if UPDATE:
             p_cw1 = p_w1 + o_base
@@ -111,41 +165,17 @@ def _mlp_fwd_kernel(
             p_cw2 = p_states + o_st + D * E
             p_cs1 = p_states + o_st + 2 * D * E
             p_cs2 = p_states + o_st + 3 * D * E
-        b_q = tl.load(p_q + o_td, mask=m_td, other=0.0).to(tl.float32)
-        b_k = tl.load(p_k + o_td, mask=m_td, other=0.0).to(tl.float32)
-        b_v = tl.load(p_v + o_td, mask=m_td, other=0.0).to(tl.float32)
-        b_aqk = tl.load(p_aqk + o_tt, mask=m_tt, other=0.0)
-        b_Bc = tl.load(p_vec + o_vec, mask=m_t, other=0.0)
-        b_c = tl.load(p_vec + o_vec + C, mask=m_t, other=0.0)
-        b_wg = tl.load(p_vec + o_vec + 4 * C, mask=m_t, other=0.0)
-        b_wp = tl.load(p_vec + o_vec + 5 * C, mask=m_t, other=0.0)
+        b_q, b_k, b_v, b_aqk, b_Bc, b_c, b_wg, b_wp, b_kh, b_akk, b_tinv, b_aqw, b_Bp, b_cp, b_wb = _chunk_inputs(
+            p_q, p_k, p_kh, p_v, p_aqk, p_akk, p_tinv, p_aqw, p_vec, o_td, o_tdp, o_tt, o_vec, m_t, m_td, m_tt, C, DGD)
         b_BL = tl.load(p_end + o_end)
         b_cL = tl.load(p_end + o_end + 1)
         b_AL = tl.load(p_end + o_end + 2)
-        b_kh = b_k
-        b_akk = b_aqk
-        b_tinv = b_aqk
-        b_aqw = b_aqk
-        b_Bp = b_Bc
-        b_cp = b_c
-        b_wb = b_wg
-        if DGD:
-            b_kh = tl.load(p_kh + o_tdp, mask=m_td, other=0.0)
-            b_akk = tl.load(p_akk + o_tt, mask=m_tt, other=0.0)
-            b_tinv = tl.load(p_tinv + o_tt, mask=m_tt, other=0.0)
-            b_aqw = tl.load(p_aqw + o_tt, mask=m_tt, other=0.0)
-            b_Bp = tl.load(p_vec + o_vec + 2 * C, mask=m_t, other=0.0)
-            b_cp = tl.load(p_vec + o_vec + 3 * C, mask=m_t, other=0.0)
-            b_wb = tl.load(p_vec + o_vec + 6 * C, mask=m_t, other=0.0)
 
         # pass 1: errors at the chunk-start state, Err = K + gelu(K W2^T) W1^T - V (a sum over E)
         b_err = b_k - b_v
         for e0 in range(0, E, BE):
-            m_e = e0 + o_e < E
-            o_de = o_d[:, None] * E + (e0 + o_e)[None, :]  # W1, S1 [D, E]
-            o_ed = (e0 + o_e)[:, None] * D + o_d[None, :]  # W2, S2 [E, D]
-            b_w1 = tl.load(p_cw1 + o_de, mask=m_d[:, None] & m_e[None, :], other=0.0)
-            b_w2 = tl.load(p_cw2 + o_ed, mask=m_e[:, None] & m_d[None, :], other=0.0)
+            o_de, o_ed, m_de, m_ed, b_w1, b_w2, b_s1, b_s2 = _state_tiles(
+                p_cw1, p_cw2, p_cs1, p_cs2, e0, o_d, o_e, m_d, D, E)
             b_hk = tl.dot(b_k, tl.trans(b_w2), input_precision=PRECISION)
             b_err += tl.dot(_gelu(b_hk), tl.trans(b_w1), input_precision=PRECISION)
 
@@ -153,15 +183,8 @@ def _mlp_fwd_kernel(
         b_acc = tl.zeros([BT, BD], dtype=tl.float32)
         b_z = tl.zeros([BT, BT], dtype=tl.float32)
         for e0 in range(0, E, BE):
-            m_e = e0 + o_e < E
-            o_de = o_d[:, None] * E + (e0 + o_e)[None, :]
-            o_ed = (e0 + o_e)[:, None] * D + o_d[None, :]
-            m_de = m_d[:, None] & m_e[None, :]
-            m_ed = m_e[:, None] & m_d[None, :]
-            b_w1 = tl.load(p_cw1 + o_de, mask=m_de, other=0.0)
-            b_w2 = tl.load(p_cw2 + o_ed, mask=m_ed, other=0.0)
-            b_s1 = tl.load(p_cs1 + o_de, mask=m_de, other=0.0)
-            b_s2 = tl.load(p_cs2 + o_ed, mask=m_ed, other=0.0)
+            o_de, o_ed, m_de, m_ed, b_w1, b_w2, b_s1, b_s2 = _state_tiles(
+                p_cw1, p_cw2, p_cs1, p_cs2, e0, o_d, o_e, m_d, D, E)
             b_hk, b_a, b_u, b_g, b_r, b_w, b_hq, b_aq, b_qw2, b_qs2, b_khw2, b_khs2 = _mlp_tile(
                 b_q, b_k, b_kh, b_err, b_w1, b_w2, b_s2, b_aqk, b_akk, b_tinv, b_aqw, b_Bc, b_c, b_Bp, b_cp,
                 DGD, PRECISION)
@@ -231,48 +254,20 @@ def _mlp_bwd_kernel(
             i_c = c_lo
         else:
             i_c = NC - 1 - i_r
-        t0 = i_c * C
-        m_t = (o_t < C) & (t0 + o_t < T)
-        m_tt = m_t[:, None] & m_t[None, :]
-        m_td = m_t[:, None] & m_d[None, :]
-        o_td = i_bh * T * D + (t0 + o_t)[:, None] * D + o_d[None, :]
-        o_tdp = i_bh * Tp * D + (t0 + o_t)[:, None] * D + o_d[None, :]
-        o_tt = (i_bh * NC + i_c) * C * C + o_t[:, None] * C + o_t[None, :]
-        o_vec = (i_bh * NC + i_c) * 7 * C + o_t
-        o_end = (i_bh * NC + i_c) * 3
-        o_st = (i_bh * NC + i_c) * 4 * D * E
-        b_q = tl.load(p_q + o_td, mask=m_td, other=0.0).to(tl.float32)
-        b_k = tl.load(p_k + o_td, mask=m_td, other=0.0).to(tl.float32)
-        b_v = tl.load(p_v + o_td, mask=m_td, other=0.0).to(tl.float32)
-        b_aqk = tl.load(p_aqk + o_tt, mask=m_tt, other=0.0)
-        b_Bc = tl.load(p_vec + o_vec, mask=m_t, other=0.0)
-        b_c = tl.load(p_vec + o_vec + C, mask=m_t, other=0.0)
-        b_wg = tl.load(p_vec + o_vec + 4 * C, mask=m_t, other=0.0)
-        b_wp = tl.load(p_vec + o_vec + 5 * C, mask=m_t, other=0.0)
-        b_kh = b_k
-        b_akk = b_aqk
-        b_tinv = b_aqk
-        b_aqw = b_aqk
-        b_Bp = b_Bc
-        b_cp = b_c
-        b_wb = b_wg
-        if DGD:
-            b_kh = tl.load(p_kh + o_tdp, mask=m_td, other=0.0)
-            b_akk = tl.load(p_akk + o_tt, mask=m_tt, other=0.0)
-            b_tinv = tl.load(p_tinv + o_tt, mask=m_tt, other=0.0)
-            b_aqw = tl.load(p_aqw + o_tt, mask=m_tt, other=0.0)
-            b_Bp = tl.load(p_vec + o_vec + 2 * C, mask=m_t, other=0.0)
-            b_cp = tl.load(p_vec + o_vec + 3 * C, mask=m_t, other=0.0)
-            b_wb = tl.load(p_vec + o_vec + 6 * C, mask=m_t, other=0.0)
+        m_t, m_tt, m_td, o_td, o_tdp, o_tt, o_vec, o_end, o_st = _chunk_offsets(i_bh, i_c, T, Tp, NC, C, D, E, o_t,
+                                                                                o_d, m_d)
+        b_q, b_k, b_v, b_aqk, b_Bc, b_c, b_wg, b_wp, b_kh, b_akk, b_tinv, b_aqw, b_Bp, b_cp, b_wb = _chunk_inputs(
+            p_q, p_k, p_kh, p_v, p_aqk, p_akk, p_tinv, p_aqw, p_vec, o_td, o_tdp, o_tt, o_vec, m_t, m_td, m_tt, C, DGD)
+        p_cw1 = p_states + o_st  # the chunk-start state W1, W2, S1, S2
+        p_cw2 = p_cw1 + D * E
+        p_cs1 = p_cw1 + 2 * D * E
+        p_cs2 = p_cw1 + 3 * D * E
 
         # pass 1: errors Err at the chunk-start state
         b_err = b_k - b_v
         for e0 in range(0, E, BE):
-            m_e = e0 + o_e < E
-            o_de = o_d[:, None] * E + (e0 + o_e)[None, :]
-            o_ed = (e0 + o_e)[:, None] * D + o_d[None, :]
-            b_w1 = tl.load(p_states + o_st + o_de, mask=m_d[:, None] & m_e[None, :], other=0.0)
-            b_w2 = tl.load(p_states + o_st + D * E + o_ed, mask=m_e[:, None] & m_d[None, :], other=0.0)
+            o_de, o_ed, m_de, m_ed, b_w1, b_w2, b_s1, b_s2 = _state_tiles(
+                p_cw1, p_cw2, p_cs1, p_cs2, e0, o_d, o_e, m_d, D, E)
             b_hk = tl.dot(b_k, tl.trans(b_w2), input_precision=PRECISION)
             b_err += tl.dot(_gelu(b_hk), tl.trans(b_w1), input_precision=PRECISION)
 
@@ -282,14 +277,8 @@ def _mlp_bwd_kernel(
             b_gth = tl.load(p_gth + o_tt, mask=m_tt, other=0.0)
             b_z = tl.zeros([BT, BT], dtype=tl.float32)
             for e0 in range(0, E, BE):
-                m_e = e0 + o_e < E
-                o_de = o_d[:, None] * E + (e0 + o_e)[None, :]
-                o_ed = (e0 + o_e)[:, None] * D + o_d[None, :]
-                m_de = m_d[:, None] & m_e[None, :]
-                m_ed = m_e[:, None] & m_d[None, :]
-                b_w1 = tl.load(p_states + o_st + o_de, mask=m_de, other=0.0)
-                b_w2 = tl.load(p_states + o_st + D * E + o_ed, mask=m_ed, other=0.0)
-                b_s2 = tl.load(p_states + o_st + 3 * D * E + o_ed, mask=m_ed, other=0.0)
+                o_de, o_ed, m_de, m_ed, b_w1, b_w2, b_s1, b_s2 = _state_tiles(
+                    p_cw1, p_cw2, p_cs1, p_cs2, e0, o_d, o_e, m_d, D, E)
                 b_hk, b_a, b_u, b_g, b_r, b_w, b_hq, b_aq, b_qw2, b_qs2, b_khw2, b_khs2 = _mlp_tile(
                     b_q, b_k, b_kh, b_err, b_w1, b_w2, b_s2, b_aqk, b_akk, b_tinv, b_aqw, b_Bc, b_c, b_Bp, b_cp,
                     DGD, PRECISION)
@@ -308,15 +297,8 @@ def _mlp_bwd_kernel(
 
         # pass 3: the rest of dErr (a sum over E), through U = Err W1 [and the W1 / S1 updates]
         for e0 in range(0, E, BE):
-            m_e = e0 + o_e < E
-            o_de = o_d[:, None] * E + (e0 + o_e)[None, :]
-            o_ed = (e0 + o_e)[:, None] * D + o_d[None, :]
-            m_de = m_d[:, None] & m_e[None, :]
-            m_ed = m_e[:, None] & m_d[None, :]
-            b_w1 = tl.load(p_states + o_st + o_de, mask=m_de, other=0.0)
-            b_w2 = tl.load(p_states + o_st + D * E + o_ed, mask=m_ed, other=0.0)
-            b_s1 = tl.load(p_states + o_st + 2 * D * E + o_de, mask=m_de, other=0.0)
-            b_s2 = tl.load(p_states + o_st + 3 * D * E + o_ed, mask=m_ed, other=0.0)
+            o_de, o_ed, m_de, m_ed, b_w1, b_w2, b_s1, b_s2 = _state_tiles(
+                p_cw1, p_cw2, p_cs1, p_cs2, e0, o_d, o_e, m_d, D, E)
             b_hk, b_a, b_u, b_g, b_r, b_w, b_hq, b_aq, b_qw2, b_qs2, b_khw2, b_khs2 = _mlp_tile(
                 b_q, b_k, b_kh, b_err, b_w1, b_w2, b_s2, b_aqk, b_akk, b_tinv, b_aqw, b_Bc, b_c, b_Bp, b_cp,
                 DGD, PRECISION)
@@ -360,15 +342,8 @@ def _mlp_bwd_kernel(
         b_dcL = b_dBL
         b_dAL = b_dBL
         for e0 in range(0, E, BE):
-            m_e = e0 + o_e < E
-            o_de = o_d[:, None] * E + (e0 + o_e)[None, :]
-            o_ed = (e0 + o_e)[:, None] * D + o_d[None, :]
-            m_de = m_d[:, None] & m_e[None, :]
-            m_ed = m_e[:, None] & m_d[None, :]
-            b_w1 = tl.load(p_states + o_st + o_de, mask=m_de, other=0.0)
-            b_w2 = tl.load(p_states + o_st + D * E + o_ed, mask=m_ed, other=0.0)
-            b_s1 = tl.load(p_states + o_st + 2 * D * E + o_de, mask=m_de, other=0.0)
-            b_s2 = tl.load(p_states + o_st + 3 * D * E + o_ed, mask=m_ed, other=0.0)
+            o_de, o_ed, m_de, m_ed, b_w1, b_w2, b_s1, b_s2 = _state_tiles(
+                p_cw1, p_cw2, p_cs1, p_cs2, e0, o_d, o_e, m_d, D, E)
             b_hk, b_a, b_u, b_g, b_r, b_w, b_hq, b_aq, b_qw2, b_qs2, b_khw2, b_khs2 = _mlp_tile(
                 b_q, b_k, b_kh, b_err, b_w1, b_w2, b_s2, b_aqk, b_akk, b_tinv, b_aqw, b_Bc, b_c, b_Bp, b_cp,
                 DGD, PRECISION)
