@@ -36,6 +36,7 @@ try:
     _SHAPE_LIMITS["cuda", "linear"] = _cuda_impl.why_not
     if _cuda_impl.why_not_mlp is not None:
         _SHAPE_LIMITS["cuda", "mlp"] = _cuda_impl.why_not_mlp
+    _AUTO_DECLINES["cuda"] = _cuda_impl.auto_declines
 except ImportError:
     pass
 try:

@@ -14,7 +14,9 @@ under ``backend="auto"`` runs larger shapes on the next backend (see ``why_not``
 The mlp memory (M(x) = x + W1 gelu(W2 x)) has its own pair, ``titan_mlp_fwd`` / ``titan_mlp_bwd`` (csrc/titan_mlp.cu:
 one thread block per (b, h) running the block-phased body csrc/titan_mlp_body.h, which the C++ CPU backend shares),
 registered as ``hope::titan_mlp_fwd_cuda`` / ``hope::titan_mlp_bwd_cuda``; limits D <= 128, E <= 512,
-chunk_size <= 64 (``why_not_mlp``). Compile-checked; not yet timed on a GPU, so auto prefers Triton where it runs.
+chunk_size <= 64 (``why_not_mlp``). Compile-checked only: until a GPU run passes its tests, ``backend="auto"`` does not
+pick it (``auto_declines``; Triton, then the reference, run those calls); ``backend="cuda"`` or $HOPE_BACKEND=cuda
+runs it.
 """
 from __future__ import annotations
 
@@ -35,6 +37,16 @@ MLP_MAX_HIDDEN = 512
 MLP_MAX_CHUNK = 64
 #: the extension has the mlp kernels too
 MLP_AVAILABLE = AVAILABLE and hasattr(_ext.cuda, "titan_mlp_fwd")
+
+
+#: memories whose CUDA kernels passed their tests on a GPU (the linear port on the H100, 2026-11-25); auto picks only
+#: these: an unvalidated kernel must not be chosen silently
+VALIDATED_ON_GPU = ("linear",)
+
+
+def auto_declines(rule: str, backward: bool, memory: str = "linear") -> bool:
+    """Whether ``backend="auto"`` passes this call on to the next backend (kernels not yet validated on a GPU)."""
+    return memory not in VALIDATED_ON_GPU
 
 
 def fits(Dk: int, Dv: int, chunk_size: int) -> bool:

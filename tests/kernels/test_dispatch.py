@@ -65,3 +65,12 @@ def test_prefer_reorders_one_op_and_checks_the_order():
     assert "titan_memory_update" in dispatch.PREFERENCE_NOTES
     with pytest.raises(ValueError, match="permutation"):
         dispatch.prefer("cms_update", ("triton", "reference"), "incomplete order")
+
+
+def test_auto_skips_kernels_not_validated_on_a_gpu():
+    """The CUDA mlp kernels are compile-checked only: backend='auto' must not pick them (an explicit backend or
+    $HOPE_BACKEND still does); the linear port passed its H100 tests and is picked."""
+    from hope_kernels.titan_memory_update import cuda
+
+    assert cuda.auto_declines("titans", True, "mlp") and cuda.auto_declines("dgd", False, "mlp")
+    assert not cuda.auto_declines("titans", True, "linear") and not cuda.auto_declines("dgd", True)
