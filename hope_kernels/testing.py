@@ -1,6 +1,7 @@
 """Comparison helpers shared by kernel tests and benchmarks (importable by downstream users too)."""
 from __future__ import annotations
 
+import contextlib
 import os
 from typing import Iterable
 
@@ -216,3 +217,164 @@ def titan_mlp_state_pass_grads(cotangents, *op_args):
         g = next(grads) if x is not None else None
         result.append(torch.zeros_like(x) if x is not None and g is None else g)
     return result
+
+
+# --------------------------------------------------------------- shared test bodies of the C++ CPU and CUDA kernels
+#: the raw mlp state-pass ops' argument names (``titan_mlp_state_pass_args``' order)
+TITAN_MLP_OP_NAMES = ["q", "k", "kh", "v", "aqk", "gth", "akk", "tinv", "aqw", "vec", "end", "W1", "W2", "S1", "S2",
+                      "chunk_size"]
+
+
+@contextlib.contextmanager
+def nan_filled_empty(device="cpu"):
+    """torch / at::empty fill new memory with NaN (deterministic mode's fill_uninitialized_memory), so an output
+    element a kernel leaves unwritten shows up as NaN."""
+    import torch.utils.deterministic as det
+
+    was = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),
+           det.fill_uninitialized_memory)
+    torch.use_deterministic_algorithms(True)
+    det.fill_uninitialized_memory = True
+    try:
+        assert torch.isnan(torch.empty(7, device=device)).all()
+        yield
+    finally:
+        det.fill_uninitialized_memory = was[2]
+        torch.use_deterministic_algorithms(was[0], warn_only=was[1])
+
+
+def assert_outputs_written(kind: str, names, tensors) -> None:
+    """Every entry finite: with ``nan_filled_empty`` a NaN is an element the kernel left unwritten."""
+    for name, t in zip(names, tensors):
+        assert torch.isfinite(t).all(), f"{kind} {name} has non-finite entries: left unwritten"
+
+
+def check_titan_state_pass_opcheck(fwd, fwd_op, bwd_op, op_args_of, **opcheck_kw) -> None:
+    """``torch.library.opcheck`` of a state-pass forward op and its backward op (cotangents random, like the
+    forward's outputs), for titans and dgd: ``op_args_of(dgd)`` gives the forward's arguments, ``fwd`` runs it."""
+    for dgd in (False, True):
+        fa = op_args_of(dgd)
+        torch.library.opcheck(fwd_op, fa, **opcheck_kw)
+        outs = fwd(*fa)
+        bwd_args = (*(torch.randn_like(o) for o in outs), *fa)
+        torch.library.opcheck(bwd_op, bwd_args, **opcheck_kw)
+
+
+def check_titan_mlp_raw_ops(ext, case, dgd: bool, tol: float, device="cpu"):
+    """The raw mlp ops of an extension module (``ext.titan_mlp_fwd`` / ``titan_mlp_bwd`` on ``device``) vs
+    ``chunk_terms.mlp_state_pass`` (forward; the first stored chunk-start state is the initial one) and its float64
+    autograd (all 15 gradients, shapes included; the dgd-only ones empty for titans). Returns ``(cotangents,
+    op_args, grads)`` on the CPU."""
+    from hope_kernels.titan_memory_update.chunk_terms import LinearChunkTerms, mlp_state_pass
+    from hope_kernels.titan_memory_update.state_pass import MLP_GRAD_NAMES
+
+    B, H, T, D, E, C = case
+    args, state = titan_mlp_inputs(B, H, T, D, E)
+    cpu_args = titan_mlp_state_pass_args(args, state, C, dgd)
+    op_args = tuple(x.to(device) if isinstance(x, torch.Tensor) else x for x in cpu_args)
+    q, k, kh, v, aqk, gth, akk, tinv, aqw, vec, end, W1, W2, S1, S2, _ = cpu_args
+    expected = mlp_state_pass(q, k, v, LinearChunkTerms(aqk, akk, tinv, aqw, vec, end, kh, gth), W1, W2, S1, S2, C)
+    got = [x.cpu() for x in ext.titan_mlp_fwd(*op_args, True)]
+    for name, a, e in zip(["out", "W1_T", "W2_T", "S1_T", "S2_T"], got, expected):
+        assert_rel_close(f"fwd {name}", a, e, tol)
+    states = got[5].view(B, H, -1, 4, D, E)
+    assert torch.equal(states[:, :, 0, 0], W1) and torch.equal(states[:, :, 0, 1].reshape(W2.shape), W2)
+    g = torch.Generator().manual_seed(3)
+    cot = [torch.randn(x.shape, generator=g) for x in expected]
+    grads = [x.cpu() for x in ext.titan_mlp_bwd(*(c.to(device) for c in cot), *op_args)]
+    oracle = titan_mlp_state_pass_grads(cot, *cpu_args)
+    for name, a, e in zip(MLP_GRAD_NAMES, grads, oracle):
+        if e is None:
+            assert a.numel() == 0, name
+        else:
+            assert a.shape == e.shape, name
+            assert_rel_close(f"bwd {name}", a, e.float(), tol)
+    return cot, cpu_args, grads
+
+
+def check_titan_mlp_every_output_is_written(ext, case, rule: str, device="cpu") -> None:
+    """Every output of the raw mlp forward and backward (``ext.titan_mlp_fwd`` / ``titan_mlp_bwd``) starts as NaN
+    (``nan_filled_empty``): an element the kernels forget to write fails."""
+    from hope_kernels.titan_memory_update.state_pass import MLP_GRAD_NAMES
+
+    B, H, T, D, E, C = case
+    args, state = titan_mlp_inputs(B, H, T, D, E, device=device)
+    with torch.no_grad():
+        op_args = titan_mlp_state_pass_args(args, state, C, rule == "dgd")
+    cot = [torch.randn(B, H, T, D, device=device), *(torch.randn_like(s) for s in state)]
+    with nan_filled_empty(device):
+        fwd = ext.titan_mlp_fwd(*op_args, True)
+        grads = ext.titan_mlp_bwd(*cot, *op_args)
+        if torch.device(device).type == "cuda":
+            torch.cuda.synchronize()
+    assert_outputs_written("forward", ["out", "W1_T", "W2_T", "S1_T", "S2_T", "states"], fwd)
+    assert_outputs_written("backward", MLP_GRAD_NAMES, grads)
+
+
+def check_titan_mlp_nan_input_is_not_hidden(fn, shape, device="cpu") -> None:
+    """A NaN in v reaches the output and every final state of ``fn`` (a backend's titan_memory_update), both rules;
+    ``shape = (B, H, T, D, E)``."""
+    from hope_kernels.titan_memory_update.state import MLPMemoryState
+
+    args, state = titan_mlp_inputs(*shape, device=device)
+    args[2][0, 0, 3, 5] = float("nan")
+    for rule in ("titans", "dgd"):
+        out, st = fn(*args, 8, "mlp", rule, MLPMemoryState(*state))
+        assert torch.isnan(out).any() and all(torch.isnan(s).any() for s in st), rule
+
+
+def titan_mlp_bad_args(q, v, gth, chunk_size) -> list:
+    """``(bad_arg, make_bad)`` rows for ``check_titan_mlp_bad_argument``: each ``make_bad`` spoils one argument of
+    the good ``{name: arg}`` dict (TITAN_MLP_OP_NAMES). The rows for q, v, gth and chunk_size are the backend's (a
+    device, dtype or size only one backend refuses); the others are common."""
+    return [
+        ("q", q),
+        ("k", lambda a: dict(a, k=a["k"][:, :, :-1].contiguous())),
+        ("v", v),
+        ("kh", lambda a: dict(a, kh=a["kh"][:, :, :-1].contiguous())),
+        ("aqk", lambda a: dict(a, aqk=a["aqk"].transpose(-1, -2))),
+        ("gth", gth),
+        ("tinv", lambda a: dict(a, tinv=None)),
+        ("vec", lambda a: dict(a, vec=a["vec"].double())),
+        ("end", lambda a: dict(a, end=a["end"][..., :2].contiguous())),
+        ("W1", lambda a: dict(a, W1=a["W1"][0])),
+        ("W2", lambda a: dict(a, W2=a["W2"].transpose(-1, -2).contiguous())),
+        ("S1", lambda a: dict(a, S1=a["S1"].half())),
+        ("S2", lambda a: dict(a, S2=a["S2"][..., :-1].contiguous())),
+        ("chunk_size", chunk_size),
+    ]
+
+
+def check_titan_mlp_bad_argument(ext, bad_arg: str, make_bad, shape, device="cpu"):
+    """The raw mlp forward and backward (``ext.titan_mlp_fwd`` / ``titan_mlp_bwd``) refuse the arguments
+    ``make_bad`` spoils with a RuntimeError naming ``bad_arg``; ``shape = (B, H, T, D, E)``, chunk 8, dgd. Returns
+    the good arguments (a dict) and the forward's outputs."""
+    import pytest
+
+    args, state = titan_mlp_inputs(*shape, device=device)
+    good = dict(zip(TITAN_MLP_OP_NAMES, titan_mlp_state_pass_args(args, state, 8, True)))
+    with pytest.raises(RuntimeError, match=rf"\b{bad_arg}\b"):
+        ext.titan_mlp_fwd(**make_bad(good), store_states=False)
+    fwd = ext.titan_mlp_fwd(**good, store_states=False)
+    out, W1T, W2T, S1T, S2T, _ = fwd
+    with pytest.raises(RuntimeError, match=rf"\b{bad_arg}\b"):
+        ext.titan_mlp_bwd(out, W1T, W2T, S1T, S2T, **make_bad(good))
+    return good, fwd
+
+
+def check_titan_mlp_public_api(backend: str, rule: str, tol: float, device="cpu") -> None:
+    """titan_memory_update(memory='mlp', backend=backend) vs the reference: output and final state, then a backward
+    with every gradient finite."""
+    from hope_kernels.titan_memory_update import MLPMemoryState, titan_memory_update
+
+    args, state = titan_mlp_inputs(1, 3, 41, 12, 20, device=device)
+    leaves = [a.clone().requires_grad_(True) for a in args]
+    out_c, st_c = titan_memory_update(*leaves, chunk_size=16, memory="mlp", rule=rule,
+                                      state=MLPMemoryState(*state), backend=backend)
+    out_r, st_r = titan_memory_update(*args, chunk_size=16, memory="mlp", rule=rule, state=MLPMemoryState(*state),
+                                      backend="reference")
+    assert_rel_close("out", out_c.detach(), out_r, tol)
+    for name, a, e in zip(("W1", "W2", "S1", "S2"), st_c, st_r):
+        assert_rel_close(name, a.detach(), e, tol)
+    out_c.sum().backward()
+    assert all(torch.isfinite(x.grad).all() for x in leaves)

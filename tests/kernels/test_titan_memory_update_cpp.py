@@ -4,22 +4,20 @@ initial state; NaN propagation; argument checks naming the argument; custom ops 
 Runs on the CPU (needs hope_kernels._C_cpu built)."""
 from __future__ import annotations
 
-import contextlib
-
 import pytest
 import torch
 
 from hope_kernels import _ext, dispatch
 from hope_kernels.testing import (TITAN_CASES, TITAN_MLP_CASES, TITAN_STATE_PASS_GRAD_NAMES, assert_rel_close,
                                   assert_titan_close, assert_titan_mlp_close, check_titan_compiles_fullgraph,
-                                  titan_inputs, titan_mlp_inputs, titan_mlp_outputs_and_grads,
-                                  titan_mlp_state_pass_args, titan_mlp_state_pass_grads, titan_outputs_and_grads,
-                                  titan_state_pass_args)
+                                  check_titan_mlp_bad_argument, check_titan_mlp_every_output_is_written,
+                                  check_titan_mlp_nan_input_is_not_hidden, check_titan_mlp_public_api,
+                                  check_titan_mlp_raw_ops, check_titan_state_pass_opcheck, titan_inputs,
+                                  titan_mlp_bad_args, titan_mlp_inputs, titan_mlp_outputs_and_grads,
+                                  titan_mlp_state_pass_args, titan_outputs_and_grads, titan_state_pass_args)
 from hope_kernels.titan_memory_update import LinearMemoryState, MLPMemoryState, titan_memory_update
-from hope_kernels.titan_memory_update.chunk_terms import LinearChunkTerms, mlp_state_pass
 from hope_kernels.titan_memory_update.oracle import titan_memory_update_oracle
 from hope_kernels.titan_memory_update.reference import titan_memory_update_reference
-from hope_kernels.titan_memory_update.state_pass import MLP_GRAD_NAMES
 
 CASES = TITAN_CASES
 _run = titan_outputs_and_grads
@@ -136,12 +134,9 @@ def test_kernel_gradients_match_autograd_of_the_state_pass(cpp, dgd):
 
 def test_custom_ops_opcheck(cpp):
     args, state = _cpu_inputs(1, 2, 13, 16, 16)
-    for dgd in (False, True):
-        fa = _fwd_args(args, state, 8, dgd)
-        torch.library.opcheck(torch.ops.hope.titan_linear_fwd_cpp.default, fa)
-        out, WT, ST = cpp.titan_linear_fwd_cpp(*fa)
-        bwd_args = (torch.randn_like(out), torch.randn_like(WT), torch.randn_like(ST), *fa)
-        torch.library.opcheck(torch.ops.hope.titan_linear_bwd_cpp.default, bwd_args)
+    check_titan_state_pass_opcheck(cpp.titan_linear_fwd_cpp, torch.ops.hope.titan_linear_fwd_cpp.default,
+                                   torch.ops.hope.titan_linear_bwd_cpp.default,
+                                   lambda dgd: _fwd_args(args, state, 8, dgd))
 
 
 def test_compile_fullgraph_traces_the_op(cpp):
@@ -186,8 +181,6 @@ def test_dispatch_picks_cpp_on_cpu_where_measured_faster(cpp, monkeypatch):
 # --------------------------------------------------------------- mlp memory (csrc/titan_mlp_cpu.cpp)
 # The CPU build of the block-phased body (csrc/titan_mlp_body.h) that csrc/titan_mlp.cu shares: these tests check
 # the CUDA kernels' arithmetic too.
-MLP_OP_NAMES = ["q", "k", "kh", "v", "aqk", "gth", "akk", "tinv", "aqw", "vec", "end", "W1", "W2", "S1", "S2",
-                "chunk_size"]
 
 
 @pytest.fixture(scope="module")
@@ -216,98 +209,30 @@ def test_cpp_mlp_matches_reference_fp32(cpp_mlp, rule, case):
 def test_cpp_mlp_raw_ops_match_the_state_pass(cpp_mlp, dgd, case):
     """Raw forward vs chunk_terms.mlp_state_pass; raw backward vs its float64 autograd (all 15 gradients; padded
     rows zero, the dgd-only ones empty for titans)."""
-    B, H, T, D, E, C = case
-    args, state = titan_mlp_inputs(B, H, T, D, E)
-    op_args = titan_mlp_state_pass_args(args, state, C, dgd)
-    q, k, kh, v, aqk, gth, akk, tinv, aqw, vec, end, W1, W2, S1, S2, _ = op_args
-    terms = LinearChunkTerms(aqk, akk, tinv, aqw, vec, end, kh, gth)
-    expected = mlp_state_pass(q, k, v, terms, W1, W2, S1, S2, C)
-    got = _ext.cpu.titan_mlp_fwd(*op_args, True)
-    for name, a, e in zip(["out", "W1_T", "W2_T", "S1_T", "S2_T"], got, expected):
-        assert_rel_close(f"fwd {name}", a, e, TOL_FP32)
-    states = got[5].view(B, H, -1, 4, D, E)
-    assert torch.equal(states[:, :, 0, 0], W1) and torch.equal(states[:, :, 0, 1].reshape(W2.shape), W2)
-    g = torch.Generator().manual_seed(3)
-    cot = [torch.randn(x.shape, generator=g) for x in expected]
-    grads = _ext.cpu.titan_mlp_bwd(*cot, *op_args)
-    oracle = titan_mlp_state_pass_grads(cot, *op_args)
-    for name, a, e in zip(MLP_GRAD_NAMES, grads, oracle):
-        if e is None:
-            assert a.numel() == 0, name
-        else:
-            assert a.shape == e.shape, name
-            assert_rel_close(f"bwd {name}", a, e.float(), TOL_FP32)
-
-
-@contextlib.contextmanager
-def _nan_filled_empty():
-    """torch / at::empty fill new memory with NaN (deterministic mode's fill_uninitialized_memory), so an output
-    element the kernels leave unwritten shows up as NaN."""
-    import torch.utils.deterministic as det
-
-    was = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),
-           det.fill_uninitialized_memory)
-    torch.use_deterministic_algorithms(True)
-    det.fill_uninitialized_memory = True
-    try:
-        assert torch.isnan(torch.empty(7)).all()
-        yield
-    finally:
-        det.fill_uninitialized_memory = was[2]
-        torch.use_deterministic_algorithms(was[0], warn_only=was[1])
+    check_titan_mlp_raw_ops(_ext.cpu, case, dgd, TOL_FP32)
 
 
 @pytest.mark.parametrize("rule", ["titans", "dgd"])
 @pytest.mark.parametrize("case", [(1, 2, 21, 6, 9, 8), (1, 1, 5, 3, 1, 16)], ids=_mlp_case_id)
 def test_cpp_mlp_every_output_is_written(cpp_mlp, rule, case):
-    B, H, T, D, E, C = case
-    args, state = titan_mlp_inputs(B, H, T, D, E)
-    op_args = titan_mlp_state_pass_args(args, state, C, rule == "dgd")
-    cot = [torch.randn(B, H, T, D), *(torch.randn_like(s) for s in state)]
-    with _nan_filled_empty():
-        fwd = _ext.cpu.titan_mlp_fwd(*op_args, True)
-        grads = _ext.cpu.titan_mlp_bwd(*cot, *op_args)
-    for name, t in zip(["out", "W1_T", "W2_T", "S1_T", "S2_T", "states"], fwd):
-        assert torch.isfinite(t).all(), f"forward {name} has non-finite entries: left unwritten"
-    for name, t in zip(MLP_GRAD_NAMES, grads):
-        assert torch.isfinite(t).all(), f"backward {name} has non-finite entries: left unwritten"
+    check_titan_mlp_every_output_is_written(_ext.cpu, case, rule)
 
 
 def test_cpp_mlp_nan_input_is_not_hidden(cpp_mlp):
-    args, state = titan_mlp_inputs(1, 1, 12, 8, 8)
-    args[2][0, 0, 3, 5] = float("nan")
-    for rule in ("titans", "dgd"):
-        out, st = cpp_mlp.titan_memory_update_cpp(*args, 8, "mlp", rule, MLPMemoryState(*state))
-        assert torch.isnan(out).any() and all(torch.isnan(s).any() for s in st), rule
+    check_titan_mlp_nan_input_is_not_hidden(cpp_mlp.titan_memory_update_cpp, (1, 1, 12, 8, 8))
 
 
 @pytest.mark.parametrize(
     "bad_arg,make_bad",
-    [
-        ("q", lambda a: dict(a, q=a["q"].double())),
-        ("k", lambda a: dict(a, k=a["k"][:, :, :-1].contiguous())),
-        ("v", lambda a: dict(a, v=a["v"].transpose(2, 3).contiguous().transpose(2, 3))),
-        ("kh", lambda a: dict(a, kh=a["kh"][:, :, :-1].contiguous())),
-        ("aqk", lambda a: dict(a, aqk=a["aqk"].transpose(-1, -2))),
-        ("gth", lambda a: dict(a, gth=a["gth"][..., :-1].contiguous())),
-        ("tinv", lambda a: dict(a, tinv=None)),
-        ("vec", lambda a: dict(a, vec=a["vec"].double())),
-        ("end", lambda a: dict(a, end=a["end"][..., :2].contiguous())),
-        ("W1", lambda a: dict(a, W1=a["W1"][0])),
-        ("W2", lambda a: dict(a, W2=a["W2"].transpose(-1, -2).contiguous())),
-        ("S1", lambda a: dict(a, S1=a["S1"].half())),
-        ("S2", lambda a: dict(a, S2=a["S2"][..., :-1].contiguous())),
-        ("chunk_size", lambda a: dict(a, chunk_size=0)),
-    ],
+    titan_mlp_bad_args(
+        q=lambda a: dict(a, q=a["q"].double()),
+        v=lambda a: dict(a, v=a["v"].transpose(2, 3).contiguous().transpose(2, 3)),
+        gth=lambda a: dict(a, gth=a["gth"][..., :-1].contiguous()),
+        chunk_size=lambda a: dict(a, chunk_size=0),
+    ),
 )
 def test_cpp_mlp_checks_name_the_argument(cpp_mlp, bad_arg, make_bad):
-    args, state = titan_mlp_inputs(1, 2, 13, 8, 6)
-    good = dict(zip(MLP_OP_NAMES, titan_mlp_state_pass_args(args, state, 8, True)))
-    with pytest.raises(RuntimeError, match=rf"\b{bad_arg}\b"):
-        _ext.cpu.titan_mlp_fwd(**make_bad(good), store_states=False)
-    out, W1T, W2T, S1T, S2T, _ = _ext.cpu.titan_mlp_fwd(**good, store_states=False)
-    with pytest.raises(RuntimeError, match=rf"\b{bad_arg}\b"):
-        _ext.cpu.titan_mlp_bwd(out, W1T, W2T, S1T, S2T, **make_bad(good))
+    check_titan_mlp_bad_argument(_ext.cpu, bad_arg, make_bad, (1, 2, 13, 8, 6))
 
 
 def test_cpp_mlp_checks_name_the_gradient_arguments(cpp_mlp):
@@ -329,17 +254,7 @@ def test_cpp_mlp_checks_name_the_gradient_arguments(cpp_mlp):
 
 @pytest.mark.parametrize("rule", ["titans", "dgd"])
 def test_cpp_mlp_through_public_api(cpp_mlp, rule):
-    args, state = titan_mlp_inputs(1, 3, 41, 12, 20)
-    leaves = [a.clone().requires_grad_(True) for a in args]
-    out_c, st_c = titan_memory_update(*leaves, chunk_size=16, memory="mlp", rule=rule,
-                                      state=MLPMemoryState(*state), backend="cpp")
-    out_r, st_r = titan_memory_update(*args, chunk_size=16, memory="mlp", rule=rule, state=MLPMemoryState(*state),
-                                      backend="reference")
-    assert_rel_close("out", out_c.detach(), out_r, TOL_FP32)
-    for name, a, e in zip(("W1", "W2", "S1", "S2"), st_c, st_r):
-        assert_rel_close(name, a.detach(), e, TOL_FP32)
-    out_c.sum().backward()
-    assert all(torch.isfinite(x.grad).all() for x in leaves)
+    check_titan_mlp_public_api("cpp", rule, TOL_FP32)
 
 
 def test_cpp_mlp_bf16_inputs_are_cast(cpp_mlp):
@@ -354,12 +269,9 @@ def test_cpp_mlp_bf16_inputs_are_cast(cpp_mlp):
 
 def test_cpp_mlp_custom_ops_opcheck(cpp_mlp):
     args, state = titan_mlp_inputs(1, 2, 13, 8, 12)
-    for dgd in (False, True):
-        fa = titan_mlp_state_pass_args(args, state, 8, dgd)
-        torch.library.opcheck(torch.ops.hope.titan_mlp_fwd_cpp.default, fa)
-        outs = cpp_mlp.titan_mlp_fwd_cpp(*fa)
-        bwd_args = (*(torch.randn_like(o) for o in outs), *fa)
-        torch.library.opcheck(torch.ops.hope.titan_mlp_bwd_cpp.default, bwd_args)
+    check_titan_state_pass_opcheck(cpp_mlp.titan_mlp_fwd_cpp, torch.ops.hope.titan_mlp_fwd_cpp.default,
+                                   torch.ops.hope.titan_mlp_bwd_cpp.default,
+                                   lambda dgd: titan_mlp_state_pass_args(args, state, 8, dgd))
 
 
 def test_cpp_mlp_dispatch_where_measured_faster(cpp_mlp, monkeypatch):

@@ -4,18 +4,20 @@ head dims up to 128; half inputs; every output element written; NaN propagation;
 argument; custom ops and torch.compile; dispatch. All need a GPU (skipped on the CPU)."""
 from __future__ import annotations
 
-import contextlib
 import importlib
 
 import pytest
 import torch
 
 from hope_kernels import _ext, dispatch
-from hope_kernels.testing import (TITAN_CASES, TITAN_MLP_CASES, TITAN_STATE_PASS_GRAD_NAMES, assert_rel_close,
-                                  assert_titan_close, assert_titan_mlp_close, check_titan_compiles_fullgraph,
-                                  titan_inputs, titan_mlp_inputs, titan_mlp_outputs_and_grads,
-                                  titan_mlp_state_pass_args, titan_mlp_state_pass_grads, titan_outputs_and_grads,
-                                  titan_state_pass_args)
+from hope_kernels.testing import (TITAN_CASES, TITAN_MLP_CASES, TITAN_STATE_PASS_GRAD_NAMES, assert_outputs_written,
+                                  assert_rel_close, assert_titan_close, assert_titan_mlp_close,
+                                  check_titan_compiles_fullgraph, check_titan_mlp_bad_argument,
+                                  check_titan_mlp_every_output_is_written, check_titan_mlp_nan_input_is_not_hidden,
+                                  check_titan_mlp_public_api, check_titan_mlp_raw_ops,
+                                  check_titan_state_pass_opcheck, nan_filled_empty, titan_inputs, titan_mlp_bad_args,
+                                  titan_mlp_inputs, titan_mlp_outputs_and_grads, titan_mlp_state_pass_args,
+                                  titan_outputs_and_grads, titan_state_pass_args)
 from hope_kernels.titan_memory_update import LinearMemoryState, MLPMemoryState, titan_memory_update
 from hope_kernels.titan_memory_update.oracle import titan_memory_update_oracle
 from hope_kernels.titan_memory_update.reference import titan_memory_update_reference
@@ -88,24 +90,6 @@ def test_zero_initial_state_through_public_api(rule):
     assert_rel_close("S_T", st_c.S, st_r.S, TOL_FP32)
 
 
-@contextlib.contextmanager
-def _nan_filled_empty():
-    """torch / at::empty fill new CUDA memory with NaN (deterministic mode's fill_uninitialized_memory), so a
-    kernel output element left unwritten shows up as NaN."""
-    import torch.utils.deterministic as det
-
-    was = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),
-           det.fill_uninitialized_memory)
-    torch.use_deterministic_algorithms(True)
-    det.fill_uninitialized_memory = True
-    try:
-        assert torch.isnan(torch.empty(7, device=DEVICE)).all()
-        yield
-    finally:
-        det.fill_uninitialized_memory = was[2]
-        torch.use_deterministic_algorithms(was[0], warn_only=was[1])
-
-
 @pytest.mark.parametrize("rule", ["titans", "dgd"])
 @pytest.mark.parametrize("case", [(1, 2, 21, 20, 40, 8), (2, 1, 67, 128, 33, 64), (1, 1, 5, 3, 1, 16)],
                          ids=lambda c: "B{}H{}T{}Dk{}Dv{}C{}".format(*c))
@@ -118,14 +102,12 @@ def test_every_output_is_written(rule, case):
     with torch.no_grad():
         op_args = _op_args(args, state, C, rule == "dgd")
     d_out, d_WT, d_ST = torch.randn(B, H, T, Dv, device=DEVICE), torch.randn_like(state[0]), torch.randn_like(state[0])
-    with _nan_filled_empty():
+    with nan_filled_empty(DEVICE):
         out, WT, ST, states = _ext.cuda.titan_linear_fwd(*op_args, True)
         grads = ext.titan_linear_bwd_cuda(d_out, d_WT, d_ST, *op_args)
         torch.cuda.synchronize()
-    for name, t in [("out", out), ("W_T", WT), ("S_T", ST), ("states", states)]:
-        assert torch.isfinite(t).all(), f"forward {name} has non-finite entries: left unwritten"
-    for name, t in zip(TITAN_STATE_PASS_GRAD_NAMES, grads):
-        assert torch.isfinite(t).all(), f"backward {name} has non-finite entries: a kernel left part of it unwritten"
+    assert_outputs_written("forward", ["out", "W_T", "S_T", "states"], [out, WT, ST, states])
+    assert_outputs_written("backward", TITAN_STATE_PASS_GRAD_NAMES, grads)
     # the stored chunk-start states are those of the state pass: the first is the initial state
     assert torch.equal(states[:, :, 0, 0], op_args[10]) and torch.equal(states[:, :, 0, 1], op_args[11])
 
@@ -240,14 +222,10 @@ def test_dispatch_auto_mlp_and_limits(monkeypatch):
 def test_custom_ops_opcheck():
     ext = _cuda()
     args, state = _inputs(1, 2, 13, 16, 20)
-    for dgd in (False, True):
-        fwd_args = _op_args(args, state, 8, dgd)
-        torch.library.opcheck(torch.ops.hope.titan_linear_fwd_cuda.default, fwd_args,
-                              test_utils=("test_schema", "test_faketensor"))
-        out, WT, ST = ext.titan_linear_fwd_cuda(*fwd_args)
-        bwd_args = (torch.randn_like(out), torch.randn_like(WT), torch.randn_like(ST), *fwd_args)
-        torch.library.opcheck(torch.ops.hope.titan_linear_bwd_cuda.default, bwd_args,
-                              test_utils=("test_schema", "test_faketensor"))
+    check_titan_state_pass_opcheck(ext.titan_linear_fwd_cuda, torch.ops.hope.titan_linear_fwd_cuda.default,
+                                   torch.ops.hope.titan_linear_bwd_cuda.default,
+                                   lambda dgd: _op_args(args, state, 8, dgd),
+                                   test_utils=("test_schema", "test_faketensor"))
 
 
 def test_compile_fullgraph_traces_the_op():
@@ -272,8 +250,6 @@ def test_noncontiguous_inputs_and_second_device_stream():
 
 
 # --------------------------------------------------------------- mlp memory (csrc/titan_mlp.cu)
-MLP_OP_NAMES = ["q", "k", "kh", "v", "aqk", "gth", "akk", "tinv", "aqw", "vec", "end", "W1", "W2", "S1", "S2",
-                "chunk_size"]
 # the shared cases, plus the largest sizes the kernels take
 MLP_CASES = [*TITAN_MLP_CASES, (1, 2, 300, 64, 128, 64), (1, 1, 130, 128, 512, 64)]
 
@@ -301,27 +277,8 @@ def test_cuda_mlp_matches_reference_fp32(rule, case):
 def test_cuda_mlp_raw_ops_match_the_state_pass_and_the_cpu_body(dgd, case):
     """Raw forward vs chunk_terms.mlp_state_pass, raw backward vs its float64 autograd (all 15 gradients), and
     both vs the C++ CPU build of the same body (titan_mlp_body.h)."""
-    from hope_kernels.titan_memory_update.chunk_terms import LinearChunkTerms, mlp_state_pass
-
     _cuda()
-    B, H, T, D, E, C = case
-    args, state = _mlp_inputs(B, H, T, D, E, device="cpu")
-    cpu_args = titan_mlp_state_pass_args(args, state, C, dgd)
-    op_args = tuple(x.to(DEVICE) if isinstance(x, torch.Tensor) else x for x in cpu_args)
-    q, k, kh, v, aqk, gth, akk, tinv, aqw, vec, end, W1, W2, S1, S2, _ = cpu_args
-    expected = mlp_state_pass(q, k, v, LinearChunkTerms(aqk, akk, tinv, aqw, vec, end, kh, gth), W1, W2, S1, S2, C)
-    got = [x.cpu() for x in _ext.cuda.titan_mlp_fwd(*op_args, True)]
-    for name, a, e in zip(["out", "W1_T", "W2_T", "S1_T", "S2_T"], got, expected):
-        assert_rel_close(f"fwd {name}", a, e, TOL_FP32)
-    g = torch.Generator().manual_seed(3)
-    cot = [torch.randn(x.shape, generator=g) for x in expected]
-    grads = [x.cpu() for x in _ext.cuda.titan_mlp_bwd(*(c.to(DEVICE) for c in cot), *op_args)]
-    oracle = titan_mlp_state_pass_grads(cot, *cpu_args)
-    for name, a, e in zip(MLP_GRAD_NAMES, grads, oracle):
-        if e is None:
-            assert a.numel() == 0, name
-        else:
-            assert_rel_close(f"bwd {name}", a, e.float(), TOL_FP32)
+    cot, cpu_args, grads = check_titan_mlp_raw_ops(_ext.cuda, case, dgd, TOL_FP32, device=DEVICE)
     if _ext.cpu is not None and hasattr(_ext.cpu, "titan_mlp_bwd"):
         cpu_grads = _ext.cpu.titan_mlp_bwd(*cot, *cpu_args)
         for name, a, e in zip(MLP_GRAD_NAMES, grads, cpu_grads):
@@ -344,58 +301,26 @@ def test_cuda_mlp_half_inputs(rule, dtype):
                          ids=_mlp_case_id)
 def test_cuda_mlp_every_output_is_written(rule, case):
     _cuda()
-    B, H, T, D, E, C = case
-    args, state = _mlp_inputs(B, H, T, D, E)
-    with torch.no_grad():
-        op_args = titan_mlp_state_pass_args(args, state, C, rule == "dgd")
-    cot = [torch.randn(B, H, T, D, device=DEVICE), *(torch.randn_like(s) for s in state)]
-    with _nan_filled_empty():
-        fwd = _ext.cuda.titan_mlp_fwd(*op_args, True)
-        grads = _ext.cuda.titan_mlp_bwd(*cot, *op_args)
-        torch.cuda.synchronize()
-    for name, t in zip(["out", "W1_T", "W2_T", "S1_T", "S2_T", "states"], fwd):
-        assert torch.isfinite(t).all(), f"forward {name} has non-finite entries: left unwritten"
-    for name, t in zip(MLP_GRAD_NAMES, grads):
-        assert torch.isfinite(t).all(), f"backward {name} has non-finite entries: left unwritten"
+    check_titan_mlp_every_output_is_written(_ext.cuda, case, rule, device=DEVICE)
 
 
 def test_cuda_mlp_nan_input_is_not_hidden():
-    ext = _cuda()
-    args, state = _mlp_inputs(1, 1, 12, 16, 16)
-    args[2][0, 0, 3, 5] = float("nan")
-    for rule in ("titans", "dgd"):
-        out, st = ext.titan_memory_update_cuda(*args, 8, "mlp", rule, MLPMemoryState(*state))
-        assert torch.isnan(out).any() and all(torch.isnan(s).any() for s in st), rule
+    check_titan_mlp_nan_input_is_not_hidden(_cuda().titan_memory_update_cuda, (1, 1, 12, 16, 16), device=DEVICE)
 
 
 @pytest.mark.parametrize(
     "bad_arg,make_bad",
-    [
-        ("q", lambda a: dict(a, q=a["q"].cpu())),
-        ("k", lambda a: dict(a, k=a["k"][:, :, :-1].contiguous())),
-        ("v", lambda a: dict(a, v=a["v"].double())),
-        ("kh", lambda a: dict(a, kh=a["kh"][:, :, :-1].contiguous())),
-        ("aqk", lambda a: dict(a, aqk=a["aqk"].transpose(-1, -2))),
-        ("gth", lambda a: dict(a, gth=a["gth"].cpu())),
-        ("tinv", lambda a: dict(a, tinv=None)),
-        ("vec", lambda a: dict(a, vec=a["vec"].double())),
-        ("end", lambda a: dict(a, end=a["end"][..., :2].contiguous())),
-        ("W1", lambda a: dict(a, W1=a["W1"][0])),
-        ("W2", lambda a: dict(a, W2=a["W2"].transpose(-1, -2).contiguous())),
-        ("S1", lambda a: dict(a, S1=a["S1"].half())),
-        ("S2", lambda a: dict(a, S2=a["S2"][..., :-1].contiguous())),
-        ("chunk_size", lambda a: dict(a, chunk_size=65)),
-    ],
+    titan_mlp_bad_args(
+        q=lambda a: dict(a, q=a["q"].cpu()),
+        v=lambda a: dict(a, v=a["v"].double()),
+        gth=lambda a: dict(a, gth=a["gth"].cpu()),
+        chunk_size=lambda a: dict(a, chunk_size=65),
+    ),
 )
 def test_cuda_mlp_checks_name_the_argument(bad_arg, make_bad):
     _cuda()
-    args, state = _mlp_inputs(1, 2, 13, 16, 12)
-    good = dict(zip(MLP_OP_NAMES, titan_mlp_state_pass_args(args, state, 8, True)))
-    with pytest.raises(RuntimeError, match=rf"\b{bad_arg}\b"):
-        _ext.cuda.titan_mlp_fwd(**make_bad(good), store_states=False)
-    out, W1T, W2T, S1T, S2T, _ = _ext.cuda.titan_mlp_fwd(**good, store_states=False)
-    with pytest.raises(RuntimeError, match=rf"\b{bad_arg}\b"):
-        _ext.cuda.titan_mlp_bwd(out, W1T, W2T, S1T, S2T, **make_bad(good))
+    good, (out, W1T, W2T, S1T, S2T, _) = check_titan_mlp_bad_argument(_ext.cuda, bad_arg, make_bad,
+                                                                      (1, 2, 13, 16, 12), device=DEVICE)
     with pytest.raises(RuntimeError, match=r"\bdW2T\b"):
         _ext.cuda.titan_mlp_bwd(out, W1T, W1T, S1T, S2T, **good)
 
@@ -403,24 +328,13 @@ def test_cuda_mlp_checks_name_the_argument(bad_arg, make_bad):
 @pytest.mark.parametrize("rule", ["titans", "dgd"])
 def test_cuda_mlp_through_public_api(rule):
     _cuda()
-    args, state = _mlp_inputs(1, 3, 41, 12, 20)
-    out_c, st_c = titan_memory_update(*args, chunk_size=16, memory="mlp", rule=rule, state=MLPMemoryState(*state),
-                                      backend="cuda")
-    out_r, st_r = titan_memory_update(*args, chunk_size=16, memory="mlp", rule=rule, state=MLPMemoryState(*state),
-                                      backend="reference")
-    assert_rel_close("out", out_c, out_r, TOL_FP32)
-    for name, a, e in zip(("W1", "W2", "S1", "S2"), st_c, st_r):
-        assert_rel_close(name, a, e, TOL_FP32)
+    check_titan_mlp_public_api("cuda", rule, TOL_FP32, device=DEVICE)
 
 
 def test_cuda_mlp_custom_ops_opcheck():
     ext = _cuda()
     args, state = _mlp_inputs(1, 2, 13, 16, 20)
-    for dgd in (False, True):
-        fa = titan_mlp_state_pass_args(args, state, 8, dgd)
-        torch.library.opcheck(torch.ops.hope.titan_mlp_fwd_cuda.default, fa,
-                              test_utils=("test_schema", "test_faketensor"))
-        outs = ext.titan_mlp_fwd_cuda(*fa)
-        bwd_args = (*(torch.randn_like(o) for o in outs), *fa)
-        torch.library.opcheck(torch.ops.hope.titan_mlp_bwd_cuda.default, bwd_args,
-                              test_utils=("test_schema", "test_faketensor"))
+    check_titan_state_pass_opcheck(ext.titan_mlp_fwd_cuda, torch.ops.hope.titan_mlp_fwd_cuda.default,
+                                   torch.ops.hope.titan_mlp_bwd_cuda.default,
+                                   lambda dgd: titan_mlp_state_pass_args(args, state, 8, dgd),
+                                   test_utils=("test_schema", "test_faketensor"))
