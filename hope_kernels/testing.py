@@ -378,3 +378,30 @@ def check_titan_mlp_public_api(backend: str, rule: str, tol: float, device="cpu"
         assert_rel_close(name, a.detach(), e, tol)
     out_c.sum().backward()
     assert all(torch.isfinite(x.grad).all() for x in leaves)
+
+
+def check_titan_mlp_matches_reference(fn, case, rule: str, tol: float, tag: str, device="cpu") -> None:
+    """A backend's titan_memory_update ``fn`` (mlp memory) vs the reference at ``case = (B, H, T, D, E, C)``:
+    output, final state and every gradient (``titan_mlp_outputs_and_grads``)."""
+    from hope_kernels.titan_memory_update.reference import titan_memory_update_reference
+
+    B, H, T, D, E, C = case
+    args, state = titan_mlp_inputs(B, H, T, D, E, device=device)
+    expected = titan_mlp_outputs_and_grads(titan_memory_update_reference, args, state, C, rule)
+    actual = titan_mlp_outputs_and_grads(fn, args, state, C, rule)
+    assert_titan_mlp_close(actual, expected, tol, f"{tag} {rule} {case}")
+
+
+def check_bf16_inputs_are_cast(fn, memory: str, args, state) -> None:
+    """bf16 q, k, v through a backend's titan_memory_update ``fn`` (rule dgd, chunk 8): the output is bf16, every
+    final state fp32, and the output within 2e-2 of the reference on the same (fp32-cast) inputs."""
+    from hope_kernels.titan_memory_update.reference import titan_memory_update_reference
+    from hope_kernels.titan_memory_update.state import LinearMemoryState, MLPMemoryState
+
+    make_state = MLPMemoryState if memory == "mlp" else LinearMemoryState
+    half = [a.bfloat16() if a.dim() == 4 else a for a in args]
+    out, st = fn(*half, 8, memory, "dgd", make_state(*state))
+    assert out.dtype == torch.bfloat16 and all(s.dtype == torch.float32 for s in st)
+    ref, _ = titan_memory_update_reference(*[a.float() if a.dim() == 4 else a for a in half], 8, memory, "dgd",
+                                           make_state(*state))
+    assert_rel_close("bf16 out", out.float(), ref, 2e-2)

@@ -9,12 +9,12 @@ import torch
 
 from hope_kernels import _ext, dispatch
 from hope_kernels.testing import (TITAN_CASES, TITAN_MLP_CASES, TITAN_STATE_PASS_GRAD_NAMES, assert_rel_close,
-                                  assert_titan_close, assert_titan_mlp_close, check_titan_compiles_fullgraph,
+                                  assert_titan_close, check_bf16_inputs_are_cast, check_titan_compiles_fullgraph,
                                   check_titan_mlp_bad_argument, check_titan_mlp_every_output_is_written,
-                                  check_titan_mlp_nan_input_is_not_hidden, check_titan_mlp_public_api,
-                                  check_titan_mlp_raw_ops, check_titan_state_pass_opcheck, titan_inputs,
-                                  titan_mlp_bad_args, titan_mlp_inputs, titan_mlp_outputs_and_grads,
-                                  titan_mlp_state_pass_args, titan_outputs_and_grads, titan_state_pass_args)
+                                  check_titan_mlp_matches_reference, check_titan_mlp_nan_input_is_not_hidden,
+                                  check_titan_mlp_public_api, check_titan_mlp_raw_ops, check_titan_state_pass_opcheck,
+                                  titan_inputs, titan_mlp_bad_args, titan_mlp_inputs, titan_mlp_state_pass_args,
+                                  titan_outputs_and_grads, titan_state_pass_args)
 from hope_kernels.titan_memory_update import LinearMemoryState, MLPMemoryState, titan_memory_update
 from hope_kernels.titan_memory_update.oracle import titan_memory_update_oracle
 from hope_kernels.titan_memory_update.reference import titan_memory_update_reference
@@ -71,12 +71,7 @@ def test_zero_initial_state_through_public_api(cpp, rule):
 
 def test_bf16_inputs_are_cast(cpp):
     args, state = _cpu_inputs(1, 2, 20, 8, 8)
-    half = [a.bfloat16() if a.dim() == 4 else a for a in args]
-    out, st = cpp.titan_memory_update_cpp(*half, 8, "linear", "dgd", LinearMemoryState(*state))
-    assert out.dtype == torch.bfloat16 and st.W.dtype == torch.float32
-    ref, _ = titan_memory_update_reference(*[a.float() if a.dim() == 4 else a for a in half], 8, "linear", "dgd",
-                                           LinearMemoryState(*state))
-    assert_rel_close("bf16 out", out.float(), ref, 2e-2)
+    check_bf16_inputs_are_cast(cpp.titan_memory_update_cpp, "linear", args, state)
 
 
 def test_nan_input_is_not_hidden(cpp):
@@ -197,11 +192,7 @@ def _mlp_case_id(c):
 @pytest.mark.parametrize("rule", ["titans", "dgd"])
 @pytest.mark.parametrize("case", TITAN_MLP_CASES, ids=_mlp_case_id)
 def test_cpp_mlp_matches_reference_fp32(cpp_mlp, rule, case):
-    B, H, T, D, E, C = case
-    args, state = titan_mlp_inputs(B, H, T, D, E)
-    expected = titan_mlp_outputs_and_grads(titan_memory_update_reference, args, state, C, rule)
-    actual = titan_mlp_outputs_and_grads(cpp_mlp.titan_memory_update_cpp, args, state, C, rule)
-    assert_titan_mlp_close(actual, expected, TOL_FP32, f"cpp mlp {rule} {case}")
+    check_titan_mlp_matches_reference(cpp_mlp.titan_memory_update_cpp, case, rule, TOL_FP32, "cpp mlp")
 
 
 @pytest.mark.parametrize("dgd", [False, True])
@@ -259,12 +250,7 @@ def test_cpp_mlp_through_public_api(cpp_mlp, rule):
 
 def test_cpp_mlp_bf16_inputs_are_cast(cpp_mlp):
     args, state = titan_mlp_inputs(1, 2, 20, 8, 12)
-    half = [a.bfloat16() if a.dim() == 4 else a for a in args]
-    out, st = cpp_mlp.titan_memory_update_cpp(*half, 8, "mlp", "dgd", MLPMemoryState(*state))
-    assert out.dtype == torch.bfloat16 and st.W1.dtype == torch.float32
-    ref, _ = titan_memory_update_reference(*[a.float() if a.dim() == 4 else a for a in half], 8, "mlp", "dgd",
-                                           MLPMemoryState(*state))
-    assert_rel_close("bf16 out", out.float(), ref, 2e-2)
+    check_bf16_inputs_are_cast(cpp_mlp.titan_memory_update_cpp, "mlp", args, state)
 
 
 def test_cpp_mlp_custom_ops_opcheck(cpp_mlp):

@@ -13,11 +13,11 @@ from hope_kernels import _ext, dispatch
 from hope_kernels.testing import (TITAN_CASES, TITAN_MLP_CASES, TITAN_STATE_PASS_GRAD_NAMES, assert_outputs_written,
                                   assert_rel_close, assert_titan_close, assert_titan_mlp_close,
                                   check_titan_compiles_fullgraph, check_titan_mlp_bad_argument,
-                                  check_titan_mlp_every_output_is_written, check_titan_mlp_nan_input_is_not_hidden,
-                                  check_titan_mlp_public_api, check_titan_mlp_raw_ops,
-                                  check_titan_state_pass_opcheck, nan_filled_empty, titan_inputs, titan_mlp_bad_args,
-                                  titan_mlp_inputs, titan_mlp_outputs_and_grads, titan_mlp_state_pass_args,
-                                  titan_outputs_and_grads, titan_state_pass_args)
+                                  check_titan_mlp_every_output_is_written, check_titan_mlp_matches_reference,
+                                  check_titan_mlp_nan_input_is_not_hidden, check_titan_mlp_public_api,
+                                  check_titan_mlp_raw_ops, check_titan_state_pass_opcheck, nan_filled_empty,
+                                  titan_inputs, titan_mlp_bad_args, titan_mlp_inputs, titan_mlp_outputs_and_grads,
+                                  titan_mlp_state_pass_args, titan_outputs_and_grads, titan_state_pass_args)
 from hope_kernels.titan_memory_update import LinearMemoryState, MLPMemoryState, titan_memory_update
 from hope_kernels.titan_memory_update.oracle import titan_memory_update_oracle
 from hope_kernels.titan_memory_update.reference import titan_memory_update_reference
@@ -265,11 +265,8 @@ def _mlp_inputs(*shape, device=DEVICE, **kw):
 @pytest.mark.parametrize("rule", ["titans", "dgd"])
 @pytest.mark.parametrize("case", MLP_CASES, ids=_mlp_case_id)
 def test_cuda_mlp_matches_reference_fp32(rule, case):
-    B, H, T, D, E, C = case
-    args, state = _mlp_inputs(B, H, T, D, E)
-    expected = titan_mlp_outputs_and_grads(titan_memory_update_reference, args, state, C, rule)
-    actual = titan_mlp_outputs_and_grads(_cuda().titan_memory_update_cuda, args, state, C, rule)
-    assert_titan_mlp_close(actual, expected, TOL_FP32, f"cuda mlp {rule} {case}")
+    check_titan_mlp_matches_reference(_cuda().titan_memory_update_cuda, case, rule, TOL_FP32, "cuda mlp",
+                                      device=DEVICE)
 
 
 @pytest.mark.parametrize("dgd", [False, True])
