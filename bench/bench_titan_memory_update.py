@@ -59,10 +59,22 @@ def compiled_reference():
     return functools.partial(titan_memory_update_reference, chunk_fns=chunk_fns)
 
 
-def _ours(fn, rule, memory="linear"):
+def _mlp_chunk(D: int, rule: str) -> int:
+    """The mlp benchmark's chunk: the largest the Triton mlp kernels take with a backward at this head dim (their
+    launches must fit an H100's shared memory, triton.MLP_MAX_CHUNK), at most CHUNK; every impl uses the same."""
+    try:
+        import triton
+
+        from hope_kernels.titan_memory_update import triton as tk
+    except ImportError:
+        return CHUNK
+    return min(CHUNK, tk.MLP_MAX_CHUNK.get((max(64, triton.next_power_of_2(D)), rule, True), CHUNK))
+
+
+def _ours(fn, rule, memory="linear", chunk=CHUNK):
     def call(q, k, v, lr, mo, de, *state):
         st_cls = MLPMemoryState if memory == "mlp" else LinearMemoryState
-        out, st = fn(q, k, v, lr, mo, de, CHUNK, memory, rule, st_cls(*state))
+        out, st = fn(q, k, v, lr, mo, de, chunk, memory, rule, st_cls(*state))
         return out, st[0]
     return call
 
@@ -150,8 +162,9 @@ def run(device="cuda", memory="linear"):
             shared = rule == "titans"  # momentum 0: the case fla's gated delta rule also covers
             args, state = _inputs(B, H, T, D, device, dtype, momentum_zero=shared, memory=memory)
             hidden = f" E{MLP_EXPANSION * D}" if memory == "mlp" else ""
-            shape = f"B{B} H{H} T{T} D{D}{hidden} C{CHUNK} {str(dtype).replace('torch.', '')}"
-            calls = {name: _ours(fn, rule, memory) for name, fn in impls.items()}
+            chunk = _mlp_chunk(D, rule) if memory == "mlp" else CHUNK
+            shape = f"B{B} H{H} T{T} D{D}{hidden} C{chunk} {str(dtype).replace('torch.', '')}"
+            calls = {name: _ours(fn, rule, memory, chunk) for name, fn in impls.items()}
             if shared and fla is not None:
                 calls["fla"] = fla
             for backward in (False, True):
