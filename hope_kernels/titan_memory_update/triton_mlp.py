@@ -127,6 +127,46 @@ def _state_tiles(p_w1, p_w2, p_s1, p_s2, e0, o_d, o_e, m_d, D, E):
 
 
 @triton.jit
+def _tile_cotangents(b_do, b_dz, b_k, b_kh, b_a, b_hq, b_w1, b_s1, b_aqk, b_aqw, b_Bc, b_c, b_wg, b_wp, b_wb,
+                     p_dw1, p_dw2, p_ds1, p_ds2, o_de, o_ed, m_de, m_ed,
+                     READOUT: tl.constexpr, DGD: tl.constexpr, PRECISION: tl.constexpr):
+    """What flows into one tile of hidden units from the backward's cotangent: the read-out's (dO, dZ) or the
+    update's (the end-of-chunk state gradient dW1', dW2', dS1', dS2', loaded here): dHq (read-out), dG before the
+    UT correction, dw (dgd), and the products the caller reuses. Stand-ins fill what the other mode has."""
+    b_dhq = b_a
+    b_dw = b_a
+    b_dow1 = b_a
+    b_dos1 = b_a
+    b_dw1 = b_w1
+    b_ds1 = b_w1
+    b_kdw2 = b_a
+    b_kds2 = b_a
+    b_khdw2 = b_a
+    if READOUT:
+        b_dow1 = tl.dot(b_do, b_w1, input_precision=PRECISION)
+        b_dos1 = tl.dot(b_do, b_s1, input_precision=PRECISION)
+        b_dhq = (b_Bc[:, None] * b_dow1 + b_c[:, None] * b_dos1
+                 + tl.dot(b_dz, b_a, input_precision=PRECISION)) * _gelu_grad(b_hq)
+        b_dg = -tl.dot(tl.trans(b_aqk), b_dhq, input_precision=PRECISION)
+        if DGD:
+            b_dw = -tl.dot(tl.trans(b_aqw), b_dhq, input_precision=PRECISION)
+        b_dw2 = tl.trans(b_w1)
+        b_ds2 = b_dw2
+    else:
+        b_dw1 = tl.load(p_dw1 + o_de, mask=m_de, other=0.0)
+        b_ds1 = tl.load(p_ds1 + o_de, mask=m_de, other=0.0)
+        b_dw2 = tl.load(p_dw2 + o_ed, mask=m_ed, other=0.0)
+        b_ds2 = tl.load(p_ds2 + o_ed, mask=m_ed, other=0.0)
+        b_kdw2 = tl.dot(b_k, tl.trans(b_dw2), input_precision=PRECISION)
+        b_kds2 = tl.dot(b_k, tl.trans(b_ds2), input_precision=PRECISION)
+        b_dg = -b_wg[:, None] * b_kdw2 - b_wp[:, None] * b_kds2
+        if DGD:
+            b_khdw2 = tl.dot(b_kh, tl.trans(b_dw2), input_precision=PRECISION)
+            b_dw = -b_wb[:, None] * b_khdw2
+    return b_dhq, b_dg, b_dw, b_dow1, b_dos1, b_dw1, b_ds1, b_dw2, b_ds2, b_kdw2, b_kds2, b_khdw2
+
+
+@triton.jit
 def _mlp_fwd_kernel(
     p_q, p_k, p_kh, p_v, p_aqk, p_gth, p_akk, p_tinv, p_aqw, p_vec, p_end,
     p_w1, p_w2, p_s1, p_s2, p_o, p_states,
@@ -302,22 +342,11 @@ def _mlp_bwd_kernel(
             b_hk, b_a, b_u, b_g, b_r, b_w, b_hq, b_aq, b_qw2, b_qs2, b_khw2, b_khs2 = _mlp_tile(
                 b_q, b_k, b_kh, b_err, b_w1, b_w2, b_s2, b_aqk, b_akk, b_tinv, b_aqw, b_Bc, b_c, b_Bp, b_cp,
                 DGD, PRECISION)
-            if READOUT:
-                b_dhq = (b_Bc[:, None] * tl.dot(b_do, b_w1, input_precision=PRECISION)
-                         + b_c[:, None] * tl.dot(b_do, b_s1, input_precision=PRECISION)
-                         + tl.dot(b_dz, b_a, input_precision=PRECISION)) * _gelu_grad(b_hq)
-                b_dg = -tl.dot(tl.trans(b_aqk), b_dhq, input_precision=PRECISION)
-                if DGD:
-                    b_dw = -tl.dot(tl.trans(b_aqw), b_dhq, input_precision=PRECISION)
-            else:
-                b_dw1 = tl.load(p_dw1 + o_base + o_de, mask=m_de, other=0.0)
-                b_ds1 = tl.load(p_ds1 + o_base + o_de, mask=m_de, other=0.0)
-                b_dw2 = tl.load(p_dw2 + o_base + o_ed, mask=m_ed, other=0.0)
-                b_ds2 = tl.load(p_ds2 + o_base + o_ed, mask=m_ed, other=0.0)
-                b_dg = (-b_wg[:, None] * tl.dot(b_k, tl.trans(b_dw2), input_precision=PRECISION)
-                        - b_wp[:, None] * tl.dot(b_k, tl.trans(b_ds2), input_precision=PRECISION))
-                if DGD:
-                    b_dw = -b_wb[:, None] * tl.dot(b_kh, tl.trans(b_dw2), input_precision=PRECISION)
+            b_dhq, b_dg, b_dw, b_dow1, b_dos1, b_dw1, b_ds1, b_dw2, b_ds2, b_kdw2, b_kds2, b_khdw2 = _tile_cotangents(
+                b_do, b_dz, b_k, b_kh, b_a, b_hq, b_w1, b_s1, b_aqk, b_aqw, b_Bc, b_c, b_wg, b_wp, b_wb,
+                p_dw1 + o_base, p_dw2 + o_base, p_ds1 + o_base, p_ds2 + o_base, o_de, o_ed, m_de, m_ed,
+                READOUT, DGD, PRECISION)
+            if not READOUT:  # W1' and S1' read A
                 b_derr -= (b_wg[:, None] * tl.dot(b_a, tl.trans(b_dw1), input_precision=PRECISION)
                            + b_wp[:, None] * tl.dot(b_a, tl.trans(b_ds1), input_precision=PRECISION))
             if DGD:
@@ -347,15 +376,13 @@ def _mlp_bwd_kernel(
             b_hk, b_a, b_u, b_g, b_r, b_w, b_hq, b_aq, b_qw2, b_qs2, b_khw2, b_khs2 = _mlp_tile(
                 b_q, b_k, b_kh, b_err, b_w1, b_w2, b_s2, b_aqk, b_akk, b_tinv, b_aqw, b_Bc, b_c, b_Bp, b_cp,
                 DGD, PRECISION)
+            b_dhq, b_dg, b_dw, b_dow1, b_dos1, b_dw1, b_ds1, b_dw2, b_ds2, b_kdw2, b_kds2, b_khdw2 = _tile_cotangents(
+                b_do, b_dz, b_k, b_kh, b_a, b_hq, b_w1, b_s1, b_aqk, b_aqw, b_Bc, b_c, b_wg, b_wp, b_wb,
+                p_dw1 + o_base, p_dw2 + o_base, p_ds1 + o_base, p_ds2 + o_base, o_de, o_ed, m_de, m_ed,
+                READOUT, DGD, PRECISION)
             b_da = tl.dot(b_derr, b_w1, input_precision=PRECISION)
-            if READOUT:  # as pass 3
-                b_dow1 = tl.dot(b_do, b_w1, input_precision=PRECISION)
-                b_dos1 = tl.dot(b_do, b_s1, input_precision=PRECISION)
-                b_dhq = (b_Bc[:, None] * b_dow1 + b_c[:, None] * b_dos1
-                         + tl.dot(b_dz, b_a, input_precision=PRECISION)) * _gelu_grad(b_hq)
-                b_dg = -tl.dot(tl.trans(b_aqk), b_dhq, input_precision=PRECISION)
+            if READOUT:
                 if DGD:
-                    b_dw = -tl.dot(tl.trans(b_aqw), b_dhq, input_precision=PRECISION)
                     b_daqw -= tl.dot(b_dhq, tl.trans(b_w), input_precision=PRECISION)
                 b_da += tl.dot(tl.trans(b_dz), b_aq, input_precision=PRECISION)
                 b_dq += (b_Bc[:, None] * tl.dot(b_dhq, b_w2, input_precision=PRECISION)
@@ -364,16 +391,7 @@ def _mlp_bwd_kernel(
                 b_dv1 += tl.sum(b_dow1 * b_aq, axis=1) + tl.sum(b_dhq * b_qw2, axis=1)
                 b_dv2 += tl.sum(b_dos1 * b_aq, axis=1) + tl.sum(b_dhq * b_qs2, axis=1)
             else:
-                b_dw1 = tl.load(p_dw1 + o_base + o_de, mask=m_de, other=0.0)
-                b_ds1 = tl.load(p_ds1 + o_base + o_de, mask=m_de, other=0.0)
-                b_dw2 = tl.load(p_dw2 + o_base + o_ed, mask=m_ed, other=0.0)
-                b_ds2 = tl.load(p_ds2 + o_base + o_ed, mask=m_ed, other=0.0)
-                b_kdw2 = tl.dot(b_k, tl.trans(b_dw2), input_precision=PRECISION)
-                b_kds2 = tl.dot(b_k, tl.trans(b_ds2), input_precision=PRECISION)
-                b_dg = -b_wg[:, None] * b_kdw2 - b_wp[:, None] * b_kds2
                 if DGD:
-                    b_khdw2 = tl.dot(b_kh, tl.trans(b_dw2), input_precision=PRECISION)
-                    b_dw = -b_wb[:, None] * b_khdw2
                     b_dkh -= tl.dot(b_w * b_wb[:, None], b_dw2, input_precision=PRECISION)
                     b_dwb -= tl.sum(b_w * b_khdw2, axis=1)
                 b_errdw1 = tl.dot(b_err, b_dw1, input_precision=PRECISION)
