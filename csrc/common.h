@@ -11,6 +11,13 @@
   TORCH_CHECK((t).sizes() == at::IntArrayRef({__VA_ARGS__}), #name " has shape ", ::hope::fmt((t).sizes()), \
               ", expected ", ::hope::fmt(at::IntArrayRef({__VA_ARGS__})))
 
+// The titan kernels' token inputs (q, k, v, do) in fp32 / bf16 / fp16, read as fp32; every other input fp32.
+#define HOPE_DISPATCH_FLOAT_HALF(TYPE, NAME, ...)                  \
+  AT_DISPATCH_SWITCH(TYPE, NAME,                                   \
+                     AT_DISPATCH_CASE(at::kFloat, __VA_ARGS__)     \
+                     AT_DISPATCH_CASE(at::kBFloat16, __VA_ARGS__)  \
+                     AT_DISPATCH_CASE(at::kHalf, __VA_ARGS__))
+
 namespace hope {
 // Check messages format integers and sizes with std::to_string, never by streaming them: on the H100 image
 // (torch 2.11+cu130) streaming an integer into std::ostream inside _C_cuda.so crashed the process (SIGSEGV in

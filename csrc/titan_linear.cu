@@ -699,13 +699,6 @@ LinearDims linear_dims(const at::Tensor& q, const std::optional<at::Tensor>& kh,
   return a;
 }
 
-// q, k, v, do in fp32 / bf16 / fp16 (read as fp32); every other input fp32.
-#define HOPE_DISPATCH_FLOAT_HALF(TYPE, NAME, ...)                  \
-  AT_DISPATCH_SWITCH(TYPE, NAME,                                   \
-                     AT_DISPATCH_CASE(at::kFloat, __VA_ARGS__)     \
-                     AT_DISPATCH_CASE(at::kBFloat16, __VA_ARGS__)  \
-                     AT_DISPATCH_CASE(at::kHalf, __VA_ARGS__))
-
 template <typename Kernel>
 void prepare_smem(Kernel kernel, size_t bytes) {
   // bytes <= the device's opt-in limit was checked by the entry point

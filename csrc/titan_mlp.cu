@@ -32,12 +32,6 @@ __global__ void __launch_bounds__(kMlpThreads) titan_mlp_bwd_kernel(const mlp::M
   mlp::bwd_body(p, static_cast<int64_t>(blockIdx.x));
 }
 
-#define HOPE_MLP_DISPATCH(TYPE, NAME, ...)                         \
-  AT_DISPATCH_SWITCH(TYPE, NAME,                                   \
-                     AT_DISPATCH_CASE(at::kFloat, __VA_ARGS__)     \
-                     AT_DISPATCH_CASE(at::kBFloat16, __VA_ARGS__)  \
-                     AT_DISPATCH_CASE(at::kHalf, __VA_ARGS__))
-
 // The forward kernel: out (when write_out, in q's dtype), the final state and (when store_states) the chunk-start
 // states [B, H, NC, 4, D, E]; scratch [B * H, >= MlpLayout.fwd_total] fp32.
 template <typename scalar_t>
@@ -69,7 +63,7 @@ std::vector<at::Tensor> titan_mlp_fwd_cuda(const at::Tensor& q, const at::Tensor
   const at::Tensor scratch =
       at::empty({d.B * d.H, mlp::MlpLayout(d.C, d.D, d.E).fwd_total}, q.options().dtype(at::kFloat));
   mlp_host::FwdOut r;
-  HOPE_MLP_DISPATCH(q.scalar_type(), "titan_mlp_fwd_cuda", [&] {
+  HOPE_DISPATCH_FLOAT_HALF(q.scalar_type(), "titan_mlp_fwd_cuda", [&] {
     r = launch_fwd<scalar_t>(
         d, mlp_host::params<scalar_t>(d, q, k, kh, v, aqk, gth, akk, tinv, aqw, vec, end, W1, W2, S1, S2), q,
         scratch, /*write_out=*/true, store_states);
@@ -92,7 +86,7 @@ std::vector<at::Tensor> titan_mlp_bwd_cuda(const at::Tensor& grad_out, const at:
   const at::Tensor scratch =
       at::empty({d.B * d.H, mlp::MlpLayout(d.C, d.D, d.E).total}, q.options().dtype(at::kFloat));
   mlp_host::BwdOut g;
-  HOPE_MLP_DISPATCH(q.scalar_type(), "titan_mlp_bwd_cuda", [&] {
+  HOPE_DISPATCH_FLOAT_HALF(q.scalar_type(), "titan_mlp_bwd_cuda", [&] {
     auto p = mlp_host::params<scalar_t>(d, q, k, kh, v, aqk, gth, akk, tinv, aqw, vec, end, W1, W2, S1, S2);
     // the chunk-start states (the forward kept only its inputs); same stream, so ordered before the backward
     const mlp_host::FwdOut f = launch_fwd<scalar_t>(d, p, q, scratch, /*write_out=*/false, /*store_states=*/true);
