@@ -60,8 +60,9 @@ def _signature(kernel, args, kwargs):
     import torch
 
     params = kernel.params
+    names = {p.name for p in params}
     bound = dict(zip([p.name for p in params], args))
-    bound.update({k: v for k, v in kwargs.items() if k in bound or any(p.name == k for p in params)})
+    bound.update({k: v for k, v in kwargs.items() if k in names})
     signature, constexprs = {}, {}
     for p in params:
         value = bound[p.name]

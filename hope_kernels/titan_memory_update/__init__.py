@@ -4,6 +4,8 @@ See docs/kernels/titan_memory.md for the equations and their chunk-parallel (dua
 """
 from __future__ import annotations
 
+import importlib
+
 import torch
 
 from hope_kernels import dispatch
@@ -22,32 +24,16 @@ dispatch.register(OP, "reference", titan_memory_update_reference)
 _SHAPE_LIMITS = {}
 #: backend -> auto_declines(rule, backward, memory): True where auto leaves the call to a later backend (measured slower)
 _AUTO_DECLINES = {}
-try:
-    from hope_kernels.titan_memory_update import triton as _triton_impl
-
-    _SHAPE_LIMITS["triton", "linear"] = _triton_impl.why_not
-    if _triton_impl.why_not_mlp is not None:
-        _SHAPE_LIMITS["triton", "mlp"] = _triton_impl.why_not_mlp
-except ImportError:
-    pass
-try:
-    from hope_kernels.titan_memory_update import cuda as _cuda_impl
-
-    _SHAPE_LIMITS["cuda", "linear"] = _cuda_impl.why_not
-    if _cuda_impl.why_not_mlp is not None:
-        _SHAPE_LIMITS["cuda", "mlp"] = _cuda_impl.why_not_mlp
-    _AUTO_DECLINES["cuda"] = _cuda_impl.auto_declines
-except ImportError:
-    pass
-try:
-    from hope_kernels.titan_memory_update import cpp as _cpp_impl
-
-    _SHAPE_LIMITS["cpp", "linear"] = _cpp_impl.why_not
-    if _cpp_impl.why_not_mlp is not None:
-        _SHAPE_LIMITS["cpp", "mlp"] = _cpp_impl.why_not_mlp
-    _AUTO_DECLINES["cpp"] = _cpp_impl.auto_declines
-except ImportError:
-    pass
+for _name in ("triton", "cuda", "cpp"):
+    try:  # each kernel backend module: why_not, why_not_mlp (None: no mlp kernels), optionally auto_declines
+        _impl = importlib.import_module(f"hope_kernels.titan_memory_update.{_name}")
+    except ImportError:
+        continue
+    _SHAPE_LIMITS[_name, "linear"] = _impl.why_not
+    if _impl.why_not_mlp is not None:
+        _SHAPE_LIMITS[_name, "mlp"] = _impl.why_not_mlp
+    if hasattr(_impl, "auto_declines"):
+        _AUTO_DECLINES[_name] = _impl.auto_declines
 # measured on the H100 (torch 2.11+cu130, triton 3.6, 2026-11-25, bf16, B4 H8 T2048 C64, fwd+bwd): Triton 2.78 ms
 # vs CUDA 4.93 (titans, D64), 7.44 vs 10.93 (dgd, D64), 3.58 vs 6.54 (titans, D128): auto prefers Triton, and
 # takes CUDA for what Triton refuses (bench/results/titan_cuda_vs_triton-H100-2026-11-25.log: Dk > 128, and the mlp

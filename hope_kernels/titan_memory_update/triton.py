@@ -411,7 +411,7 @@ def _mlp_launch_options() -> dict:
     return {"num_warps": TUNING["mlp_num_warps"], "num_stages": TUNING["mlp_num_stages"]}
 
 
-def _mlp_fused_forward(D: int, rule: str) -> bool:
+def _mlp_fused_forward(D: int) -> bool:
     """Whether the forward runs the update and the read-out in one sequential launch (else: the update, then the
     read-out of all chunks in parallel from the stored chunk-start states). The fused launch keeps the read-out's
     tiles on chip beside the update's; compiled for sm_90 (hope_kernels.triton_resources) it fits an H100's shared
@@ -434,7 +434,7 @@ def _run_mlp_fwd(q, k, kh, v, aqk, gth, akk, tinv, aqw, vec, end, W1, W2, S1, S2
     NC = vec.shape[2]
     BT, BD, BE = _mlp_blocks(C, D, E)
     dev = q.device
-    fused = write_out and not store_states and _mlp_fused_forward(D, "dgd" if dgd else "titans")
+    fused = write_out and not store_states and _mlp_fused_forward(D)
     store_states = store_states or (write_out and not fused)  # the parallel read-out reads the stored states
     # the kernel updates the state in place: these copies of the initial state end as the final state
     W1T, W2T, S1T, S2T = (x.to(torch.float32, copy=True).contiguous() for x in (W1, W2, S1, S2))
