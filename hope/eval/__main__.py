@@ -128,9 +128,9 @@ def run_niah(a) -> dict:
 def run_continual(a) -> dict:
     from hope.data.prepare import PreparedData, load_manifest, prepare
     from hope.eval.continual import train_sequentially
-    from hope.models import build_model
+    from hope.models import build_model, model_config_for
     from hope.train.config import load_config
-    from hope.train.trainer import model_config_for, seed_everything
+    from hope.train.trainer import seed_everything
 
     manifest = load_manifest(a.data)
     prepare(manifest)
@@ -143,7 +143,7 @@ def run_continual(a) -> dict:
     for cfg_path in a.configs:
         cfg = load_config(cfg_path, a.set or None)
         seed_everything(a.seed)
-        model = build_model(model_config_for(cfg, vocab)).to(a.device)
+        model = build_model(model_config_for(cfg.model, vocab, seq_len=cfg.seq_len)).to(a.device)
         t0 = time.time()
         r = train_sequentially(model, train, val, steps_per_segment=a.steps_per_segment, batch_size=a.batch_size,
                                train_cfg=cfg, seed=a.seed)

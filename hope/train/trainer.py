@@ -92,27 +92,6 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def model_config_for(cfg: TrainConfig, vocab_size: int):
-    """ModelConfig from ``model: {preset: ..., <ModelConfig field>: ...}``; vocab from the tokenizer."""
-    from hope.models import ModelConfig, preset
-
-    fields = dict(cfg.model)
-    name = fields.pop("preset", None)
-    fields.setdefault("vocab_size", vocab_size)
-    try:
-        if name is not None:
-            mcfg = preset(name, **fields)
-        else:
-            mcfg = ModelConfig(**fields)
-    except (TypeError, ValueError) as e:
-        raise ValueError(f"model: {e}") from None
-    if mcfg.vocab_size < vocab_size:
-        raise ValueError(f"model.vocab_size: {mcfg.vocab_size} is smaller than the tokenizer's {vocab_size}")
-    if mcfg.max_seq_len < cfg.seq_len:
-        mcfg = mcfg.replace(max_seq_len=cfg.seq_len)
-    return mcfg
-
-
 def make_run_dir(cfg: TrainConfig, info: D.DistInfo) -> Path:
     previous = sorted(Path(cfg.out_dir).glob(f"{cfg.name}-*")) if cfg.resume == "auto" and not cfg.run_dir else []
     previous = [p for p in previous if ckpt.find_latest(p) is not None]
@@ -152,7 +131,7 @@ def _uncompile(model) -> None:
 class Trainer:
     def __init__(self, cfg: TrainConfig):
         from hope.data import prepare
-        from hope.models import build_model
+        from hope.models import build_model, model_config_for
 
         self.cfg = cfg
         if cfg.threads:
@@ -173,7 +152,7 @@ class Trainer:
             self.prepared = prepare(cfg.data.manifest, list(cfg.data.overrides), progress=False)
         tok_vocab = int(self.prepared.index["tokenizer"]["vocab_size"])
 
-        self.model_config = model_config_for(cfg, tok_vocab)
+        self.model_config = model_config_for(cfg.model, tok_vocab, seq_len=cfg.seq_len)
         check_fsdp(cfg, self.model_config.teach_signal)
         if cfg.mode == "parallel" and self.model_config.arch == "hope" and self.model_config.teach_signal == "shared":
             # measured: configs/smoke.yaml with teach_signal=shared reached slow CMS weight norms ~3000 in 100 steps
