@@ -69,9 +69,8 @@ def _block_step(arch: str, block, x):
 
 
 def hope_layer_path(layer) -> str:
-    """Which path the self-modifying layer's forward takes (the fused op when it is wired in and supports it)."""
-    fn = getattr(layer, "fused_path", None)
-    return fn() if callable(fn) else "reference"
+    """Which path the self-modifying layer's last forward took: the fused op's backend, or ``reference`` (its loop)."""
+    return getattr(layer, "fused_path", None) or "reference"
 
 
 def _profiler_aten_ops(fn) -> int:
@@ -115,12 +114,12 @@ def count_block_ops(arch: str, T: int = 2048, B: int = 1, profiler: bool = False
     from hope_kernels._checks import value_checks_off
 
     block, cfg = _block(arch, **overrides)
+    g = torch.Generator().manual_seed(0)
+    x_all = torch.randn(B, max((T, *REFERENCE_FIT_T)), cfg.d_model, generator=g) * 0.5
+    with value_checks_off():  # warm-up: lazy imports, caches; tells which path the HOPE layer takes
+        _block_step(arch, block, x_all[:, :64].clone().requires_grad_())
     if fit_T is None:
         fit_T = REFERENCE_FIT_T if arch == "hope" and hope_layer_path(block.titans) == "reference" else ()
-    g = torch.Generator().manual_seed(0)
-    x_all = torch.randn(B, max((T, *fit_T)), cfg.d_model, generator=g) * 0.5
-    with value_checks_off():  # warm-up: lazy imports, caches
-        _block_step(arch, block, x_all[:, :64].clone().requires_grad_())
     row = {"measure": "ops", "arch": arch, "preset": PILOT_PRESETS[arch], "B": B, "T": T, **overrides}
     if fit_T:
         if len(fit_T) != 3:

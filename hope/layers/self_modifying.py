@@ -87,6 +87,9 @@ class SelfModifyingTitans(nn.Module):
         if gen0 is None:
             gen0 = initial_memory_state(self, "gen", "mlp", B)  # [B, G*H, ...]
         mom = torch.sigmoid(self.momentum_logit.float())
+        backend = self._fused_backend(xq)
+        if backend is not None:  # the whole recurrence as one op (hope_kernels.self_modifying_titans)
+            return self._fused_forward(x, xq, xk, xv, gen0, mom, state, conv_cache, backend)
         gen = gen0
         if self.selfmod:
             ks, vs, qs, etas, alphas = [], [], [], [], []
@@ -134,13 +137,41 @@ class SelfModifyingTitans(nn.Module):
                                                rule=self.rule, state=mem, backend=self.backend)
             mem = clip_memory_update(mem, mem_new, self.mem_update_clip) if self.mem_update_clip > 0 else mem_new
             ys.append(y_c)
-        y = torch.cat(ys, 2)
+        return self._finish(x, torch.cat(ys, 2), conv_cache, gen, gen0, mem, mem0, eta)
+
+    def _finish(self, x, y, conv_cache, gen, gen0, mem, mem0, eta):
+        B, T, D = x.shape
         y = self.out_norm(y).transpose(1, 2).reshape(B, T, D).to(x.dtype)
         y = self.out(y * F.silu(self.gate(x)))
         metrics = {"memory_update_norm": memory_delta_norm(mem, mem0),
                    "generator_update_norm": memory_delta_norm(gen, gen0) if self.selfmod else torch.zeros(()),
                    "memory_lr_mean": eta.detach().float().mean()}
         return y, {"conv": conv_cache, "gen": gen, "mem": mem}, metrics
+
+    def _fused_backend(self, xq):
+        """The kernel backend of the fused op that runs this layer's call, or None (then the loop below runs);
+        ``fused_reason`` keeps why the faster backends did not."""
+        from hope_kernels.self_modifying_titans import SelfModifyingTitansCall, kernel_backend
+
+        B, H, T, Dh = xq.shape
+        call = SelfModifyingTitansCall(xq.device, xq.dtype, B, H, T, Dh, self.gen_w1.shape[-1], len(GENERATORS),
+                                       self.rule, self.gen_chunk_size, self.mem_chunk_size, self.gen_update_clip,
+                                       self.mem_update_clip, normalize_v=True, readout_before=False,
+                                       selfmod=self.selfmod, other_flags=() if self.adaptive_q else ("adaptive_q=False",))
+        self.fused_path, self.fused_reason = kernel_backend(call, self.backend)
+        return self.fused_path
+
+    def _fused_forward(self, x, xq, xk, xv, gen0, mom, state, conv_cache, backend):
+        from hope_kernels.self_modifying_titans import self_modifying_titans
+
+        mem0 = state.get("mem")
+        if mem0 is None:
+            mem0 = initial_memory_state(self, "mem", "mlp", x.shape[0])
+        r = self_modifying_titans(xq, xk, xv, gen0, mem0, self.gate_readout, self.gate_bias, mom,
+                                  gen_chunk_size=self.gen_chunk_size, mem_chunk_size=self.mem_chunk_size,
+                                  gen_update_clip=self.gen_update_clip, mem_update_clip=self.mem_update_clip,
+                                  rule=self.rule, normalize_v=True, backend=backend)
+        return self._finish(x, r.y, conv_cache, r.gen, gen0, r.mem, mem0, r.eta)
 
 
 __all__ = ["SelfModifyingTitans", "mlp_read", "GENERATORS"]
