@@ -184,6 +184,7 @@ def _setup_context(ctx, inputs, output):
     ctx.n_inputs = len(tensors)
     ctx.settings, ctx.backend = tuple(settings), backend
     ctx.mark_non_differentiable(*output[N_DIFFERENTIABLE:])
+    ctx.set_materialize_grads(False)  # no zero-filled gradients for the checkpoints and other saved outputs
 
 
 def _backward(ctx, grads):

@@ -656,7 +656,7 @@ def _gen_chunk(p_st, p_new, p_start, p_scale, b_xq, b_xk, b_xv, r_eta, r_alpha, 
     (P, Br, Gd, A, Bk, c, Brs, Gs, wg, wp, wb, BL, cL, AL, kh, khn, KhKh, KhK, M, Akk, Tinv, Bp, cp,
      Bq, cq, gq, bq, QK, QKh) = _chunk_terms(th, b_a, b_b, k, k, L, o_t, m_d, BT, LOG2_BT, DGD, False, False,
                                              PRECISION)
-    for g in tl.static_range(G):
+    for g in range(G):  # one copy of the chunk step, not G (compile time)
         vh = _read(p_st + g * DE4, v, o_d, o_e, m_d, D, E, BT, BD, BE, PRECISION)
         _, scale = _chunk_fwd(p_st + g * DE4, p_new, p_start + g * DE4, k, vh, k, rho, L, o_t, o_d, o_e, m_t, m_d,
                               D, E, P, Br, Gd, A, Bk, c, wg, wp, wb, BL, cL, AL, kh, Akk, Tinv, Bp, cp, Bq, cq, gq,
@@ -721,7 +721,7 @@ def _gen_fwd_kernel(p_xq, p_xk, p_xv, p_state, p_new, p_readout, p_bias, p_mom, 
 
 @triton.jit
 def _copy_state_all(p_src, p_dst, o_d, o_e, m_d, D, E, BE: tl.constexpr, G: tl.constexpr):
-    for g in tl.static_range(G):
+    for g in range(G):
         _copy_state(p_src + g * 4 * D * E, p_dst + g * 4 * D * E, o_d, o_e, m_d, D, E, BE)
     tl.debug_barrier()
 
@@ -873,7 +873,7 @@ def _gen_bwd_kernel(p_xq, p_xk, p_xv, p_ckpt, p_work, p_seg, p_new, p_dstate, p_
             o_g = (i_bh * T + t0 + o_t) * 2
             deta = tl.load(p_dgates + o_g, mask=m_t, other=0.0)
             dalpha = tl.load(p_dgates + o_g + 1, mask=m_t, other=0.0)
-            for g in tl.static_range(G):
+            for g in range(G):  # one copy of the chunk backward, not G
                 vh = _read(p_start + g * DE4, v, o_d, o_e, m_d, D, E, BT, BD, BE, PRECISION)
                 dk_g, dvh, dq_g, dth, da, db = _chunk_bwd(
                     p_start + g * DE4, p_dst + g * DE4, p_dn + i_bh * DE4, k, vh, k, zeros_td, rho, L, o_t, o_d, o_e,
