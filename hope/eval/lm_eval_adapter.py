@@ -99,6 +99,10 @@ class HarnessLM(_Base):
 
     # ---------------------------------------------------------------------------- the harness's TemplateLM
     @property
+    def device(self) -> torch.device:
+        return self._device
+
+    @property
     def eot_token_id(self) -> int:
         return int(self.tok.eos_id)
 

@@ -1,4 +1,5 @@
-"""Checkpoint loading errors, the zeroshot/niah CLI end to end, report rendering, the lm-eval adapter."""
+"""Checkpoint loading errors, the zeroshot/niah CLI end to end, report rendering, the lm-eval adapter's methods
+(its agreement with the harness itself: test_run_folder_and_cli.py)."""
 import json
 
 import pytest
@@ -100,12 +101,12 @@ def test_zeroshot_and_niah_cli_then_report(run_dir, tmp_path, capsys):
 
 
 def test_lm_eval_adapter_methods(tokenizer):
-    from hope.eval.lm_eval_adapter import HopeLM
+    from hope.eval.lm_eval_adapter import HarnessLM
     from hope.eval.scoring import rolling_windows, score_continuations
 
     torch.manual_seed(0)
     model = build_model(tiny("transformer", vocab_size=tokenizer.vocab_size, max_seq_len=64)).eval()
-    lm = HopeLM(model=model, tokenizer=tokenizer, batch_size=2)
+    lm = HarnessLM(model=model, tokenizer=tokenizer, batch_size=2)
     reqs = [("In the beginning God created", " the heaven"), ("And the earth was ", "without form")]
     got = lm.loglikelihood(reqs)
     ctx = tokenizer.encode("In the beginning God created")
@@ -125,34 +126,3 @@ def test_lm_eval_adapter_methods(tokenizer):
     assert rolled == pytest.approx(direct, abs=1e-4) and rolled < 0
     gen = lm.generate_until([("And God said", {"until": ["\n"], "max_gen_toks": 5})])
     assert isinstance(gen[0], str) and "\n" not in gen[0]
-
-
-def test_lm_eval_harness_on_local_jsonl_task(tokenizer, tmp_path):
-    lm_eval = pytest.importorskip("lm_eval")
-    from lm_eval.tasks import TaskManager
-
-    from hope.eval.lm_eval_adapter import HopeLM
-
-    data = tmp_path / "toy.jsonl"
-    rows = [{"q": "In the beginning God created the", "choices": ["heaven", "sea"], "label": 0},
-            {"q": "And God said, Let there be", "choices": ["light", "dark"], "label": 0}]
-    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    (tmp_path / "hope_toy.yaml").write_text(
-        "task: hope_toy\ndataset_path: json\n"
-        f"dataset_kwargs:\n  data_files:\n    test: {data}\n"
-        "test_split: test\noutput_type: multiple_choice\ndoc_to_text: '{{q}}'\n"
-        "doc_to_choice: '{{choices}}'\ndoc_to_target: label\n"
-        "metric_list:\n  - metric: acc\n  - metric: acc_norm\n")
-    torch.manual_seed(0)
-    model = build_model(tiny("transformer", vocab_size=tokenizer.vocab_size, max_seq_len=64)).eval()
-    lm = HopeLM(model=model, tokenizer=tokenizer, batch_size=2)
-    out = lm_eval.simple_evaluate(model=lm, tasks=["hope_toy"], task_manager=TaskManager(include_path=str(tmp_path)))
-    r = out["results"]["hope_toy"]
-    assert 0.0 <= r["acc,none"] <= 1.0 and 0.0 <= r["acc_norm,none"] <= 1.0
-    # the harness's acc equals ours on the same requests
-    from hope.eval.scoring import choice_metrics
-    ours = []
-    for row in rows:
-        lls = [x for x, _ in lm.loglikelihood([(row["q"], " " + c) for c in row["choices"]])]
-        ours.append(choice_metrics(lls, [" " + c for c in row["choices"]], row["label"])["acc"])
-    assert r["acc,none"] == pytest.approx(sum(ours) / len(ours))
