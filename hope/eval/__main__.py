@@ -46,12 +46,13 @@ def _parser():
                                    "'choices', 'label'} lines) and an optional prompts.json (BIG-bench prefixes per "
                                    "task); the default folder is $HOPE_ZEROSHOT_DIR, else the embedded "
                                    "../shared/data/zeroshot.")
-    z.add_argument("--checkpoint", required=True, help="a run folder (latest checkpoint), checkpoints folder or step folder")
+    z.add_argument("--checkpoint", required=True,
+                   help="a run folder (latest checkpoint), checkpoints folder or step folder")
     z.add_argument("--tokenizer", default=None, help="default: the run folder's tokenizer.model, else the path the "
                    "checkpoint records (sha256 checked either way)")
     z.add_argument("--tasks", default="all", help=_TASKS_HELP)
-    z.add_argument("--task-dir", default=None, help="task folder for 'all' and task names (default: $HOPE_ZEROSHOT_DIR, "
-                   "else ../shared/data/zeroshot)")
+    z.add_argument("--task-dir", default=None,
+                   help="task folder for all and names (default: $HOPE_ZEROSHOT_DIR, else ../shared/data/zeroshot)")
     z.add_argument("--limit", type=int, default=None, help="first N items per task")
     z.add_argument("--max-length", type=int, default=None, help="the model's window: longer requests lose their "
                    "oldest context tokens (counted as 'truncated'); default the model's max_seq_len")
@@ -101,20 +102,17 @@ def _write(out_dir: Path, suite: str, result: dict, run_dir, no_wandb: bool) -> 
             if isinstance(v, dict):
                 flat.update({f"{k}/{m}": x for m, x in v.items() if isinstance(x, (int, float))})
         result["wandb"] = log_results(run_dir or out_dir, suite, flat)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(result, indent=2))
-    os.replace(tmp, path)  # atomic: a killed eval never leaves a half-written JSON
+    _write_atomic(path, json.dumps(result, indent=2))
     print(f"wrote {path}")
     return path
 
 
-def _write_samples(folder: Path, task: str, samples: list[dict]) -> Path:
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / f"{task}.jsonl"
+def _write_atomic(path: Path, text: str) -> None:
+    """A killed eval never leaves a half-written file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in samples))
+    tmp.write_text(text)
     os.replace(tmp, path)
-    return path
 
 
 def run_zeroshot(a) -> dict:
@@ -137,7 +135,8 @@ def run_zeroshot(a) -> dict:
                            samples=a.log_samples)
         if a.log_samples:
             samples_dir = Path(a.out or Path(run_dir) / "eval") / "zeroshot_samples"
-            _write_samples(samples_dir, spec.name, m.pop("samples"))
+            lines = "".join(json.dumps(r) + "\n" for r in m.pop("samples"))
+            _write_atomic(samples_dir / f"{spec.name}.jsonl", lines)
         m.update(limit=a.limit, seconds=round(time.time() - t0, 2), prompt_format=prompt_format(spec, a.task_dir))
         metrics[spec.name] = m
         shown = {k: round(v, 4) for k, v in m.items() if k in ("acc", "acc_norm", "acc_memorize", "acc_norm_memorize")}
