@@ -11,11 +11,14 @@ from hope.eval.tasks import MCItem
 _METRICS = ("acc", "acc_norm", "acc_bytes")
 
 
-def _encode_item(tok, item: MCItem, where: str) -> list[tuple[list[int], list[int]]]:
+def _encode_item(tok, item: MCItem, where: str, max_length: int) -> list[tuple[list[int], list[int]]]:
     pairs = [encode_pair(tok, ctx, cont) for ctx, cont in item.requests()]
     for (ctx, cont), choice in zip(pairs, item.choices):
         if not cont:
             raise ValueError(f"{where}: choice {choice!r} encodes to zero continuation tokens after its context")
+        if len(cont) > max_length:
+            raise ValueError(f"{where}: its continuation of {len(cont)} tokens does not fit the window of "
+                             f"{max_length} tokens (--max-length)")
     return pairs
 
 
@@ -30,7 +33,7 @@ def evaluate_items(model, tok, items: list[MCItem], *, batch_size: int = 8, max_
         raise ValueError("items must be non-empty")
     max_length = int(max_length or model.config.max_seq_len)
     pad = tok.pad_id if tok.pad_id is not None and tok.pad_id >= 0 else 0
-    encoded = [_encode_item(tok, it, f"{desc} item {it.id or i}") for i, it in enumerate(items)]
+    encoded = [_encode_item(tok, it, f"{desc} item {it.id or i}", max_length) for i, it in enumerate(items)]
     flat = [p for pairs in encoded for p in pairs]
     scores = score_continuations(model, flat, batch_size=batch_size, pad_id=pad, max_length=max_length,
                                  progress=desc)
