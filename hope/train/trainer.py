@@ -177,6 +177,8 @@ class Trainer:
         self.model = maybe_compile(self.model, cfg.compile)
         self._compile_checked = not cfg.compile
         if self.info.is_main:
+            from hope.train.run_tokenizer import copy_tokenizer_into_run  # eval finds it beside the checkpoints
+            copy_tokenizer_into_run(self.run_dir, self.prepared.tokenizer_path, self.prepared.tokenizer_sha256)
             resolved = cfg.to_dict()
             resolved["model_resolved"] = self.model_config.to_dict()
             (self.run_dir / "config.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False))
