@@ -15,7 +15,6 @@ fall back to UTF-8 byte pieces instead of <unk>.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -25,21 +24,11 @@ from typing import Iterable, Sequence
 
 import sentencepiece as spm
 
+from hope.data.cache import sha256_file
+
 PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
 NEWLINE_PIECE = "\n"
 MODEL_TYPES = ("unigram", "bpe", "char", "word")
-
-
-def sha256_file(path: str | os.PathLike, chunk_bytes: int = 1 << 20) -> str:
-    """Hex sha256 of a file's bytes, read in chunks so large shards need no extra memory."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while True:
-            block = handle.read(chunk_bytes)
-            if not block:
-                break
-            digest.update(block)
-    return digest.hexdigest()
 
 
 class TokenizerChecksumError(ValueError):
