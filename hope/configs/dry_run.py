@@ -19,9 +19,9 @@ class RunPlan:
 
     config: dict                 # the resolved TrainConfig (overrides applied)
     model: dict                  # the resolved model config
-    parameters: int              # unique parameters (tied head counted once)
-    trainable_parameters: int    # those the optimizer updates
-    vocab_size: int
+    parameters: int | None       # unique parameters (tied head counted once); None: unknown offline
+    trainable_parameters: int | None  # those the optimizer updates
+    vocab_size: int | None
     vocab_note: str              # where vocab_size comes from
     manifest: str                # the data manifest file the run prepares
     world_size: int
@@ -69,8 +69,14 @@ def plan_run(cfg, world_size: int | None = None) -> RunPlan:
 
         model_dict, vocab, total, trainable = plan_memory_model(cfg.model)
         vocab_note = "the base model's vocabulary"
+        if total is None:
+            notes.append(f"the base model {cfg.model['hf']!r} is not in the local Hugging Face cache: parameter "
+                         f"count unknown (the dry run downloads nothing)")
     else:
         vocab = int(tok["vocab_size"])
+        if tok.get("hf"):
+            notes.append(f"tokenizer.hf={tok['hf']}: a hope model's vocabulary follows that tokenizer, not "
+                         f"tokenizer.vocab_size")
         if tok.get("path"):
             vocab_note = f"manifest tokenizer.vocab_size; the run uses the given tokenizer {tok['path']}"
         elif not tok.get("hard_vocab_limit", True):
@@ -81,15 +87,19 @@ def plan_run(cfg, world_size: int | None = None) -> RunPlan:
         mcfg = model_config_for(cfg.model, vocab, seq_len=cfg.seq_len)
         with torch.device("meta"):  # shapes only: no memory, no initialisation cost
             model = build_model(mcfg)
-        total = model.num_parameters()
-        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        total = int(model.num_parameters())
+        trainable = int(sum(p.numel() for p in model.parameters() if p.requires_grad))
         model_dict = mcfg.to_dict()
     if cfg.mode == "online":
         notes.append(f"mode=online: each sequence runs in segments of {cfg.segment_len} tokens")
-    return RunPlan(config=cfg.to_dict(), model=model_dict, parameters=int(total), trainable_parameters=int(trainable),
-                   vocab_size=int(vocab), vocab_note=vocab_note, manifest=str(manifest.path),
+    return RunPlan(config=cfg.to_dict(), model=model_dict, parameters=total, trainable_parameters=trainable,
+                   vocab_size=vocab, vocab_note=vocab_note, manifest=str(manifest.path),
                    world_size=world_size, tokens_per_step=cfg.batch_size * cfg.seq_len * world_size,
                    steps=cfg.steps, notes=notes)
+
+
+def _count(n: int | None) -> str:
+    return "unknown" if n is None else f"{n:,} ({format_count(n)})"
 
 
 def format_plan(plan: RunPlan) -> str:
@@ -100,8 +110,8 @@ def format_plan(plan: RunPlan) -> str:
     lines = ["# resolved config", yaml.safe_dump({**cfg, "model_resolved": plan.model}, sort_keys=False).rstrip(),
              "", "# plan",
              f"data manifest:    {plan.manifest}",
-             f"parameters:       {plan.parameters:,} ({format_count(plan.parameters)})"
-             + (f", trainable {plan.trainable_parameters:,} ({format_count(plan.trainable_parameters)})"
+             f"parameters:       {_count(plan.parameters)}"
+             + (f", trainable {_count(plan.trainable_parameters)}"
                 if plan.trainable_parameters != plan.parameters else ""),
              f"vocab size:       {plan.vocab_size} ({plan.vocab_note})",
              f"tokens per step:  {plan.tokens_per_step:,} ({cfg['batch_size']} sequences x {cfg['seq_len']} tokens"
