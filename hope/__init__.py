@@ -6,7 +6,8 @@ The stable public API (docs/library.md) is importable from here; each name loads
     from hope import SelfModifyingTitans, CMSChain, TitanMemory           # layers (nn.Modules)
     from hope import build_model, preset, ModelConfig, memorize           # models
     from hope import titan_memory_update, teach_signal, cms_update        # fused ops (hope_kernels)
-    from hope import load_config, train, prepare                          # trainer and data
+    from hope import load_config, prepare, TrainConfig                    # configs and data
+    from hope.train import train                                          # the trainer (hope.train is its package)
 """
 from __future__ import annotations
 
@@ -33,7 +34,6 @@ _EXPORTS: dict[str, str] = {
     "memorize": "hope.models.online",
     "TrainConfig": "hope.train",
     "load_config": "hope.train",
-    "train": "hope.train",
     "prepare": "hope.data",
     "Tokenizer": "hope.data",
     "config_names": "hope.configs",
@@ -48,7 +48,7 @@ if TYPE_CHECKING:  # static analysers and IDEs see the real definitions
     from hope.layers import CMSChain, SelfModifyingTitans, TitanMemory
     from hope.models import LanguageModel, ModelConfig, ModelOutput, ModelState, build_model, preset, preset_names
     from hope.models.online import memorize
-    from hope.train import TrainConfig, load_config, train
+    from hope.train import TrainConfig, load_config
     from hope_kernels import cms_update, teach_signal, titan_memory_update
 
 

@@ -7,10 +7,14 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 
 from hope.configs import format_count
+
+if TYPE_CHECKING:
+    from hope.train.config import TrainConfig
 
 
 @dataclass
@@ -53,7 +57,7 @@ def default_world_size() -> int:
     return value
 
 
-def plan_run(cfg, world_size: int | None = None) -> RunPlan:
+def plan_run(cfg: "TrainConfig", world_size: int | None = None) -> RunPlan:
     """The :class:`RunPlan` of a validated ``hope.train.TrainConfig``; reads only config files."""
     from hope.data.prepare import load_manifest
     from hope.models import build_model, model_config_for

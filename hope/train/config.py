@@ -5,6 +5,7 @@ Unknown keys and bad values raise ValueError naming the dotted key (``optim.oute
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import dataclass, field, fields
 from typing import Any
 
@@ -88,6 +89,9 @@ class LogConfig:
 
 @dataclass
 class TrainConfig:
+    """A training run: every key of a run config with its default (sections as nested dataclasses);
+    :func:`load_config` builds and validates one from a file or a packaged name plus ``key=value`` overrides."""
+
     name: str = "run"
     seed: int = 0
     out_dir: str = "runs"
@@ -223,7 +227,7 @@ def _merge(base: dict, extra: dict) -> dict:
     return out
 
 
-def load_config(path=None, overrides=None) -> TrainConfig:
+def load_config(path: str | os.PathLike | None = None, overrides: list[str] | None = None) -> TrainConfig:
     """A validated :class:`TrainConfig` from a YAML file or packaged config name (or defaults) plus ``key=value``
     overrides."""
     data: dict = {}
