@@ -20,7 +20,7 @@ WANDB_MODES = ("auto", "offline", "online", "disabled")
 
 @dataclass
 class DataConfig:
-    manifest: str = "configs/data/embedded.yaml"  # prepared (idempotently) before training
+    manifest: str = "embedded"  # a packaged manifest name or a YAML file; prepared (idempotently) before training
     overrides: list = field(default_factory=list)  # key=value overrides for the manifest
     weights: Any = None                             # per-source weights (None: manifest weights)
 
