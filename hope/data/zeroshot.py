@@ -14,11 +14,10 @@ import json
 import os
 import random
 import tarfile
-import tempfile
 from pathlib import Path
 
 from hope.data.cache import (DataIntegrityError, Downloader, PyPIFile, data_cache_dir, fetch_verified, pip_download,
-                             publish_folder, verify_files)
+                             rebuild_folder, verify_files)
 
 BIGBENCH_PACKAGE = PyPIFile("bigbench", "1.0.0", "bigbench-1.0.0.tar.gz",
                             "1bb398a5512c6d798cdebe0dfa0ac03f67f6033fa6b39c6ef71df978c7cbc5c2")
@@ -120,17 +119,8 @@ def fetch_zeroshot_tasks(cache_dir: str | os.PathLike | None = None, download: D
     """Rebuild the zeroshot folder from PyPI into ``<cache_dir>/zeroshot`` (default: the user data cache);
     a folder already there that verifies is reused without a download. Returns the folder."""
     cache = Path(cache_dir) if cache_dir is not None else data_cache_dir()
-    target = cache / "zeroshot"
-    try:
-        verify_zeroshot_dir(target)
-        return target
-    except DataIntegrityError:
-        pass
-    cache.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix=".download-", dir=cache) as tmp:
-        archive = fetch_verified(BIGBENCH_PACKAGE, Path(tmp), download)
-        files = convert_bigbench_sdist(archive)
-    return publish_folder(files, expected_files(), target)
+    return rebuild_folder(cache / "zeroshot", expected_files(),
+                          lambda tmp: convert_bigbench_sdist(fetch_verified(BIGBENCH_PACKAGE, tmp, download)))
 
 
 def zeroshot_dir(cache_dir: str | os.PathLike | None = None, download: Downloader = pip_download) -> Path:
