@@ -219,6 +219,26 @@ class _Call:
     metrics: list = field(default_factory=list)
 
 
+class _AfterLayer:
+    """The forward hook on a decoder layer: its output goes through memory block ``key`` of ``owner``. An object,
+    not a closure, so ``copy.deepcopy`` of the wrapped model hooks the copy's layers to the copy's memory."""
+
+    def __init__(self, owner: "HopeMemoryLM", key: str):
+        self.owner, self.key = owner, key
+
+    def __call__(self, module, args, output):
+        owner = self.owner
+        if not owner._memory_on:
+            return None
+        call = owner._call
+        hidden = output if torch.is_tensor(output) else output[0]
+        y, state, metrics = owner.memory[self.key](hidden, None if call is None else call.states.get(self.key))
+        if call is not None:
+            call.new_states[self.key] = state
+            call.metrics.append(metrics)
+        return y if torch.is_tensor(output) else (y, *output[1:])
+
+
 class HopeMemoryLM(nn.Module):
     """A frozen Hugging Face causal LM with HOPE memory blocks after ``config.memory_layers``.
 
@@ -248,7 +268,7 @@ class HopeMemoryLM(nn.Module):
         self.memory = nn.ModuleDict({str(i): MemoryBlock(hidden, heads, config) for i in sorted(indices)})
         self._call: _Call | None = None
         self._memory_on = True
-        self._hooks = [layers[i].register_forward_hook(self._hook(str(i))) for i in sorted(indices)]
+        self._hooks = [layers[i].register_forward_hook(_AfterLayer(self, str(i))) for i in sorted(indices)]
 
     # ------------------------------------------------------------------------------------------ build
     @classmethod
@@ -273,19 +293,6 @@ class HopeMemoryLM(nn.Module):
         return cls(base, config)
 
     # ------------------------------------------------------------------------------------------ forward
-    def _hook(self, key: str):
-        def after_layer(module, args, output):
-            if not self._memory_on:
-                return None
-            call = self._call
-            hidden = output if torch.is_tensor(output) else output[0]
-            y, state, metrics = self.memory[key](hidden, None if call is None else call.states.get(key))
-            if call is not None:
-                call.new_states[key] = state
-                call.metrics.append(metrics)
-            return y if torch.is_tensor(output) else (y, *output[1:])
-        return after_layer
-
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None,
                 attention_mask: torch.Tensor | None = None, memory_state: dict | None = None,
                 return_state: bool = False, return_logits: bool = True) -> ModelOutput:

@@ -71,6 +71,12 @@ def test_only_memory_parameters_train_and_are_saved(tmp_path):
     assert meta["model_config"]["memory_layers"] == [0, -1]
     restored = HopeMemoryLM.load_memory(tmp_path / "mem", base=copy.deepcopy(reference))
     assert torch.equal(restored(ids).logits, model(ids).logits)
+    twin = copy.deepcopy(model)  # a copy's hooks drive the copy's memory, not the original's
+    with torch.no_grad():
+        twin.memory["1"].gate.zero_()
+        twin.memory["0"].gate.zero_()
+    assert torch.equal(twin(ids).logits, reference(ids).logits)
+    assert not torch.equal(model(ids).logits, reference(ids).logits)
     with pytest.raises(ValueError, match="missing"):
         restored.load_state_dict({k: v for k, v in model.state_dict().items() if "gate" not in k})
 
