@@ -150,11 +150,6 @@ class HFMemoryConfig:
         return dataclasses.replace(self, **changes)
 
 
-def is_hf_model_config(model: dict) -> bool:
-    """True for a run config ``model:`` mapping that names a Hugging Face base model (``hf:``)."""
-    return isinstance(model, dict) and "hf" in model
-
-
 class MemoryBlock(nn.Module):
     """One HOPE memory layer on hidden states [B, T, dim]: ``forward(h, state) -> (h_out, state, metrics)``;
     ``h_out == h`` exactly while ``gate`` is 0."""
@@ -181,14 +176,14 @@ class MemoryBlock(nn.Module):
     @torch.no_grad()
     def _init_weights(self, std: float = 0.02) -> None:
         for name, module in self.named_modules():
-            if isinstance(module, nn.Linear):
+            if isinstance(module, nn.Linear):  # output projections smaller: they write into the residual stream
                 nn.init.normal_(module.weight, 0.0, std / 2 if name.endswith("out") else std)
                 if module.bias is not None:
                     nn.init.zeros_(module.bias)
         if isinstance(self.titans, TitanMemory):
             self.titans.reset_gate_bias()
 
-    def forward(self, h: torch.Tensor, state: dict | None = None):
+    def forward(self, h: torch.Tensor, state: dict | None = None) -> tuple[torch.Tensor, dict, dict]:
         x = h.float()
         y, new_state, metrics = x, {}, {}
         if self.titans is not None:
@@ -459,4 +454,4 @@ def plan_memory_model(model: dict) -> tuple[dict, int | None, int | None, int | 
 
 
 __all__ = ["HFMemoryConfig", "HopeMemoryLM", "MemoryBlock", "MEMORY_KINDS", "build_for_run", "find_decoder_layers",
-           "is_hf_model_config", "load_checkpoint", "plan_memory_model"]
+           "load_checkpoint", "plan_memory_model"]
