@@ -177,11 +177,14 @@ STANDARD_PROMPTS = {
 
 
 def embedded_dir() -> Path:
-    """``HOPE_ZEROSHOT_DIR`` or ../shared/data/zeroshot relative to the repository."""
+    """``HOPE_ZEROSHOT_DIR``, else the verified embedded items: ../shared/data/zeroshot beside a checkout, or
+    rebuilt from PyPI into the user cache (``hope.data.zeroshot.zeroshot_dir``)."""
     env = os.environ.get("HOPE_ZEROSHOT_DIR")
     if env:
         return Path(env)
-    return Path(__file__).resolve().parents[3] / "shared" / "data" / "zeroshot"
+    from hope.data.zeroshot import zeroshot_dir
+
+    return zeroshot_dir()
 
 
 def embedded_task_names(directory=None) -> list[str]:

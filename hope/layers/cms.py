@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -124,7 +125,7 @@ class CMSLevel(nn.Module):
 class CMSChain(nn.Module):
     """Levels applied in sequence, fastest first: x -> f_1(x) -> f_2(...)."""
 
-    def __init__(self, dim: int, hidden: int, periods, init_std: float = 0.02, out_scale: float = 1.0):
+    def __init__(self, dim: int, hidden: int, periods: Sequence[int], init_std: float = 0.02, out_scale: float = 1.0):
         super().__init__()
         self.levels = nn.ModuleList(CMSLevel(dim, hidden, p, init_std, out_scale) for p in periods)
 

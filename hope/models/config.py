@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, fields
+from typing import Any
 
 ARCHS = ("hope", "titan", "transformer")
 TITAN_VARIANTS = ("lmm", "mag")
@@ -203,10 +204,11 @@ _PRESETS: dict[str, dict] = {
 
 
 def preset_names() -> list[str]:
+    """The names :func:`preset` accepts, sorted."""
     return sorted(_PRESETS)
 
 
-def preset(name: str, **overrides) -> ModelConfig:
+def preset(name: str, **overrides: Any) -> ModelConfig:
     """A named config (``smoke-*``: CPU minutes; ``pilot-*``: 160M; ``mid-*``), with field overrides."""
     if not isinstance(name, str):
         raise TypeError(f"name must be a str, got {type(name).__name__}")

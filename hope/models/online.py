@@ -179,7 +179,8 @@ def apply_parallel_inner_updates(model, out: ModelOutput, teach_scale: float) ->
     return metrics
 
 
-def memorize(model, input_ids, *, paths=MEMORIZE_PATHS, steps: int = 1):
+def memorize(model: LanguageModel, input_ids: torch.Tensor, *, paths: tuple[str, ...] = MEMORIZE_PATHS,
+             steps: int = 1) -> ModelState | None:
     """Test-time memorisation on a context only (never the answer). Returns a state to score with:
     ``model(continuation, state=memorize(model, context))``.
 

@@ -5,8 +5,8 @@ Unknown keys and bad values raise ValueError naming the dotted key (``optim.oute
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import dataclass, field, fields
-from pathlib import Path
 from typing import Any
 
 from hope.yamlio import load_yaml
@@ -20,7 +20,7 @@ WANDB_MODES = ("auto", "offline", "online", "disabled")
 
 @dataclass
 class DataConfig:
-    manifest: str = "configs/data/embedded.yaml"  # prepared (idempotently) before training
+    manifest: str = "embedded"  # a packaged manifest name or a YAML file; prepared (idempotently) before training
     overrides: list = field(default_factory=list)  # key=value overrides for the manifest
     weights: Any = None                             # per-source weights (None: manifest weights)
 
@@ -89,6 +89,9 @@ class LogConfig:
 
 @dataclass
 class TrainConfig:
+    """A training run: every key of a run config with its default (sections as nested dataclasses);
+    :func:`load_config` builds and validates one from a file or a packaged name plus ``key=value`` overrides."""
+
     name: str = "run"
     seed: int = 0
     out_dir: str = "runs"
@@ -224,13 +227,14 @@ def _merge(base: dict, extra: dict) -> dict:
     return out
 
 
-def load_config(path=None, overrides=None) -> TrainConfig:
-    """A validated :class:`TrainConfig` from a YAML file (or defaults) plus ``key=value`` overrides."""
+def load_config(path: str | os.PathLike | None = None, overrides: list[str] | None = None) -> TrainConfig:
+    """A validated :class:`TrainConfig` from a YAML file or packaged config name (or defaults) plus ``key=value``
+    overrides."""
     data: dict = {}
     if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ValueError(f"config: no such file {str(path)!r}")
+        from hope.configs import resolve_config
+
+        path = resolve_config(path, "run")  # a file, or a packaged config's name (``pilot``)
         data = load_yaml(path.read_text()) or {}
         if not isinstance(data, dict):
             raise ValueError(f"config: {path} must hold a mapping")

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 import yaml
 
+from hope.models.base import LanguageModel
 from hope.optim import build_optimizers, lr_at, memory_parameter_names, teach_scale_at
 from hope.train import checkpoint as ckpt
 from hope.train import distributed as D
@@ -152,14 +153,21 @@ class Trainer:
             self.prepared = prepare(cfg.data.manifest, list(cfg.data.overrides), progress=False)
         tok_vocab = int(self.prepared.index["tokenizer"]["vocab_size"])
 
-        self.model_config = model_config_for(cfg.model, tok_vocab, seq_len=cfg.seq_len)
-        check_fsdp(cfg, self.model_config.teach_signal)
-        if cfg.mode == "parallel" and self.model_config.arch == "hope" and self.model_config.teach_signal == "shared":
-            # measured: configs/smoke.yaml with teach_signal=shared reached slow CMS weight norms ~3000 in 100 steps
-            warnings.warn("model.teach_signal=shared in mode=parallel: the CMS levels' slow weights are updated with the "
-                          "head's delta, which is not their gradient, and drift without bound (smoke: val loss 6.04 vs "
-                          "5.18 without inner updates); use model.teach_signal=exact", stacklevel=2)
-        self.model = build_model(self.model_config).to(self.device)
+        if "hf" in cfg.model:  # a frozen Hugging Face LM with HOPE memory blocks: only they train and are saved
+            from hope.integrations.hf import build_for_run
+
+            self.model_config, model = build_for_run(cfg.model, self.prepared.index["tokenizer"], fsdp=self.fsdp,
+                                                     mode=cfg.mode)
+            self.model = model.to(self.device)
+        else:
+            self.model_config = model_config_for(cfg.model, tok_vocab, seq_len=cfg.seq_len)
+            check_fsdp(cfg, self.model_config.teach_signal)
+            if cfg.mode == "parallel" and self.model_config.arch == "hope" and self.model_config.teach_signal == "shared":
+                # measured: configs/smoke.yaml with teach_signal=shared reached slow CMS weight norms ~3000 in 100 steps
+                warnings.warn("model.teach_signal=shared in mode=parallel: the CMS levels' slow weights are updated with the "
+                              "head's delta, which is not their gradient, and drift without bound (smoke: val loss 6.04 vs "
+                              "5.18 without inner updates); use model.teach_signal=exact", stacklevel=2)
+            self.model = build_model(self.model_config).to(self.device)
         if self.fsdp:  # before the optimizers: they must hold the sharded parameters
             # online mode: the CMS levels read their blocks' slow weights between the segment forwards (outside
             # FSDP's hooks), so the blocks keep them gathered from forward to backward (weights unsharded during
@@ -387,7 +395,7 @@ class Trainer:
         for opt in self.optimizers:
             opt.step()
             opt.zero_grad(set_to_none=True)
-        if c.mode == "parallel" and out is not None:
+        if c.mode == "parallel" and out is not None and isinstance(self.model, LanguageModel):  # not an hf base
             from hope.models.online import apply_parallel_inner_updates
 
             # under FSDP the CMS slow weights are gathered whole for the in-place inner updates, then resharded

@@ -17,7 +17,7 @@ from hope.train.logging import read_log
 from hope.train.trainer import nonfinite_forward_error
 from tests.train.conftest import REPO, tiny_overrides
 
-SMOKE = REPO / "configs" / "smoke.yaml"
+SMOKE = REPO / "hope" / "configs" / "smoke.yaml"
 
 
 def _records(run_dir) -> list[dict]:

@@ -46,7 +46,7 @@ from hope.train import Trainer, load_config  # noqa: E402
 from hope.train.logging import read_log  # noqa: E402
 from tests.train.conftest import REPO, tiny_overrides  # noqa: E402
 
-SMOKE = REPO / "configs" / "smoke.yaml"
+SMOKE = REPO / "hope" / "configs" / "smoke.yaml"
 WORKER = Path(__file__).resolve()
 
 

@@ -18,7 +18,7 @@ from hope.train.checkpoint import find_latest, load_model, read_state_json
 from hope.train.logging import TIMING_KEYS, read_log
 from tests.train.conftest import DEFAULT_ARCH, REPO, tiny_overrides
 
-SMOKE = REPO / "configs" / "smoke.yaml"
+SMOKE = REPO / "hope" / "configs" / "smoke.yaml"
 
 
 def run(tmp_path, name="run", arch=DEFAULT_ARCH, **extra) -> dict:
@@ -50,13 +50,13 @@ def test_config_unknown_key_and_bad_values_name_the_key():
 
 
 def test_every_shipped_config_loads():
-    names = sorted(p.name for p in (REPO / "configs").glob("*.yaml"))
+    names = sorted(p.name for p in (REPO / "hope" / "configs").glob("*.yaml"))
     for required in ("smoke.yaml", "pilot.yaml", "mid.yaml", "titan_smoke.yaml", "transformer_smoke.yaml",
                      "titan_pilot.yaml", "transformer_pilot.yaml", "titan_mid.yaml", "transformer_mid.yaml",
                      "hope_selfmod_off.yaml", "hope_cms_depth1.yaml", "hope_dgd.yaml"):
         assert required in names
     for name in names:
-        load_config(REPO / "configs" / name)
+        load_config(REPO / "hope" / "configs" / name)
 
 
 def test_bad_model_key_names_it(tmp_path, prepared_corpus):
