@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 from typing import Iterable, Sequence
 
@@ -102,8 +103,8 @@ def check_float(name: str, v, low: float | None = None, high: float | None = Non
     if isinstance(v, bool) or not isinstance(v, (int, float)):
         raise TypeError(f"{name} must be a float, got {type(v).__name__}")
     v = float(v)
-    if v != v:
-        raise ValueError(f"{name} must not be NaN")
+    if not math.isfinite(v):
+        raise ValueError(f"{name} must be a finite float, got {v}")
     if low is not None and v < low:
         raise ValueError(f"{name} must be >= {low}, got {v}")
     if high is not None and v > high:

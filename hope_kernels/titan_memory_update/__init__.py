@@ -4,11 +4,11 @@ See docs/kernels/titan_memory.md for the equations and their chunk-parallel (dua
 """
 from __future__ import annotations
 
-import importlib
+from dataclasses import dataclass
 
 import torch
 
-from hope_kernels import dispatch
+from hope_kernels import backends
 from hope_kernels._checks import check_choice, check_positive_int, check_range, check_shape, check_tensor
 from hope_kernels.titan_memory_update.reference import titan_memory_update_reference
 from hope_kernels.titan_memory_update.state import LinearMemoryState, MLPMemoryState, zero_linear_state
@@ -18,54 +18,24 @@ OP = "titan_memory_update"
 MEMORIES = ("linear", "mlp")
 RULES = ("titans", "dgd")
 
-dispatch.register(OP, "reference", titan_memory_update_reference)
-#: (backend, memory) -> why_not(Dk, Dv, chunk_size, rule, backward) (mlp: why_not_mlp(D, E, ...)): None when its
-#: kernels run the call, else the reason; a kernel backend without an entry for a memory does not implement it
-_SHAPE_LIMITS = {}
-#: backend -> auto_declines(rule, backward, memory): True where auto leaves the call to a later backend (measured slower)
-_AUTO_DECLINES = {}
-for _name in ("triton", "cuda", "cpp"):
-    try:  # each kernel backend module: why_not, why_not_mlp (None: no mlp kernels), optionally auto_declines
-        _impl = importlib.import_module(f"hope_kernels.titan_memory_update.{_name}")
-    except ImportError:
-        continue
-    _SHAPE_LIMITS[_name, "linear"] = _impl.why_not
-    if _impl.why_not_mlp is not None:
-        _SHAPE_LIMITS[_name, "mlp"] = _impl.why_not_mlp
-    if hasattr(_impl, "auto_declines"):
-        _AUTO_DECLINES[_name] = _impl.auto_declines
-# measured on the H100 (torch 2.11+cu130, triton 3.6, 2026-11-25, bf16, B4 H8 T2048 C64, fwd+bwd): Triton 2.78 ms
-# vs CUDA 4.93 (titans, D64), 7.44 vs 10.93 (dgd, D64), 3.58 vs 6.54 (titans, D128): auto prefers Triton, and
-# takes CUDA for what Triton refuses (bench/results/titan_cuda_vs_triton-H100-2026-11-25.log: Dk > 128, and the mlp
-# memory's chunk limits, triton.MLP_MAX_CHUNK)
-dispatch.prefer(OP, ("triton", "cuda", "cpp", "reference"),
-                "Triton measured faster than the CUDA port on the H100 (docs/performance.md)")
 
 
-_NO_MEMORY = "implements memory='linear' only"
+@dataclass(frozen=True)
+class TitanCall:
+    """What a backend is asked to run (``width``: Dv for the linear memory, the hidden width E for the mlp one)."""
+
+    device: torch.device
+    dtype: torch.dtype
+    memory: str
+    rule: str
+    Dk: int
+    width: int
+    chunk_size: int
+    backward: bool
 
 
-def _first_that_runs(dev, memory, rule, Dk, Dv, chunk_size, backward) -> str:
-    """The first backend in the op's preference order that runs this call and that auto does not decline."""
-    return next(b for b in dispatch.auto_candidates(OP, dev)
-                if _why_not(b, memory, rule, Dk, Dv, chunk_size, backward) is None
-                and not _declines(b, memory, rule, backward))
-
-
-def _declines(backend: str, memory: str, rule: str, backward: bool) -> bool:
-    """Whether auto leaves this call to a later backend (``backend`` measured slower on it)."""
-    declines = _AUTO_DECLINES.get(backend)
-    return declines is not None and declines(rule, backward, memory)
-
-
-def _why_not(backend: str, memory: str, rule: str, Dk: int, Dv: int, chunk_size: int, backward: bool):
-    """None when ``backend`` runs this call, else why not (mlp: Dv is the hidden width E)."""
-    if backend == "reference":
-        return None
-    limit = _SHAPE_LIMITS.get((backend, memory))
-    if limit is None:
-        return _NO_MEMORY
-    return limit(Dk, Dv, chunk_size, rule, backward)
+backends.register(backends.Backend(OP, "reference", priority=0, kernel=titan_memory_update_reference))
+backends.register_modules(OP, "hope_kernels.titan_memory_update", ("triton", "cuda", "cpp"))
 
 
 def _check_state(state, memory: str, B: int, H: int, Dk: int, Dv: int, device):
@@ -156,19 +126,10 @@ def titan_memory_update(
     else:
         _check_state(state, memory, B, H, Dk, Dv, dev)
     backward = needs_backward(q, k, v, lr, momentum, decay, state)
-    impl = dispatch.resolve_backend(OP, dev, backend)
     width = state.W1.shape[-1] if memory == "mlp" else Dv  # the kernels' second size: Dv, or the mlp's hidden E
-    why = _why_not(impl.backend, memory, rule, Dk, width, chunk_size, backward)
-    if why is not None and backend != "auto":
-        exc = NotImplementedError if why == _NO_MEMORY else ValueError  # a memory it lacks / a shape it refuses
-        raise exc(f"backend={backend!r} of titan_memory_update {why}; use backend='auto' (picks a backend "
-                  f"that runs it) or backend='reference'")
-    # a backend $HOPE_BACKEND forces still runs the calls auto would leave to a faster one
-    declined = (backend == "auto" and dispatch.forced_backend() is None
-                and _declines(impl.backend, memory, rule, backward))
-    if why is not None or declined:  # auto: the first backend in the op's preference order that runs this call
-        impl = dispatch.resolve_backend(OP, dev, _first_that_runs(dev, memory, rule, Dk, width, chunk_size, backward))
-    return impl.fn(q, k, v, lr, momentum, decay, chunk_size, memory, rule, state)
+    call = TitanCall(dev, q.dtype, memory, rule, Dk, width, chunk_size, backward)
+    rec = backends.resolve_backend(OP, dev, backend, call)
+    return rec.kernel(q, k, v, lr, momentum, decay, chunk_size, memory, rule, state)
 
 
 __all__ = ["titan_memory_update", "LinearMemoryState", "MLPMemoryState", "MEMORIES", "RULES"]

@@ -20,7 +20,10 @@ The mlp memory (M(x) = x + W1 gelu(W2 x)) has its own pair, ``titan_mlp_fwd`` / 
 """
 from __future__ import annotations
 
-from hope_kernels import _ext, dispatch
+import torch
+
+from hope_kernels import _ext
+from hope_kernels.backends import Backend, on_cpu, on_cuda
 from hope_kernels.titan_memory_update.state_pass import (backend_entry, define_mlp_state_pass_ops,
                                                          define_state_pass_ops)
 
@@ -113,5 +116,21 @@ titan_mlp_fwd_cpp, titan_mlp_bwd_cpp = define_mlp_state_pass_ops("_cpp", _mlp_fw
 titan_memory_update_cpp = backend_entry("cpp", titan_linear_fwd_cpp, why_not, mlp_fwd_op=titan_mlp_fwd_cpp,
                                         mlp_why_not=why_not_mlp)
 
-if AVAILABLE and MEASURED_FASTER:
-    dispatch.register(OP, "cpp", titan_memory_update_cpp, lambda device: device.type == "cpu")
+
+def supports(call) -> tuple[bool, str]:
+    if call.dtype == torch.float64:
+        return False, "takes fp32/bf16/fp16 q, k, v (float64 runs on the reference)"
+    why = why_not_mlp(call.Dk, call.width, call.chunk_size, call.rule, call.backward) if call.memory == "mlp" else None
+    return why is None, why or ""
+
+
+def _auto_skips(call) -> str | None:
+    if auto_declines(call.rule, call.backward, call.memory):
+        return "measured slower than the reference on this call"
+    return None
+
+
+if not AVAILABLE:
+    raise ImportError(_ext.why_unavailable("_C_cpu") or "the loaded hope_kernels._C_cpu lacks the titan kernels")
+BACKEND = Backend(OP, "cpp", priority=10, kernel=titan_memory_update_cpp, runs_on=on_cpu, supports=supports,
+                  auto_skips=_auto_skips, env="HOPE_USE_CPP")

@@ -20,7 +20,10 @@ runs it.
 """
 from __future__ import annotations
 
-from hope_kernels import _ext, dispatch
+import torch
+
+from hope_kernels import _ext
+from hope_kernels.backends import Backend, on_cpu, on_cuda
 from hope_kernels.titan_memory_update.state_pass import (backend_entry, define_mlp_state_pass_ops,
                                                          define_state_pass_ops)
 
@@ -110,5 +113,19 @@ titan_memory_update_cuda = backend_entry("cuda", titan_linear_fwd_cuda, why_not,
                                          mlp_why_not=why_not_mlp)
 
 
-if AVAILABLE:
-    dispatch.register(OP, "cuda", titan_memory_update_cuda, lambda device: device.type == "cuda")
+def supports(call) -> tuple[bool, str]:
+    if call.dtype == torch.float64:
+        return False, "takes fp32/bf16/fp16 q, k, v (float64 runs on the reference)"
+    why = (why_not_mlp if call.memory == "mlp" else why_not)(call.Dk, call.width, call.chunk_size, call.rule,
+                                                              call.backward)
+    return why is None, why or ""
+
+
+def auto_skips(call) -> str | None:
+    return None if call.memory in VALIDATED_ON_GPU else "its kernels have not yet passed their tests on a GPU"
+
+
+if not AVAILABLE:
+    raise ImportError(_ext.why_unavailable("_C_cuda") or "the loaded hope_kernels._C_cuda lacks the titan kernels")
+BACKEND = Backend(OP, "cuda", priority=20, kernel=titan_memory_update_cuda, runs_on=on_cuda, supports=supports,
+                  auto_skips=auto_skips, env="HOPE_USE_CUDA")

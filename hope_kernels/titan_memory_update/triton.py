@@ -23,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from hope_kernels import dispatch
+from hope_kernels.backends import Backend, triton_runs_on
 from hope_kernels.titan_memory_update.chunk_terms import VEC_ROWS
 from hope_kernels.titan_memory_update.state_pass import (backend_entry, define_mlp_state_pass_ops,
                                                          define_state_pass_ops)
@@ -502,4 +502,15 @@ def _mlp_bwd(do, dW1T, dW2T, dS1T, dS2T, q, k, kh, v, aqk, gth, akk, tinv, aqw, 
 titan_mlp_fwd, titan_mlp_bwd = define_mlp_state_pass_ops("", _mlp_fwd, _mlp_bwd)
 titan_memory_update_triton = backend_entry("triton", titan_linear_fwd, why_not, titan_mlp_fwd, why_not_mlp)
 
-dispatch.register(OP, "triton", titan_memory_update_triton, supports=dispatch.triton_supports)
+
+
+def supports(call) -> tuple[bool, str]:
+    if call.dtype == torch.float64:
+        return False, "takes fp32/bf16/fp16 q, k, v (float64 runs on the reference)"
+    why = (why_not_mlp if call.memory == "mlp" else why_not)(call.Dk, call.width, call.chunk_size, call.rule,
+                                                              call.backward)
+    return why is None, why or ""
+
+
+BACKEND = Backend(OP, "triton", priority=30, kernel=titan_memory_update_triton, runs_on=triton_runs_on,
+                  supports=supports, env="HOPE_USE_TRITON")

@@ -1,15 +1,13 @@
 """teach_signal: the reference against F.cross_entropy + autograd, then every backend against the reference."""
 from __future__ import annotations
 
-import importlib
-
 import pytest
 import torch
 import torch.nn.functional as F
 
-from hope_kernels import dispatch
+from hope_kernels import backends
 from hope_kernels.teach_signal import OP, teach_signal
-from hope_kernels.testing import assert_rel_close, triton_interpret_enabled
+from tests.kernels.helpers import assert_rel_close, triton_interpret_enabled
 
 HAS_CUDA = torch.cuda.is_available()
 DEV = torch.device("cuda" if HAS_CUDA else "cpu")
@@ -44,7 +42,7 @@ def _run(backend, hidden, weight, targets, ignore_index=-100):
 
 
 def _backends(device):
-    names = list(dispatch.available_backends(OP, device))
+    names = list(backends.available_backends(OP, device))
     if device.type == "cpu" and triton_interpret_enabled() and "triton" not in names:
         names.append("triton")
     return [b for b in names if b != "reference"]
@@ -149,7 +147,7 @@ def test_triton_backend_registered_where_triton_runs():
     pytest.importorskip("triton")
     if not (HAS_CUDA or triton_interpret_enabled()):
         pytest.skip("triton needs CUDA or TRITON_INTERPRET=1")
-    assert "triton" in dispatch.available_backends(OP, DEV)
+    assert "triton" in backends.available_backends(OP, DEV)
 
 
 @pytest.mark.gpu
@@ -179,10 +177,9 @@ def test_custom_op_traces_under_compile_fullgraph():
     pytest.importorskip("triton")
     if not (HAS_CUDA or triton_interpret_enabled()):
         pytest.skip("triton needs CUDA or TRITON_INTERPRET=1")
-    ts_triton = importlib.import_module("hope_kernels.teach_signal.triton")
 
     def step(h, w, t):
-        loss, delta = ts_triton.teach_signal_triton(h, w, t, -100)
+        loss, delta = teach_signal(h, w, t, backend="triton")
         return loss * 2.0, delta
 
     hidden, weight, targets = _inputs(19, 16, 45, n_ignored=2)
@@ -203,10 +200,8 @@ def test_custom_op_opcheck():
     pytest.importorskip("triton")
     if not (HAS_CUDA or triton_interpret_enabled()):
         pytest.skip("triton needs CUDA or TRITON_INTERPRET=1")
-    importlib.import_module("hope_kernels.teach_signal.triton")
-
     hidden, weight, targets = _inputs(8, 16, 33)
-    torch.library.opcheck(torch.ops.hope.teach_signal_triton.default, (hidden, weight, targets, -100, False),
+    torch.library.opcheck(torch.ops.hope.teach_signal.default, (hidden, weight, targets, -100, False, 0, "triton"),
                           test_utils=("test_schema", "test_faketensor"))
 
 
@@ -221,8 +216,10 @@ def test_custom_op_opcheck():
         (lambda h, w, t: (h, w, t.float()), TypeError, "targets"),
         (lambda h, w, t: (h, w, torch.full_like(t, 10_000)), ValueError, "targets"),
         (lambda h, w, t: (h.tolist(), w, t), TypeError, "hidden"),
+        (lambda h, w, t: (h, w[:0], torch.full_like(t, -100)), ValueError, "weight must have at least one row"),
     ],
-    ids=["hidden-1d", "weight-D", "weight-dtype", "targets-N", "targets-dtype", "targets-range", "hidden-list"],
+    ids=["hidden-1d", "weight-D", "weight-dtype", "targets-N", "targets-dtype", "targets-range", "hidden-list",
+         "empty-vocabulary"],
 )
 def test_bad_input_names_the_argument(mutate, exc, word):
     hidden, weight, targets = _inputs(6, 8, 11, device="cpu")

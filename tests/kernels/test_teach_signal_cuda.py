@@ -6,20 +6,16 @@ several chunks and a partial last chunk run; V % 4 == 0 cases take the kernel's 
 """
 from __future__ import annotations
 
-import importlib
-
 import pytest
 import torch
 import torch.nn.functional as F
 
-from hope_kernels import _ext, dispatch
+from hope_kernels import _ext, backends
 from hope_kernels._checks import value_checks_off
 from hope_kernels.teach_signal import OP, teach_signal
-from hope_kernels.testing import assert_rel_close
+from tests.kernels.helpers import assert_rel_close
 
 pytestmark = pytest.mark.gpu
-
-ts_cuda = importlib.import_module("hope_kernels.teach_signal.cuda")
 
 # (N, V, D): V odd (scalar path) and V % 4 == 0 (vectorised path); N = 1 and N not a multiple of chunk_rows
 SIZES = [(1, 7, 3), (37, 101, 40), (129, 2048, 64), (300, 5003, 96)]
@@ -51,7 +47,7 @@ def _truth64(hidden, weight, targets, ignore_index=-100, grad_scale=1.0):
 def _run_cuda(hidden, weight, targets, ignore_index=-100, chunk_rows=0, grad_scale=1.0):
     h = hidden.detach().clone().requires_grad_()
     w = weight.detach().clone().requires_grad_()
-    loss, delta = ts_cuda.teach_signal_cuda(h, w, targets, ignore_index, chunk_rows=chunk_rows)
+    loss, delta = teach_signal(h, w, targets, ignore_index=ignore_index, chunk_rows=chunk_rows, backend="cuda")
     (loss * grad_scale).backward()
     return loss.detach(), delta, h.grad, w.grad
 
@@ -71,9 +67,8 @@ def _poison_cuda_cache():
 
 def test_cuda_backend_registered_and_picked_by_auto():
     assert _ext.cuda is not None, f"hope_kernels._C_cuda did not load: {_ext.why_unavailable('_C_cuda')}"
-    assert ts_cuda.CUDA_AVAILABLE, "hope_kernels._C_cuda has no teach_signal (stale build?)"
-    assert "cuda" in dispatch.available_backends(OP, "cuda")
-    assert dispatch.resolve_backend(OP, "cuda").backend == "cuda"
+    assert "cuda" in backends.available_backends(OP, "cuda")
+    assert backends.resolve_backend(OP, "cuda").backend == "cuda"
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=lambda d: str(d)[6:])

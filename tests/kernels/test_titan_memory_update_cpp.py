@@ -4,11 +4,13 @@ initial state; NaN propagation; argument checks naming the argument; custom ops 
 Runs on the CPU (needs hope_kernels._C_cpu built)."""
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
-from hope_kernels import _ext, dispatch
-from hope_kernels.testing import (TITAN_CASES, TITAN_MLP_CASES, TITAN_STATE_PASS_GRAD_NAMES, assert_rel_close,
+from hope_kernels import _ext, backends
+from tests.kernels.helpers import (TITAN_CASES, TITAN_MLP_CASES, TITAN_STATE_PASS_GRAD_NAMES, assert_rel_close,
                                   assert_titan_close, check_bf16_inputs_are_cast, check_titan_compiles_fullgraph,
                                   check_titan_mlp_bad_argument, check_titan_mlp_every_output_is_written,
                                   check_titan_mlp_matches_reference, check_titan_mlp_nan_input_is_not_hidden,
@@ -142,7 +144,7 @@ def test_compile_fullgraph_traces_the_op(cpp):
 def test_dispatch_picks_cpp_on_cpu_where_measured_faster(cpp, monkeypatch):
     """Registered for the CPU; auto takes it for every rule in MEASURED_FASTER when gradients are needed, and for
     forward-only calls only on the rules in MEASURED_FASTER_FWD_ONLY (the reference elsewhere)."""
-    monkeypatch.delenv(dispatch.BACKEND_ENV, raising=False)
+    monkeypatch.delenv(backends.BACKEND_ENV, raising=False)
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     seen = []
     real = cpp.titan_memory_update_cpp
@@ -151,11 +153,10 @@ def test_dispatch_picks_cpp_on_cpu_where_measured_faster(cpp, monkeypatch):
         seen.append(a[8])
         return real(*a)
 
-    impl = dispatch._REGISTRY["titan_memory_update"]["cpp"]
-    monkeypatch.setitem(dispatch._REGISTRY["titan_memory_update"], "cpp",
-                        dispatch.Implementation("cpp", spy, impl.supports))
-    assert "cpp" in dispatch.available_backends("titan_memory_update", "cpu")
-    assert "cpp" not in dispatch.available_backends("titan_memory_update", "meta")
+    rec = backends.get("titan_memory_update", "cpp")
+    monkeypatch.setitem(backends._RECORDS["titan_memory_update"], "cpp", dataclasses.replace(rec, kernel=spy))
+    assert "cpp" in backends.available_backends("titan_memory_update", "cpu")
+    assert "cpp" not in backends.available_backends("titan_memory_update", "meta")
     args, _ = _cpu_inputs(1, 1, 9, 8, 8)
     for rule in ("titans", "dgd"):
         leaves = [a.clone().requires_grad_(True) for a in args]
@@ -263,7 +264,7 @@ def test_cpp_mlp_custom_ops_opcheck(cpp_mlp):
 def test_cpp_mlp_dispatch_where_measured_faster(cpp_mlp, monkeypatch):
     """backend='auto' takes the C++ mlp kernels exactly for the (rule, backward) pairs in MLP_MEASURED_FASTER and
     the reference elsewhere; an explicit backend='cpp' always runs them."""
-    monkeypatch.delenv(dispatch.BACKEND_ENV, raising=False)
+    monkeypatch.delenv(backends.BACKEND_ENV, raising=False)
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     seen = []
     real = cpp_mlp.titan_memory_update_cpp
@@ -272,9 +273,8 @@ def test_cpp_mlp_dispatch_where_measured_faster(cpp_mlp, monkeypatch):
         seen.append((a[8], a[7]))
         return real(*a)
 
-    impl = dispatch._REGISTRY["titan_memory_update"]["cpp"]
-    monkeypatch.setitem(dispatch._REGISTRY["titan_memory_update"], "cpp",
-                        dispatch.Implementation("cpp", spy, impl.supports))
+    rec = backends.get("titan_memory_update", "cpp")
+    monkeypatch.setitem(backends._RECORDS["titan_memory_update"], "cpp", dataclasses.replace(rec, kernel=spy))
     args, state = titan_mlp_inputs(1, 1, 9, 8, 8)
     for rule in ("titans", "dgd"):
         for backward in (True, False):

@@ -3,7 +3,7 @@ plus chunking invariants, precision, gradcheck and the public function's argumen
 import pytest
 import torch
 
-from hope_kernels.testing import rel_rms_error
+from tests.kernels.helpers import rel_rms_error
 from hope_kernels.titan_memory_update import LinearMemoryState, MLPMemoryState, titan_memory_update
 from hope_kernels.titan_memory_update.oracle import titan_memory_update_oracle
 from hope_kernels.titan_memory_update.reference import (

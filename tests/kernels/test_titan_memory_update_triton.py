@@ -8,8 +8,8 @@ import importlib
 import pytest
 import torch
 
-from hope_kernels import dispatch
-from hope_kernels.testing import (TITAN_CASES, TITAN_OUTPUT_NAMES, assert_rel_close, assert_titan_close,
+from hope_kernels import backends
+from tests.kernels.helpers import (TITAN_CASES, TITAN_OUTPUT_NAMES, assert_rel_close, assert_titan_close,
                                   check_titan_compiles_fullgraph, poison_, titan_inputs, titan_outputs_and_grads,
                                   titan_state_pass_args, triton_interpret_enabled)
 from hope_kernels.titan_memory_update import LinearMemoryState, MLPMemoryState, titan_memory_update
@@ -111,7 +111,7 @@ def test_nan_input_is_not_hidden():
 
 def test_dispatch_registers_triton():
     """(The mlp memory's dispatch is tested in test_titan_memory_update_triton_mlp.py.)"""
-    assert "triton" in dispatch.registered_backends("titan_memory_update")
+    assert "triton" in [r.name for r in backends.records("titan_memory_update")]
     args, state = _inputs(1, 1, 9, 8, 8)
     out, _ = titan_memory_update(*args, chunk_size=4, state=LinearMemoryState(*state), backend="triton")
     ref, _ = titan_memory_update(*args, chunk_size=4, state=LinearMemoryState(*state), backend="reference")

@@ -9,7 +9,7 @@ import importlib
 import pytest
 import torch
 
-from hope_kernels.testing import (TITAN_MLP_CASES, TITAN_MLP_OUTPUT_NAMES, assert_rel_close, assert_titan_mlp_close,
+from tests.kernels.helpers import (TITAN_MLP_CASES, TITAN_MLP_OUTPUT_NAMES, assert_rel_close, assert_titan_mlp_close,
                                   poison_, titan_mlp_inputs, titan_mlp_outputs_and_grads, titan_mlp_state_pass_args,
                                   titan_mlp_state_pass_grads, triton_interpret_enabled)
 from hope_kernels.titan_memory_update import MLPMemoryState, titan_memory_update
