@@ -83,6 +83,16 @@ def check_range(name: str, t: torch.Tensor, low: float, high: float) -> None:
         raise ValueError(f"{name} must lie in [{low}, {high}], got values in [{lo:.4g}, {hi:.4g}]")
 
 
+def check_finite(name: str, t: torch.Tensor) -> None:
+    """Check every entry of ``t`` is finite (skipped when value checks are off)."""
+    if not value_checks_enabled() or t.numel() == 0:
+        return
+    finite = torch.isfinite(t)
+    if not bool(finite.all()):
+        where = tuple(int(i) for i in (~finite).nonzero()[0])
+        raise ValueError(f"{name} must be finite, got {t[where].item()} at index {where}")
+
+
 def check_positive_int(name: str, v) -> int:
     if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
         raise ValueError(f"{name} must be a positive int, got {v!r}")
