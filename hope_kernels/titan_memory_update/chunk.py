@@ -8,12 +8,13 @@ The op splits in two (docs/kernels/titan_memory.md, "kernel split"):
 2. ``hope::titan_state_pass`` / ``hope::titan_state_pass_backward``: the sequential pass that carries the memory
    state through the chunks, by the chosen backend's kernels, with one fake and one autograd for every backend.
 
-Kernel contract (a backend record's ``kernel`` is an object with these two methods; inputs contiguous, fp32 except
-q, k, v and the incoming gradient of out, which may be bf16 / fp16):
+Kernel contract: a backend record's ``kernel`` maps each memory it implements ("linear", "mlp") to an object with
+these two functions (inputs contiguous, fp32 except q, k, v and the incoming gradient of out, which may be bf16 /
+fp16):
 
-- ``forward(memory, q, k, v, terms, state, chunk_size) -> [out, *final_state]``: out [B, H, T, Dv] in q's dtype,
-  the final state fp32;
-- ``backward(memory, grads, q, k, v, terms, state, chunk_size) -> [dq, dk, dv, *dterms, *dstate]``: ``grads`` =
+- ``forward(q, k, v, terms, state, chunk_size) -> [out, *final_state]``: out [B, H, T, Dv] in q's dtype, the final
+  state fp32;
+- ``backward(grads, q, k, v, terms, state, chunk_size) -> [dq, dk, dv, *dterms, *dstate]``: ``grads`` =
   [d out, *d final_state]; dq, dk, dv in their inputs' dtypes, the rest fp32; an absent term's gradient is empty.
 
 ``terms`` is :meth:`ChunkTerms.kernel_terms` (the order of :data:`TERM_NAMES`, csrc/titan_inputs.h has the same);
@@ -168,8 +169,8 @@ def titan_state_pass(memory: str, q: torch.Tensor, k: torch.Tensor, v: torch.Ten
                      state: list[torch.Tensor], chunk_size: int, backend: str) -> list[torch.Tensor]:
     """[out [B, H, T, Dv] in q's dtype, *final state fp32] by ``backend``'s kernels."""
     xs = [t.contiguous() for t in (q, k, v)]
-    return list(backends.get(OP, backend).kernel.forward(memory, *xs, [t.contiguous() for t in terms],
-                                                         [s.contiguous() for s in state], chunk_size))
+    return list(backends.get(OP, backend).kernel[memory].forward(*xs, [t.contiguous() for t in terms],
+                                                                 [s.contiguous() for s in state], chunk_size))
 
 
 @titan_state_pass.register_fake
@@ -184,8 +185,8 @@ def titan_state_pass_backward(memory: str, grads: list[torch.Tensor], q: torch.T
                               backend: str) -> list[torch.Tensor]:
     """[dq, dk, dv, *dterms, *dstate] of the state pass, ``grads`` = [d out, *d final state]."""
     cont = lambda xs: [t.contiguous() for t in xs]  # noqa: E731
-    return list(backends.get(OP, backend).kernel.backward(memory, cont(grads), *cont((q, k, v)), cont(terms),
-                                                          cont(state), chunk_size))
+    return list(backends.get(OP, backend).kernel[memory].backward(cont(grads), *cont((q, k, v)), cont(terms),
+                                                                  cont(state), chunk_size))
 
 
 @titan_state_pass_backward.register_fake
@@ -218,24 +219,29 @@ titan_state_pass.register_autograd(_backward, setup_context=_setup_context)
 
 
 class ExtensionStatePass:
-    """The kernel contract over a compiled extension's ``titan_fwd`` / ``titan_bwd`` (csrc/titan_inputs.h): the
-    tensor lists go through as they are; ``fp32_only`` (the C++ CPU kernels) casts q, k, v and d out to fp32 and
-    the results back."""
+    """The kernel contract for one memory over a compiled extension's ``titan_fwd`` / ``titan_bwd``
+    (csrc/titan_inputs.h): the tensor lists go through as they are; ``fp32_only`` (the C++ CPU kernels) casts q, k,
+    v and d out to fp32 and the results back."""
 
-    def __init__(self, ext, fp32_only: bool):
-        self.ext, self.fp32_only = ext, fp32_only
+    def __init__(self, ext, memory: str, fp32_only: bool):
+        self.ext, self.memory, self.fp32_only = ext, memory, fp32_only
 
     def _cast(self, *xs):
         return [x.float() for x in xs] if self.fp32_only else list(xs)
 
-    def forward(self, memory, q, k, v, terms, state, chunk_size):
-        out, *final, _states = self.ext.titan_fwd(memory, *self._cast(q, k, v), terms, state, chunk_size, False)
+    def forward(self, q, k, v, terms, state, chunk_size):
+        out, *final, _states = self.ext.titan_fwd(self.memory, *self._cast(q, k, v), terms, state, chunk_size, False)
         return [out.to(q.dtype), *final]
 
-    def backward(self, memory, grads, q, k, v, terms, state, chunk_size):
+    def backward(self, grads, q, k, v, terms, state, chunk_size):
         grads = [*self._cast(grads[0]), *grads[1:]]
-        dq, dk, dv, *rest = self.ext.titan_bwd(memory, grads, *self._cast(q, k, v), terms, state, chunk_size)
+        dq, dk, dv, *rest = self.ext.titan_bwd(self.memory, grads, *self._cast(q, k, v), terms, state, chunk_size)
         return [dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), *rest]
+
+    @classmethod
+    def per_memory(cls, ext, fp32_only: bool) -> dict:
+        """A record's ``kernel``: both memories over ``ext``."""
+        return {memory: cls(ext, memory, fp32_only) for memory in MEMORIES}
 
 
 # ------------------------------------------------------------------------------------------- the public function

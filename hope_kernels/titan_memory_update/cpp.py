@@ -24,5 +24,5 @@ def auto_skips(call) -> str | None:
     return "measured slower than the reference on this call (docs/performance.md)" if slower else None
 
 
-BACKEND = Backend("titan_memory_update", "cpp", priority=10, kernel=ExtensionStatePass(_ext.cpu, fp32_only=True),
+BACKEND = Backend("titan_memory_update", "cpp", priority=10, kernel=ExtensionStatePass.per_memory(_ext.cpu, fp32_only=True),
                   runs_on=on_cpu, supports=supports, auto_skips=auto_skips, env="HOPE_USE_CPP")

@@ -39,5 +39,5 @@ def auto_skips(call) -> str | None:
     return None if call.memory in VALIDATED_ON_GPU else "its kernels have not yet passed their tests on a GPU"
 
 
-BACKEND = Backend("titan_memory_update", "cuda", priority=20, kernel=ExtensionStatePass(_ext.cuda, fp32_only=False),
+BACKEND = Backend("titan_memory_update", "cuda", priority=20, kernel=ExtensionStatePass.per_memory(_ext.cuda, fp32_only=False),
                   runs_on=on_cuda, supports=supports, auto_skips=auto_skips, env="HOPE_USE_CUDA")

@@ -408,13 +408,13 @@ def test_raw_state_pass_matches_its_spec(backend, memory, rule, monkeypatch):
     args, state = titan_case_inputs(memory, case, device=dev)
     q, k, v, terms, st, C = raw_args(args, state, 16, memory, rule)
     kernel = backends.get(OP, backend).kernel
-    outs = kernel.forward(memory, q, k, v, terms, st, C)
+    outs = kernel[memory].forward(q, k, v, terms, st, C)
     spec = state_pass_oracle(memory, *(x.cpu() for x in (q, k, v)), [t.cpu() for t in terms], [s.cpu() for s in st],
                              C)
     for name, a, e in zip(output_names(memory), outs, spec):
         assert_rel_close(f"fwd {name}", a.cpu(), e, TOL_FP32)
     cot = [torch.randn_like(o) for o in outs]
-    grads = kernel.backward(memory, cot, q, k, v, terms, st, C)
+    grads = kernel[memory].backward(cot, q, k, v, terms, st, C)
     expected = state_pass_grads_oracle(memory, cot, q, k, v, terms, st, C)
     assert len(grads) == len(raw_grad_names(memory))
     for name, a, e in zip(raw_grad_names(memory), grads, expected):
@@ -436,7 +436,7 @@ def test_triton_mlp_forward_paths_agree(fused, monkeypatch):
     args, state = titan_mlp_inputs(2, 1, 45, 20, 36, device=_device("triton"))
     for rule in RULES:
         q, k, v, terms, st, C = raw_args(args, state, 16, "mlp", rule)
-        outs = backends.get(OP, "triton").kernel.forward("mlp", q, k, v, terms, st, C)
+        outs = backends.get(OP, "triton").kernel["mlp"].forward(q, k, v, terms, st, C)
         spec = state_pass_oracle("mlp", q.cpu(), k.cpu(), v.cpu(), [t.cpu() for t in terms], [s.cpu() for s in st], C)
         for name, a, e in zip(output_names("mlp"), outs, spec):
             assert_rel_close(f"{rule} {name}", a.cpu(), e, TOL_FP32)
@@ -453,8 +453,8 @@ def test_every_output_is_written(backend, memory, rule):
     kernel = backends.get(OP, backend).kernel
     cot = [torch.randn(*q.shape[:3], v.shape[-1], device=dev), *(torch.randn_like(s) for s in st)]
     with nan_filled_empty(dev):
-        outs = kernel.forward(memory, q, k, v, terms, st, C)
-        grads = kernel.backward(memory, cot, q, k, v, terms, st, C)
+        outs = kernel[memory].forward(q, k, v, terms, st, C)
+        grads = kernel[memory].backward(cot, q, k, v, terms, st, C)
         if dev == "cuda":
             torch.cuda.synchronize()
     assert_outputs_written("forward", output_names(memory), outs)
@@ -560,14 +560,18 @@ def test_cpp_runs_where_auto_picks_it(monkeypatch):
     rec = backends.get(OP, "cpp")
 
     class Spy:
-        def forward(self, memory, *a):
-            seen.append(memory)
-            return rec.kernel.forward(memory, *a)
+        def __init__(self, memory):
+            self.memory = memory
 
-        def backward(self, memory, *a):
-            return rec.kernel.backward(memory, *a)
+        def forward(self, *a):
+            seen.append(self.memory)
+            return rec.kernel[self.memory].forward(*a)
 
-    monkeypatch.setitem(backends._RECORDS[OP], "cpp", dataclasses.replace(rec, kernel=Spy()))
+        def backward(self, *a):
+            return rec.kernel[self.memory].backward(*a)
+
+    spies = {memory: Spy(memory) for memory in rec.kernel}
+    monkeypatch.setitem(backends._RECORDS[OP], "cpp", dataclasses.replace(rec, kernel=spies))
     for memory in ("linear", "mlp"):
         args, state = titan_case_inputs(memory, (1, 1, 9, 8, 8, 4))
         for rule in RULES:

@@ -7,20 +7,6 @@ import torch
 from hope_kernels.backends import Backend, triton_runs_on
 from hope_kernels.titan_memory_update.triton import linear, mlp
 
-_PASSES = {"linear": linear, "mlp": mlp}
-
-
-class StatePass:
-    """The kernel contract of ``chunk.py``: each memory's launchers."""
-
-    @staticmethod
-    def forward(memory, q, k, v, terms, state, chunk_size):
-        return _PASSES[memory].forward(q, k, v, terms, state, chunk_size)
-
-    @staticmethod
-    def backward(memory, grads, q, k, v, terms, state, chunk_size):
-        return _PASSES[memory].backward(grads, q, k, v, terms, state, chunk_size)
-
 
 def supports(call) -> tuple[bool, str]:
     if call.dtype == torch.float64:
@@ -30,5 +16,5 @@ def supports(call) -> tuple[bool, str]:
     return why is None, why or ""
 
 
-BACKEND = Backend("titan_memory_update", "triton", priority=30, kernel=StatePass(), runs_on=triton_runs_on,
-                  supports=supports, env="HOPE_USE_TRITON")
+BACKEND = Backend("titan_memory_update", "triton", priority=30, kernel={"linear": linear, "mlp": mlp},
+                  runs_on=triton_runs_on, supports=supports, env="HOPE_USE_TRITON")
