@@ -15,7 +15,7 @@ from hope_kernels import backends
 from hope_kernels.cms_update import CMSParams, cms_update
 from hope_kernels.cms_update.naive import cms_update_naive as cms_update_reference
 
-# (B, C, D); E = 4 D. Periods (C) 1 .. 1024 and D 64 .. 1024 as in the issue
+# (B, C, D); E = 4 D. Periods (C) 1 .. 1024 and D 64 .. 1024
 GPU_SHAPES = [(8, 64, 768), (8, 1, 768), (8, 16, 768), (8, 256, 768), (8, 1024, 768), (8, 64, 64), (8, 64, 256),
               (8, 64, 1024)]
 CPU_SHAPES = [(2, 16, 64), (4, 64, 128)]

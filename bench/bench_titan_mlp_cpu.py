@@ -1,8 +1,8 @@
 """C++ CPU mlp-memory state pass (csrc/titan_mlp_cpu.cpp) vs the PyTorch reference on the CPU, fwd and fwd+bwd.
 
 ``python bench/bench_titan_mlp_cpu.py [threads]`` prints one row per (shape, rule, pass) with the min and median ms
-of the reference (``eager``) and of ``backend="cpp"`` over interleaved runs, and the speed-up of the mins (the
-machine this was measured on was shared: interleaving and the min keep other jobs' load out of the ratio);
+of the reference (``eager``) and of ``backend="cpp"`` over interleaved runs, and the speed-up of the mins (on a
+shared machine, interleaving and the min keep other jobs' load out of the ratio);
 cpp.py's ``auto_skips`` follows where cpp won (docs/performance.md). Inputs as bench_titan_memory_update.run_mlp (its
 ``_inputs``, E = 2 D), at the chunk sizes given here.
 """

@@ -1,5 +1,5 @@
 """cms_update timings (pytest-benchmark): reference vs torch.compile (and the C++ backend) on CPU-sized
-cases; on a GPU also the Triton kernel at the issue's D=768, C=64, B=8 (bandwidth: bench/bench_cms_update.py).
+cases; on a GPU also the Triton kernel at D=768, C=64, B=8 (bandwidth: bench/bench_cms_update.py).
 
     python -m pytest bench/test_cms_update.py --benchmark-only
 """

@@ -1,5 +1,5 @@
 """teach_signal fwd+bwd timings (pytest-benchmark): reference vs torch.compile on CPU-sized cases; on a GPU
-also the Triton kernels at a mid-sized shape (full issue shapes: bench/bench_teach_signal.py).
+also the Triton kernels at a mid-sized shape (full shapes: bench/bench_teach_signal.py).
 
     python -m pytest bench/test_teach_signal.py --benchmark-only
 """

@@ -1,5 +1,5 @@
 """titan_memory_update fwd+bwd timings (pytest-benchmark): the reference on a CPU-sized case; on a GPU the
-reference vs the Triton kernels at the issue's first shape (full table: bench/bench_titan_memory_update.py).
+reference vs the Triton kernels at docs/performance.md's first shape (full table: bench/bench_titan_memory_update.py).
 
     python -m pytest bench/test_titan_memory_update.py --benchmark-only
 """
