@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 from typing import Iterable, Sequence
 
@@ -82,6 +83,16 @@ def check_range(name: str, t: torch.Tensor, low: float, high: float) -> None:
         raise ValueError(f"{name} must lie in [{low}, {high}], got values in [{lo:.4g}, {hi:.4g}]")
 
 
+def check_finite(name: str, t: torch.Tensor) -> None:
+    """Check every entry of ``t`` is finite (skipped when value checks are off)."""
+    if not value_checks_enabled() or t.numel() == 0:
+        return
+    finite = torch.isfinite(t)
+    if not bool(finite.all()):
+        where = tuple(int(i) for i in (~finite).nonzero()[0])
+        raise ValueError(f"{name} must be finite, got {t[where].item()} at index {where}")
+
+
 def check_positive_int(name: str, v) -> int:
     if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
         raise ValueError(f"{name} must be a positive int, got {v!r}")
@@ -102,8 +113,8 @@ def check_float(name: str, v, low: float | None = None, high: float | None = Non
     if isinstance(v, bool) or not isinstance(v, (int, float)):
         raise TypeError(f"{name} must be a float, got {type(v).__name__}")
     v = float(v)
-    if v != v:
-        raise ValueError(f"{name} must not be NaN")
+    if not math.isfinite(v):
+        raise ValueError(f"{name} must be a finite float, got {v}")
     if low is not None and v < low:
         raise ValueError(f"{name} must be >= {low}, got {v}")
     if high is not None and v > high:

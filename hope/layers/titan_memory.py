@@ -16,7 +16,7 @@ from torch import nn
 
 from hope.layers.conv import CausalDepthwiseConv
 from hope.layers.norms import RMSNorm, check_input, l2_normalize
-from hope_kernels.titan_memory_update.state import LinearMemoryState, MLPMemoryState
+from hope_kernels.titan_memory_update import LinearMemoryState, MLPMemoryState
 
 
 def init_memory_params(module: nn.Module, prefix: str, n: int, head_dim: int, hidden: int, memory: str):

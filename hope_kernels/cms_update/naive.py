@@ -1,4 +1,5 @@
-"""Reference CMS level update (NL eq. 70-71; nl_l2_precond: NL eq. 27-29). Ground truth and CPU path."""
+"""Naive CMS level update (NL eq. 70-71; nl_l2_precond: NL eq. 27-29): the readable ground truth and the "reference"
+backend."""
 from __future__ import annotations
 
 import math
@@ -6,6 +7,8 @@ from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
+
+from hope_kernels.backends import Backend
 
 RMS_EPS = 1e-6
 
@@ -18,6 +21,8 @@ class CMSParams(NamedTuple):
 
 
 class CMSStats(NamedTuple):
+    """What one update did (telemetry for logs)."""
+
     update_count: int  # updates applied by this call (one per filled buffer)
     w1_update_norm: torch.Tensor  # [B] ||W1_new - W1_old||_F per sample
     w2_update_norm: torch.Tensor  # [B]
@@ -43,7 +48,7 @@ def cms_forward(w1: torch.Tensor, w2: torch.Tensor, x: torch.Tensor) -> torch.Te
 
 
 @torch.no_grad()
-def cms_update_reference(
+def cms_update_naive(
     params: CMSParams,
     momenta: CMSParams,
     x: torch.Tensor,
@@ -53,6 +58,8 @@ def cms_update_reference(
     precond: bool,
     inplace: bool = False,
 ) -> tuple[CMSParams, CMSParams, CMSStats]:
+    """``cms_update``'s contract with its arguments checked: g = sum_t J_W f(x_t)^T delta_t, m = beta m + g,
+    W <- W - lr m (nl_l2_precond: W1 <- W1 (I - lr xbar xbar^T) - lr m)."""
     w1, w2 = params.w1.float(), params.w2.float()
     n = rmsnorm(x.float())  # [B, C, D]
     d = delta.float()
@@ -92,3 +99,6 @@ def finish_update(
     fresh_params = CMSParams(new_params.w1.to(params.w1.dtype), new_params.w2.to(params.w2.dtype))
     fresh_momenta = CMSParams(new_momenta.w1.to(momenta.w1.dtype), new_momenta.w2.to(momenta.w2.dtype))
     return fresh_params, fresh_momenta, stats
+
+
+BACKEND = Backend("cms_update", "reference", priority=0, kernel=cms_update_naive)

@@ -1,7 +1,8 @@
-"""Chunk-parallel PyTorch reference of ``titan_memory_update`` (see docs/kernels/titan_memory.md).
+"""The naive ``titan_memory_update``: chunk-parallel PyTorch, the readable ground truth and the "reference" backend
+(see docs/kernels/titan_memory.md).
 
 Titans (arXiv 2501.00663) eq. 12-14 with chunk-start gradients (sec. 3.2); DGD rule of Nested
-Learning (arXiv 2512.24695) eq. 56-57 (numbering as cited in the issue).
+Learning (arXiv 2512.24695) eq. 56-57.
 
 - rule ``titans``: the dual form; per chunk a handful of [L, L] / [L, D] matmuls, no per-token
   weight matrices. The L x L decay matrix G and the vector c come from masked cumulative products
@@ -15,11 +16,34 @@ head. Computes in fp32 (float64 when q is float64); plain autograd gives gradien
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 
-from hope_kernels.titan_memory_update.state import LinearMemoryState, MLPMemoryState
+from hope_kernels.backends import Backend
+
+
+class LinearMemoryState(NamedTuple):
+    """Linear memory M(x) = W x."""
+
+    W: torch.Tensor  # [B, H, Dv, Dk]
+    S: torch.Tensor  # [B, H, Dv, Dk] momentum ("surprise")
+
+
+class MLPMemoryState(NamedTuple):
+    """Residual 2-layer memory M(x) = x + W1 gelu(W2 x)."""
+
+    W1: torch.Tensor  # [B, H, D, E]
+    W2: torch.Tensor  # [B, H, E, D]
+    S1: torch.Tensor  # [B, H, D, E]
+    S2: torch.Tensor  # [B, H, E, D]
+
+
+def zero_linear_state(B: int, H: int, Dv: int, Dk: int, device) -> LinearMemoryState:
+    W = torch.zeros(B, H, Dv, Dk, dtype=torch.float32, device=device)
+    return LinearMemoryState(W, torch.zeros_like(W))
+
 
 _INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
 KEY_NORM_EPS = 1e-6
@@ -158,7 +182,7 @@ def _dgd_chunk(memory, st, q, k, v, theta, eta, keep):
 CHUNK_FNS = {"titans": _titans_chunk, "dgd": _dgd_chunk}
 
 
-def titan_memory_update_reference(q, k, v, lr, momentum, decay, chunk_size, memory, rule, state, *, chunk_fns=None):
+def titan_memory_update_naive(q, k, v, lr, momentum, decay, chunk_size, memory, rule, state, *, chunk_fns=None):
     """Chunk-parallel reference; same contract as ``titan_memory_update`` (arguments already checked).
     ``chunk_fns`` replaces CHUNK_FNS (e.g. the benchmark's torch.compile of each chunk step)."""
     dt = compute_dtype(q)
@@ -176,5 +200,8 @@ def titan_memory_update_reference(q, k, v, lr, momentum, decay, chunk_size, memo
     return torch.cat(outs, -2).to(q.dtype), st
 
 
-__all__ = ["titan_memory_update_reference", "CHUNK_FNS", "memory_apply", "gelu", "gelu_grad", "unit_keys",
+BACKEND = Backend("titan_memory_update", "reference", priority=0, kernel=titan_memory_update_naive)
+
+__all__ = ["titan_memory_update_naive", "LinearMemoryState", "MLPMemoryState", "zero_linear_state", "CHUNK_FNS",
+           "memory_apply", "gelu", "gelu_grad", "unit_keys",
            "chunk_decay_terms", "segment_products", "compute_dtype"]

@@ -10,8 +10,7 @@ Two kernels (docs/kernels/teach_signal.md), anchored on Cut Cross-Entropy's dE/d
    when the head is trained, G^T @ h_blk into dW [V, D].
 
 Peak extra memory: delta and dW in fp32 plus O(S N) partials; the logits exist one tile at a time.
-Registered as the "triton" backend of ``teach_signal`` through ``torch.library.custom_op``
-``hope::teach_signal_triton`` (fake + autograd) so torch.compile(fullgraph=True) traces it.
+The "triton" backend: ``hope::teach_signal`` (interface.py) calls :func:`teach_signal_kernel`.
 """
 from __future__ import annotations
 
@@ -19,10 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from hope_kernels import dispatch
-from hope_kernels.teach_signal.fused_op import backend_entry, define_fused_op
-
-OP = "teach_signal"
+from hope_kernels.backends import Backend, triton_runs_on
 
 
 @triton.jit
@@ -105,7 +101,7 @@ def _ts_grad_kernel(
 
 def _config(hidden: torch.Tensor, D: int, gpu: bool | None = None) -> dict:
     """Fixed tiles (the interpreter gets autotune wrong): tensor-core sized on GPU, small under interpretation
-    (``gpu`` overrides the device check: hope_kernels.triton_resources compiles the GPU tiles without a GPU)."""
+    (``gpu`` overrides the device check: bench/triton_resources.py compiles the GPU tiles without a GPU)."""
     if not (hidden.device.type == "cuda" if gpu is None else gpu):
         return dict(BLOCK_N=16, BLOCK_V=32, BLOCK_D=16, num_warps=4)
     if hidden.dtype == torch.float32:
@@ -165,14 +161,12 @@ def _teach_signal_forward(hidden, weight, targets, ignore_index: int, compute_dw
     return loss, delta32, dw32
 
 
-def _forward(hidden, weight, targets, ignore_index, compute_dw, chunk_rows):
-    # chunk_rows is the CUDA backend's knob; the Triton kernels tile rows themselves
+def teach_signal_kernel(hidden, weight, targets, ignore_index: int, compute_dw: bool, chunk_rows: int):
+    """``(loss, delta in hidden's dtype, dW fp32 or [0, D])``; ``chunk_rows`` is the CUDA kernel's knob (the Triton
+    kernels tile rows themselves)."""
     loss, delta32, dw32 = _teach_signal_forward(hidden, weight, targets, ignore_index, compute_dw)
     return loss, delta32.to(hidden.dtype), dw32
 
 
-#: ``hope::teach_signal_triton`` (schema, fake and autograd: fused_op.py)
-teach_signal_triton_op = define_fused_op("triton", _forward)
-teach_signal_triton = backend_entry(teach_signal_triton_op, "teach_signal_triton")
-
-dispatch.register(OP, "triton", teach_signal_triton, supports=dispatch.triton_supports)
+BACKEND = Backend("teach_signal", "triton", priority=20, kernel=teach_signal_kernel, runs_on=triton_runs_on,
+                  env="HOPE_USE_TRITON")

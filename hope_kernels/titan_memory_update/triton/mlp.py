@@ -1,7 +1,7 @@
 """Triton kernels of the mlp memory's state pass, M(x) = x + W1 gelu(W2 x), rules ``titans`` and ``dgd``.
 
-The math is ``chunk_terms.mlp_state_pass`` (docs/kernels/titan_memory.md, "mlp memory in Triton"); the launchers,
-custom ops and registration live in ``triton.py`` beside the linear kernels'. One program per (batch, head) walks
+The math is tests/kernels/titan_oracle.py's ``mlp_state_pass`` (docs/kernels/titan_memory.md, "mlp memory in
+Triton"); the launchers follow the kernels. One program per (batch, head) walks
 the chunks; the state W1, S1 [D, E], W2, S2 [E, D] (4 D E fp32, too large for registers at E = 2-4 D) lives in a
 per-(b, h) working copy in global memory (L2-resident) and is visited in tiles of BE hidden units. Everything in a
 chunk is separable over the hidden units except two sums over E: the errors Err = K + gelu(K W2^T) W1^T - V and the
@@ -13,8 +13,13 @@ of the same element by another.
 """
 from __future__ import annotations
 
+import torch
 import triton
 import triton.language as tl
+
+from hope_kernels.titan_memory_update.chunk import ROW_NAMES
+from hope_kernels.titan_memory_update.triton import launch
+from hope_kernels.titan_memory_update.triton.launch import LAST_KERNELS, TUNING
 
 _SQRT1_2 = tl.constexpr(0.7071067811865476)
 _INV_SQRT_2PI = tl.constexpr(0.3989422804014327)
@@ -487,3 +492,127 @@ def _mlp_bwd_kernel(
                 tl.store(p_dvec + o_vec + 2 * C, b_dBp, mask=m_t)
                 tl.store(p_dvec + o_vec + 3 * C, b_dcp, mask=m_t)
                 tl.store(p_dvec + o_vec + 6 * C, b_dwb, mask=m_t)
+
+
+# ------------------------------------------------------------------------------------------------ launchers
+#: the largest chunk size (as its power-of-two tile) the mlp kernels take, per (head-dim tile, rule, backward):
+#: every launch compiled for sm_90 (Triton 3.6 as on our H100, and 3.9) needs at most the H100's 227 KiB of shared
+#: memory there (bench/triton_resources.py; tests/kernels/test_triton_resources.py keeps it so). Each step up
+#: would not fit, e.g. the dgd read-out backward at D 64, C 64 needs 344 KiB, the titans one at D 128, C 64 360 KiB.
+MLP_MAX_CHUNK = {(64, "titans", False): 64, (64, "titans", True): 64, (64, "dgd", False): 64, (64, "dgd", True): 32,
+                 (128, "titans", False): 64, (128, "titans", True): 32, (128, "dgd", False): 32,
+                 (128, "dgd", True): 16}
+MLP_MAX_HEAD_DIM = 128
+
+
+def why_not_mlp(D: int, E: int, chunk_size: int, rule: str, backward: bool) -> str | None:
+    """None when the mlp kernels run this call, else why not (any hidden width E: it is tiled)."""
+    if D > MLP_MAX_HEAD_DIM:
+        return f"runs memory='mlp' with D <= {MLP_MAX_HEAD_DIM} (its [C, D] tiles stay on chip), got D={D}"
+    cap = MLP_MAX_CHUNK[(max(64, triton.next_power_of_2(D)), rule, backward)]
+    if triton.next_power_of_2(chunk_size) <= cap:
+        return None
+    return (f"runs memory='mlp', rule={rule!r} at D={D} with chunk_size <= {cap}"
+            f"{' when a backward is needed' if backward else ''} (larger chunks need more shared memory than an "
+            f"H100 has), got chunk_size={chunk_size}")
+
+
+def _mlp_blocks(C: int, D: int, E: int) -> tuple[int, int, int]:
+    """(BT, BD, BE): tl.dot needs every dimension >= 16; E is visited in tiles of BE hidden units."""
+    BT = max(16, triton.next_power_of_2(C))
+    BD = max(16, triton.next_power_of_2(D))
+    BE = max(16, min(TUNING["mlp_be"], triton.next_power_of_2(E)))
+    return BT, BD, BE
+
+
+def _mlp_launch_options() -> dict:
+    return {"num_warps": TUNING["mlp_num_warps"], "num_stages": TUNING["mlp_num_stages"]}
+
+
+def _mlp_fused_forward(D: int) -> bool:
+    """Whether the forward runs the update and the read-out in one sequential launch (else: the update, then the
+    read-out of all chunks in parallel from the stored chunk-start states). The fused launch keeps the read-out's
+    tiles on chip beside the update's; compiled for sm_90 (bench/triton_resources.py) it fits an H100's shared
+    memory at D <= 64 (176 KiB under dgd at C 64), not at D 128."""
+    return TUNING["mlp_fused_fwd"] and D <= 64
+
+
+def _kernel_terms(terms):
+    """The kernels' leading chunk-term arguments (k^ and dgd's terms replaced by a stand-in when absent)."""
+    kh, aqk, gth, akk, tinv, aqw, rows, ends = terms
+    if kh.numel() == 0:
+        return (aqk.new_zeros(1), aqk, gth, aqk, aqk, aqk, rows, ends)
+    return (kh, aqk, gth, akk, tinv, aqw, rows, ends)
+
+
+def _run_fwd(q, k, v, terms, state, C, write_out, store_states):
+    """The forward launches: (out, W1_T, W2_T, S1_T, S2_T, chunk-start states or an empty tensor)."""
+    kh, aqk, gth, akk, tinv, aqw, rows, ends = _kernel_terms(terms)
+    dgd = terms[0].numel() > 0
+    B, H, T, D = q.shape
+    E = state[0].shape[-1]
+    NC = rows.shape[2]
+    BT, BD, BE = _mlp_blocks(C, D, E)
+    dev = q.device
+    fused = write_out and not store_states and _mlp_fused_forward(D)
+    store_states = store_states or (write_out and not fused)  # the parallel read-out reads the stored states
+    # the kernel updates the state in place: these copies of the initial state end as the final state
+    W1T, W2T, S1T, S2T = (x.to(torch.float32, copy=True).contiguous() for x in state)
+    out = launch.empty(B, H, T, D, device=dev, dtype=q.dtype) if write_out else q.new_empty(0)
+    states = (launch.empty(B, H, NC, 4, D, E, device=dev, dtype=torch.float32) if store_states
+              else W1T.new_empty(0))
+    common = dict(BT=BT, BD=BD, BE=BE, DGD=dgd, PRECISION=launch.precision(q.dtype), **_mlp_launch_options())
+    args = (q, k, kh if dgd else k, v, aqk, gth, akk, tinv, aqw, rows, ends)
+    sizes = (T, NC * C, NC, C, D, E)
+    LAST_KERNELS["mlp_fwd"] = _mlp_fwd_kernel[(B * H,)](
+        *args, W1T, W2T, S1T, S2T, out, states, *sizes,
+        UPDATE=True, READOUT=fused, STORE_STATES=store_states, **common)
+    if write_out and not fused:
+        LAST_KERNELS["mlp_readout"] = _mlp_fwd_kernel[(B * H, NC)](
+            *args, W1T, W2T, S1T, S2T, out, states, *sizes,
+            UPDATE=False, READOUT=True, STORE_STATES=False, **common)
+    return out, W1T, W2T, S1T, S2T, states
+
+
+def forward(q, k, v, terms, state, chunk_size):
+    """[out, W1_T, W2_T, S1_T, S2_T] (the kernel contract of ``chunk.py``)."""
+    return list(_run_fwd(q, k, v, terms, state, chunk_size, write_out=True, store_states=False)[:5])
+
+
+def backward(grads, q, k, v, terms, state, chunk_size):
+    """[dq, dk, dv, *dterms, dW1, dW2, dS1, dS2] (the kernel contract of ``chunk.py``): three launches, the
+    forward's update (recomputing the chunk-start states), the read-out's backward for all chunks in parallel, then
+    the update's backward carrying the state gradient through the chunks in reverse."""
+    kh, aqk, gth, akk, tinv, aqw, rows, ends = _kernel_terms(terms)
+    dgd = terms[0].numel() > 0
+    B, H, T, D = q.shape
+    E = state[0].shape[-1]
+    NC = rows.shape[2]
+    C = chunk_size
+    Tp = NC * C
+    BT, BD, BE = _mlp_blocks(C, D, E)
+    dev = q.device
+    *_, states = _run_fwd(q, k, v, terms, state, C, write_out=False, store_states=True)
+    do = grads[0]
+    # the update's backward carries the state gradient in place: copies of the final state's end as the initial's
+    dW1, dW2, dS1, dS2 = (x.to(torch.float32, copy=True).contiguous() for x in grads[1:])
+    f32 = dict(device=dev, dtype=torch.float32)
+    dq = launch.empty(B, H, T, D, device=dev, dtype=q.dtype)
+    dk = launch.empty(B, H, T, D, device=dev, dtype=k.dtype)
+    dv = launch.empty(B, H, T, D, device=dev, dtype=v.dtype)
+    dk_r, dv_r = launch.empty(B, H, T, D, **f32), launch.empty(B, H, T, D, **f32)  # the read-out's parts
+    dstates = launch.empty(B, H, NC, 4, D, E, **f32)  # the read-out's gradient of each chunk-start state
+    # masked stores skip the padded rows of the last chunk: their gradients are zeros
+    dmat = lambda: torch.zeros(B, H, NC, C, C, **f32)  # noqa: E731
+    daqk, dgth = dmat(), dmat()
+    dkh = torch.zeros(B, H, Tp, D, **f32) if dgd else dq.new_empty(0, dtype=torch.float32)
+    dakk, dtinv, daqw = (dmat(), dmat(), dmat()) if dgd else (daqk.new_empty(0) for _ in range(3))
+    drows = torch.zeros(B, H, NC, len(ROW_NAMES), C, **f32)
+    dends = launch.empty(B, H, NC, 3, **f32)
+    args = (q, k, kh if dgd else k, v, aqk, gth, akk, tinv, aqw, rows, ends, states, do, dW1, dW2, dS1, dS2, dstates,
+            dq, dk, dkh if dgd else dq, dv, dk_r, dv_r, daqk, dgth, dakk if dgd else daqk, dtinv if dgd else daqk,
+            daqw if dgd else daqk, drows, dends, T, Tp, NC, C, D, E)
+    common = dict(BT=BT, BD=BD, BE=BE, DGD=dgd, PRECISION=launch.precision(q.dtype), **_mlp_launch_options())
+    LAST_KERNELS["mlp_bwd_readout"] = _mlp_bwd_kernel[(B * H, NC)](*args, READOUT=True, **common)
+    LAST_KERNELS["mlp_bwd"] = _mlp_bwd_kernel[(B * H,)](*args, READOUT=False, **common)
+    return [dq, dk, dv, dkh, daqk, dgth, dakk, dtinv, daqw, drows, dends, dW1, dW2, dS1, dS2]

@@ -8,8 +8,7 @@ Phase 1 (loop over C chunks): n = rmsnorm(x_c) via one D loop that also accumula
     a and dh [C, BLOCK_E] go to a per-call scratch (this program's own columns), and the column sums of
     h give W1 xbar = mean_c h_c for the preconditioner at no extra pass over W1.
 Phase 2 (loop over D blocks, inner loop over C chunks): g1 = dh^T n, g2 = delta^T a, xbar = mean_c n;
-    then m = beta m + g, W <- W - lr m (- lr (W1 xbar) xbar^T), written in place or to fresh buffers, and
-    the squared update norms per program (summed over programs after the launch).
+    then m = beta m + g, W <- W - lr m (- lr (W1 xbar) xbar^T), written to fresh buffers.
 """
 from __future__ import annotations
 
@@ -17,8 +16,8 @@ import torch
 import triton
 import triton.language as tl
 
-from hope_kernels import dispatch
-from hope_kernels.cms_update.reference import RMS_EPS, CMSParams, CMSStats
+from hope_kernels.backends import Backend, triton_runs_on
+from hope_kernels.cms_update.naive import RMS_EPS
 
 OP = "cms_update"
 
@@ -27,7 +26,7 @@ OP = "cms_update"
 def _cms_update_kernel(
     p_x, p_delta, p_w1, p_w2, p_m1, p_m2,
     p_w1_out, p_w2_out, p_m1_out, p_m2_out,
-    p_a, p_dh, p_rstd, p_sq1, p_sq2,
+    p_a, p_dh, p_rstd,
     C, D, E, lr, beta, eps,
     PRECOND: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_E: tl.constexpr,
     PRECISION: tl.constexpr,
@@ -81,8 +80,6 @@ def _cms_update_kernel(
     b_w1xbar = b_hsum / C  # W1 xbar = mean_c W1 n_c = mean_c h_c
 
     # ---- phase 2: gradients as reductions over the chunk, momentum and weight update per D block ----
-    b_sq1 = tl.zeros([BLOCK_E], tl.float32)
-    b_sq2 = tl.zeros([BLOCK_E], tl.float32)
     for d0 in range(0, D, BLOCK_D):
         o_d = d0 + tl.arange(0, BLOCK_D)
         m_d = o_d < D
@@ -113,8 +110,6 @@ def _cms_update_kernel(
             b_w1_new -= lr * b_w1xbar[:, None] * (b_nsum / C)[None, :]
         tl.store(p_m1_out + o_w1, b_m1, mask=m_ed)
         tl.store(p_w1_out + o_w1, b_w1_new, mask=m_ed)
-        b_u1 = tl.where(m_ed, b_w1_new - b_w1, 0.0)
-        b_sq1 += tl.sum(b_u1 * b_u1, axis=1)
 
         m_de = m_d[:, None] & m_e[None, :]
         o_w2 = w_base + o_d[:, None] * E + o_e[None, :]
@@ -123,15 +118,11 @@ def _cms_update_kernel(
         b_w2_new = b_w2 - lr * b_m2
         tl.store(p_m2_out + o_w2, b_m2, mask=m_de)
         tl.store(p_w2_out + o_w2, b_w2_new, mask=m_de)
-        b_u2 = tl.where(m_de, b_w2_new - b_w2, 0.0)
-        b_sq2 += tl.sum(b_u2 * b_u2, axis=0)
-    tl.store(p_sq1 + i_b * n_e + i_e, tl.sum(b_sq1, axis=0))
-    tl.store(p_sq2 + i_b * n_e + i_e, tl.sum(b_sq2, axis=0))
 
 
 def _config(device: torch.device, C: int, D: int, E: int, gpu: bool | None = None) -> dict:
     """Fixed tiles: tensor-core sized on GPU, the smallest legal dot tiles under the interpreter (``gpu`` overrides
-    the device check: hope_kernels.triton_resources compiles the GPU tiles without a GPU)."""
+    the device check: bench/triton_resources.py compiles the GPU tiles without a GPU)."""
     if not (device.type == "cuda" if gpu is None else gpu):
         return dict(BLOCK_C=16, BLOCK_D=16 if D <= 16 else 32, BLOCK_E=16 if E <= 16 else 32, num_warps=4)
     block_c = 16 if C <= 16 else (32 if C <= 32 else 64)
@@ -143,75 +134,26 @@ def _precision() -> str:
     return "tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee"
 
 
-def _contiguous(t: torch.Tensor) -> torch.Tensor:
-    return t if t.is_contiguous() else t.contiguous()
-
-
-@torch.library.custom_op("hope::cms_update_triton", mutates_args=("w1_out", "w2_out", "m1_out", "m2_out"))
-def cms_update_triton_op(
-    w1: torch.Tensor, w2: torch.Tensor, m1: torch.Tensor, m2: torch.Tensor, x: torch.Tensor, delta: torch.Tensor,
-    w1_out: torch.Tensor, w2_out: torch.Tensor, m1_out: torch.Tensor, m2_out: torch.Tensor,
-    lr: float, beta: float, precond: bool,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Writes the new weights / momenta into the *_out buffers (which may be w1, w2, m1, m2 themselves);
-    returns the per-sample update norms (||W1_new - W1||_F, ||W2_new - W2||_F), each [B] fp32."""
+def cms_update_kernel(w1, w2, m1, m2, x, delta, lr: float, beta: float, precond: bool):
+    """The launcher (inputs contiguous fp32, checked by ``cms_update``): ``(w1_new, w2_new, m1_new, m2_new)``."""
     B, C, D = x.shape
     E = w1.shape[1]
+    outs = tuple(torch.empty_like(t) for t in (w1, w2, m1, m2))
+    if B * C * D * E == 0:  # nothing to reduce: the momentum decays and the weights follow it
+        m1_new, m2_new = beta * m1, beta * m2
+        return w1 - lr * m1_new, w2 - lr * m2_new, m1_new, m2_new
     cfg = _config(x.device, C, D, E)
     n_e = triton.cdiv(E, cfg["BLOCK_E"])
     scratch_a = torch.empty(B, C, E, device=x.device, dtype=torch.float32)
     scratch_dh = torch.empty_like(scratch_a)
     scratch_rstd = torch.empty(B, n_e, C, device=x.device, dtype=torch.float32)
-    sq1 = torch.empty(B, n_e, device=x.device, dtype=torch.float32)
-    sq2 = torch.empty_like(sq1)
-    if B * C * D * E > 0:
-        _cms_update_kernel[(B, n_e)](
-            x, delta, w1, w2, m1, m2, w1_out, w2_out, m1_out, m2_out,
-            scratch_a, scratch_dh, scratch_rstd, sq1, sq2,
-            C, D, E, float(lr), float(beta), RMS_EPS,
-            PRECOND=bool(precond), BLOCK_C=cfg["BLOCK_C"], BLOCK_D=cfg["BLOCK_D"], BLOCK_E=cfg["BLOCK_E"],
-            PRECISION=_precision(), num_warps=cfg["num_warps"],
-        )
-    else:  # nothing to reduce: copy through so the outputs are defined
-        for src, dst in ((w1, w1_out), (w2, w2_out)):
-            if dst.data_ptr() != src.data_ptr():
-                dst.copy_(src)
-        m1_out.copy_(beta * m1)
-        m2_out.copy_(beta * m2)
-        w1_out.sub_(lr * m1_out)
-        w2_out.sub_(lr * m2_out)
-        return (w1_out - w1).flatten(1).norm(dim=1), (w2_out - w2).flatten(1).norm(dim=1)
-    return sq1.sum(1).sqrt(), sq2.sum(1).sqrt()
+    _cms_update_kernel[(B, n_e)](
+        x, delta, w1, w2, m1, m2, *outs, scratch_a, scratch_dh, scratch_rstd,
+        C, D, E, float(lr), float(beta), RMS_EPS,
+        PRECOND=bool(precond), BLOCK_C=cfg["BLOCK_C"], BLOCK_D=cfg["BLOCK_D"], BLOCK_E=cfg["BLOCK_E"],
+        PRECISION=_precision(), num_warps=cfg["num_warps"],
+    )
+    return outs
 
 
-@cms_update_triton_op.register_fake
-def _(w1, w2, m1, m2, x, delta, w1_out, w2_out, m1_out, m2_out, lr, beta, precond):
-    B = x.shape[0]
-    return x.new_empty(B, dtype=torch.float32), x.new_empty(B, dtype=torch.float32)
-
-
-@torch.no_grad()
-def cms_update_triton(
-    params: CMSParams, momenta: CMSParams, x: torch.Tensor, delta: torch.Tensor,
-    lr: float, beta: float, precond: bool, inplace: bool = False,
-) -> tuple[CMSParams, CMSParams, CMSStats]:
-    """Same contract as ``cms_update_reference``; ``inplace`` writes straight into params / momenta."""
-    w1, w2 = _contiguous(params.w1), _contiguous(params.w2)
-    m1, m2 = _contiguous(momenta.w1), _contiguous(momenta.w2)
-    xc, dc = x.contiguous(), delta.contiguous()
-    direct = inplace and all(a is b for a, b in ((w1, params.w1), (w2, params.w2), (m1, momenta.w1), (m2, momenta.w2)))
-    if direct:
-        outs = (w1, w2, m1, m2)
-    else:
-        outs = tuple(torch.empty_like(t) for t in (w1, w2, m1, m2))
-    n1, n2 = torch.ops.hope.cms_update_triton(w1, w2, m1, m2, xc, dc, *outs, float(lr), float(beta), bool(precond))
-    stats = CMSStats(update_count=1, w1_update_norm=n1, w2_update_norm=n2)
-    if inplace:
-        if not direct:  # strided inputs: the kernel wrote contiguous copies
-            for dst, src in zip((params.w1, params.w2, momenta.w1, momenta.w2), outs):
-                dst.copy_(src)
-        return params, momenta, stats
-    return CMSParams(outs[0], outs[1]), CMSParams(outs[2], outs[3]), stats
-
-
-dispatch.register(OP, "triton", cms_update_triton, supports=dispatch.triton_supports)
+BACKEND = Backend(OP, "triton", priority=20, kernel=cms_update_kernel, runs_on=triton_runs_on, env="HOPE_USE_TRITON")

@@ -1,11 +1,13 @@
-"""Reference teach signal: materialises the [N, V] logits (the ground truth and the CPU path)."""
+"""Naive teach signal: materialises the [N, V] logits (the readable ground truth and the "reference" backend)."""
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
+from hope_kernels.backends import Backend
 
-def teach_signal_reference(
+
+def teach_signal_naive(
     hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """loss = mean CE(hidden @ weight^T, targets) over non-ignored rows; delta = d loss / d hidden.
@@ -26,3 +28,6 @@ def teach_signal_reference(
         probs.mul_((valid.float() / n_valid.clamp_min(1).float())[:, None])
         delta = (probs @ weight.detach().float()).to(hidden.dtype)
     return loss, delta
+
+
+BACKEND = Backend("teach_signal", "reference", priority=0, kernel=teach_signal_naive)

@@ -7,7 +7,7 @@ stack (``cuobjdump --dump-resource-usage`` on the cubin). A kernel asking for mo
 fails at launch there (``OutOfResources``); this finds it here. Checked against the H100 once: the dgd linear
 backward at Dk = 128, C = 64 needed 270336 bytes on the GPU (Triton 3.6) and compiles to 270336 here with Triton 3.6.
 
-    python -m hope_kernels.triton_resources [--arch 90] [--json PATH]     # report every launch of LAUNCHES
+    python bench/triton_resources.py [--arch 90] [--json PATH]     # report every launch of LAUNCHES
 
 Runs with TRITON_INTERPRET unset (the interpreter replaces kernels by Python functions that cannot be compiled).
 """
@@ -110,34 +110,41 @@ def _titan_launches():
     """(tag, module, kernel names, launch) for the titan_memory_update launchers at the GPU benchmark / test shapes."""
     import torch
 
-    from hope_kernels.testing import (titan_inputs, titan_mlp_inputs, titan_mlp_state_pass_args,
-                                      titan_state_pass_args)
-    from hope_kernels.titan_memory_update import triton as tri
+    from hope_kernels.titan_memory_update.chunk import chunk_terms
+    from hope_kernels.titan_memory_update.triton import linear, mlp
+
+    def raw(q, k, v, lr, mo, de, state, C, rule, memory):
+        t = chunk_terms(q, k, lr, mo, de, C, dgd=rule == "dgd", mlp=memory == "mlp")
+        return q, k, v, [x.contiguous() for x in t.kernel_terms()], [s.float().contiguous() for s in state], C
+
+    def inputs(D, W, C, memory, dtype):
+        T = 2 * C
+        q, k, v = (torch.randn(1, 1, T, D if i < 2 else (D if memory == "mlp" else W)).to(dtype) for i in range(3))
+        gates = [torch.rand(1, 1, T) for _ in range(3)]
+        shapes = [(D, W), (W, D), (D, W), (W, D)] if memory == "mlp" else [(W, D), (W, D)]
+        return q, k, v, *gates, [torch.zeros(1, 1, *s) for s in shapes]
 
     out = []
     dtype = torch.bfloat16
     for D, C in ((64, 64), (128, 64), (128, 32)):
         for rule in ("titans", "dgd"):
-            if tri.why_not(D, D, C, rule, backward=True) is not None:
+            if linear.why_not(D, D, C, rule, backward=True) is not None:
                 continue
-            args, state = titan_inputs(1, 1, 2 * C, D, D, dtype=dtype)
-            op_args = titan_state_pass_args(args, state, C, rule == "dgd")
+            a = raw(*inputs(D, D, C, "linear", dtype), C, rule, "linear")
             tag = f"linear {rule} D{D} C{C} {str(dtype)[6:]}"
-            out.append((tag + " fwd", tri, ("_linear_fwd_kernel",), lambda a=op_args: tri._fwd(*a)))
-            out.append((tag + " bwd", tri, ("_linear_fwd_kernel", "_linear_bwd_kernel"),
-                        lambda a=op_args, D=D: tri._bwd(torch.zeros(1, 1, a[0].shape[2], D, dtype=a[0].dtype),
-                                                        torch.zeros(1, 1, D, D), torch.zeros(1, 1, D, D), *a)))
+            out.append((tag + " fwd", linear, ("_linear_fwd_kernel",), lambda a=a: linear.forward(*a)))
+            out.append((tag + " bwd", linear, ("_linear_fwd_kernel", "_linear_bwd_kernel"),
+                        lambda a=a: linear.backward([torch.zeros_like(a[2]), *(torch.zeros_like(s) for s in a[4])],
+                                                    *a)))
     # the mlp kernels at the largest chunk each head-dim tile allows, forward-only and with a backward
-    for (D, rule, backward), C in tri.MLP_MAX_CHUNK.items():
-        args, state = titan_mlp_inputs(1, 1, 2 * C, D, 2 * D, dtype=dtype)
-        op_args = titan_mlp_state_pass_args(args, state, C, rule == "dgd")
+    for (D, rule, backward), C in mlp.MLP_MAX_CHUNK.items():
+        a = raw(*inputs(D, 2 * D, C, "mlp", dtype), C, rule, "mlp")
         tag = f"mlp {rule} D{D} E{2 * D} C{C} {str(dtype)[6:]}"
         if backward:
-            out.append((tag + " bwd", tri, ("_mlp_fwd_kernel", "_mlp_bwd_kernel"),
-                        lambda a=op_args: tri._mlp_bwd(torch.zeros_like(a[0]),
-                                                       *(torch.zeros_like(s) for s in a[11:15]), *a)))
+            out.append((tag + " bwd", mlp, ("_mlp_fwd_kernel", "_mlp_bwd_kernel"),
+                        lambda a=a: mlp.backward([torch.zeros_like(a[0]), *(torch.zeros_like(s) for s in a[4])], *a)))
         else:
-            out.append((tag + " fwd", tri, ("_mlp_fwd_kernel",), lambda a=op_args: tri._mlp_fwd(*a)))
+            out.append((tag + " fwd", mlp, ("_mlp_fwd_kernel",), lambda a=a: mlp.forward(*a)))
     return out
 
 
@@ -155,9 +162,11 @@ def _with_gpu_config(module, launch):
 
 def _teach_signal_launches():
     """teach_signal at the benchmark's vocabularies: fp32 and bf16 hidden states (their tiles differ)."""
+    import importlib
+
     import torch
 
-    from hope_kernels.teach_signal import triton as ts
+    ts = importlib.import_module("hope_kernels.teach_signal.triton")
 
     out = []
     for dtype in (torch.float32, torch.bfloat16):
@@ -173,9 +182,11 @@ def _teach_signal_launches():
 
 def _cms_update_launches():
     """cms_update at the benchmark's chunk lengths (the tile over tokens depends on C), plain and preconditioned."""
+    import importlib
+
     import torch
 
-    from hope_kernels.cms_update import triton as cms
+    cms = importlib.import_module("hope_kernels.cms_update.triton")
 
     out = []
     for C in (1, 16, 64, 1024):
@@ -183,10 +194,9 @@ def _cms_update_launches():
             D, E = 768, 1024
             x = torch.zeros(2, C, D)
             ws = [torch.zeros(2, E, D), torch.zeros(2, D, E)]  # w1 [B, E, D], w2 [B, D, E]
-            outs = [torch.empty_like(t) for t in ws + ws]
 
-            def launch(x=x, ws=ws, outs=outs, precond=precond):
-                cms.cms_update_triton_op(ws[0], ws[1], ws[0].clone(), ws[1].clone(), x, x, *outs, 0.1, 0.9, precond)
+            def launch(x=x, ws=ws, precond=precond):
+                cms.cms_update_kernel(ws[0], ws[1], ws[0].clone(), ws[1].clone(), x, x, 0.1, 0.9, precond)
             out.append((f"cms_update C{C} D{D} E{E} precond={precond}", cms, ("_cms_update_kernel",),
                         _with_gpu_config(cms, launch)))
     return out

@@ -1,21 +1,16 @@
-"""Triton ``titan_memory_update`` for the linear memory, rules ``titans`` and ``dgd``, forward and backward.
+"""Triton state pass of the linear memory M(x) = W x, rules ``titans`` and ``dgd``, forward and backward.
 
-The op splits in two (docs/kernels/titan_memory.md, "kernel split"):
+Two kernels carry the state, one program per (value block, batch * head), looping over chunks with W and S [BV, Dk]
+on chip (the chunk terms come from ``chunk.chunk_terms``; docs/kernels/titan_memory.md, "kernel split"):
 
-1. ``chunk_terms.linear_chunk_terms``: every state-independent per-chunk term (decay matrices, the
-   q.k / k^.k score matrices, the dgd UT transform (I + M)^-1) for all chunks at once, with batched
-   PyTorch ops; autograd differentiates it.
-2. Two kernels that carry the state, one program per (value block, batch * head), looping over chunks
-   with W and S [BV, Dk] on chip:
-   - ``_linear_fwd_kernel``: outputs and the final state; in the backward pass it is re-run to store the
-     chunk-start states (nothing but the inputs is kept between forward and backward).
-   - ``_linear_bwd_kernel``: walks the chunks in reverse with the gradient of the state on chip and
-     writes the gradients of q, k, k^, v, every chunk term and the initial state. Gradients that sum
-     over the value dimension are written per value block and summed afterwards (no atomics).
+- ``_linear_fwd_kernel``: outputs and the final state; in the backward pass it is re-run to store the chunk-start
+  states (nothing but the inputs is kept between forward and backward).
+- ``_linear_bwd_kernel``: walks the chunks in reverse with the gradient of the state on chip and writes the
+  gradients of q, k, k^, v, every chunk term and the initial state. Gradients that sum over the value dimension are
+  written per value block and summed afterwards (no atomics).
 
-Registered through ``torch.library.custom_op`` (``hope::titan_linear_fwd`` / ``hope::titan_linear_bwd``
-with fake implementations and ``register_autograd``, defined once for every backend in ``state_pass.py``), so
-``torch.compile(fullgraph=True)`` traces models that use it. The mlp memory runs on the reference (see ``titan_memory_update``).
+``rows`` is read at offsets ``i * C`` for the per-token weights in ``chunk.ROW_NAMES`` order (Bc, c, Bp, cp, wg, wp,
+wb), ``ends`` at 0, 1, 2 for B_L, c_L, A_L.
 """
 from __future__ import annotations
 
@@ -23,14 +18,11 @@ import torch
 import triton
 import triton.language as tl
 
-from hope_kernels import dispatch
-from hope_kernels.titan_memory_update.chunk_terms import VEC_ROWS
-from hope_kernels.titan_memory_update.state_pass import (backend_entry, define_mlp_state_pass_ops,
-                                                         define_state_pass_ops)
-from hope_kernels.titan_memory_update.triton_mlp import _mlp_bwd_kernel, _mlp_fwd_kernel
+from hope_kernels.titan_memory_update.chunk import ROW_NAMES
+from hope_kernels.titan_memory_update.triton import launch
+from hope_kernels.titan_memory_update.triton.launch import LAST_KERNELS, TUNING
 
-OP = "titan_memory_update"
-N_VEC = len(VEC_ROWS)  # rows of LinearChunkTerms.vec, at these offsets (x C) in the kernels
+N_ROWS = len(ROW_NAMES)
 
 
 @triton.jit
@@ -64,7 +56,7 @@ def _linear_fwd_kernel(
         o_tk = i_bh * T * Dk + (t0 + o_t)[:, None] * Dk + o_k[None, :]
         o_tv = i_bh * T * Dv + (t0 + o_t)[:, None] * Dv + o_v[None, :]
         o_tt = (i_bh * NC + i_c) * C * C + o_t[:, None] * C + o_t[None, :]
-        o_vec = (i_bh * NC + i_c) * 7 * C + o_t
+        o_vec = (i_bh * NC + i_c) * 7 * C + o_t  # 7 rows: ROW_NAMES
         o_end = (i_bh * NC + i_c) * 3
         b_k = tl.load(p_k + o_tk, mask=m_tk, other=0.0).to(tl.float32)
         b_v = tl.load(p_v + o_tv, mask=m_tv, other=0.0).to(tl.float32)
@@ -147,7 +139,7 @@ def _linear_bwd_kernel(
         o_tkp = i_bh * Tp * Dk + (t0 + o_t)[:, None] * Dk + o_k[None, :]
         o_tv = i_bh * T * Dv + (t0 + o_t)[:, None] * Dv + o_v[None, :]
         o_tt = (i_bh * NC + i_c) * C * C + o_t[:, None] * C + o_t[None, :]
-        o_vec = (i_bh * NC + i_c) * 7 * C + o_t
+        o_vec = (i_bh * NC + i_c) * 7 * C + o_t  # 7 rows: ROW_NAMES
         o_end = (i_bh * NC + i_c) * 3
         b_q = tl.load(p_q + o_tk, mask=m_tk, other=0.0).to(tl.float32)
         b_k = tl.load(p_k + o_tk, mask=m_tk, other=0.0).to(tl.float32)
@@ -242,15 +234,6 @@ def _linear_bwd_kernel(
     tl.store(p_ds0 + o_state, b_dS, mask=m_state)
 
 
-#: launch settings, overridable for tuning sweeps (bench/bench_titan_memory_update.py ``tune``): value-block
-#: caps for the forward / backward kernels, warps per program, software-pipelining stages (None: Triton's)
-TUNING = {"fwd_bv": 64, "bwd_bv": 32, "num_warps": 4, "num_stages": None, "dgd_num_stages": 1,
-          # mlp kernels: hidden units per tile, warps (one program per (b, h) holds several [C, D] tiles), stages
-          "mlp_be": 32, "mlp_num_warps": 8, "mlp_num_stages": 1, "mlp_fused_fwd": True}
-#: the last compiled kernel of each pass ("fwd" / "bwd"): its n_regs / n_spills feed the benchmark report
-LAST_KERNELS: dict = {}
-
-
 def _blocks(C: int, Dk: int, Dv: int, backward: bool = False, dgd: bool = False) -> tuple[int, int, int]:
     """(BT, BK, BV): tl.dot needs every dimension >= 16. The state tiles [BV, BK] fp32 stay in registers
     (forward: W, S; backward: W, S, dW, dS), so BV shrinks as Dk grows."""
@@ -260,7 +243,7 @@ def _blocks(C: int, Dk: int, Dv: int, backward: bool = False, dgd: bool = False)
     if BK > 64:
         cap = min(cap, 32)
     if backward and dgd and BK > 64 and BT > 32:
-        # compiled for sm_90 (hope_kernels.triton_resources, Triton 3.6): 264 KiB of shared memory at BV 32, the
+        # compiled for sm_90 (bench/triton_resources.py, Triton 3.6): 264 KiB of shared memory at BV 32, the
         # H100 has 227 KiB (it failed there); 204 KiB at BV 16
         cap = min(cap, 16)
     BV = max(16, min(cap, triton.next_power_of_2(Dv)))
@@ -274,7 +257,7 @@ MAX_HEAD_DIM = 128
 def why_not(Dk: int, Dv: int, chunk_size: int, rule: str, backward: bool) -> str | None:
     """None when the Triton kernels run this call, else why not (the dispatcher's per-shape check).
 
-    Every launch at Dk <= 128 fits an H100 (hope_kernels.triton_resources; the dgd backward at Dk > 64, C 64 once
+    Every launch at Dk <= 128 fits an H100 (bench/triton_resources.py; the dgd backward at Dk > 64, C 64 once
     asked for 264 KiB there and now runs value blocks of 16, 204 KiB: ``_blocks``)."""
     if Dk > MAX_HEAD_DIM:
         return f"takes Dk <= {MAX_HEAD_DIM} (its [C, Dk] tiles stay on chip), got Dk={Dk}"
@@ -291,215 +274,75 @@ def _launch_options(dgd: bool) -> dict:
     return opts
 
 
-def _precision(dtype: torch.dtype) -> str:
-    # fp32 inputs follow torch's matmul setting (exact fp32 unless TF32 is allowed); half inputs use TF32
-    # for the fp32 state products (their own rounding is already coarser)
-    if dtype == torch.float32:
-        return "tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee"
-    return "tf32"
-
-
-def _empty(*shape, device, dtype) -> torch.Tensor:
-    """Every buffer a kernel must fill entirely (tests replace this with a NaN-poisoning allocator)."""
-    return torch.empty(*shape, device=device, dtype=dtype)
-
-
-def _run_fwd(q, k, kh, v, aqk, akk, tinv, aqw, vec, end, W0, S0, C, dgd, write_out, store_states):
+def _run_fwd(q, k, v, terms, state, C, write_out, store_states):
+    kh, aqk, _gth, akk, tinv, aqw, rows, ends = terms
+    W0, S0 = state
+    dgd = kh.numel() > 0
     B, H, T, Dk = q.shape
     Dv = v.shape[-1]
-    NC = vec.shape[2]
+    NC = rows.shape[2]
     Tp = NC * C
     BT, BK, BV = _blocks(C, Dk, Dv)
     dev = q.device
-    out = _empty(B, H, T, Dv, device=dev, dtype=q.dtype) if write_out else q.new_empty(0)
-    WT = _empty(B, H, Dv, Dk, device=dev, dtype=torch.float32)
-    ST = _empty(B, H, Dv, Dk, device=dev, dtype=torch.float32)
-    states = (_empty(B, H, NC, 2, Dv, Dk, device=dev, dtype=torch.float32) if store_states
+    out = launch.empty(B, H, T, Dv, device=dev, dtype=q.dtype) if write_out else q.new_empty(0)
+    WT = launch.empty(B, H, Dv, Dk, device=dev, dtype=torch.float32)
+    ST = launch.empty(B, H, Dv, Dk, device=dev, dtype=torch.float32)
+    states = (launch.empty(B, H, NC, 2, Dv, Dk, device=dev, dtype=torch.float32) if store_states
               else WT.new_empty(0))
     grid = (triton.cdiv(Dv, BV), B * H)
     LAST_KERNELS["fwd"] = _linear_fwd_kernel[grid](
         q, k, kh if dgd else k, v, aqk, akk if dgd else aqk, tinv if dgd else aqk, aqw if dgd else aqk,
-        vec, end, W0, S0, out, WT, ST, states,
+        rows, ends, W0, S0, out, WT, ST, states,
         T, Tp, NC, C, Dk, Dv,
         BT=BT, BK=BK, BV=BV, DGD=dgd, WRITE_OUT=write_out, STORE_STATES=store_states,
-        PRECISION=_precision(q.dtype), **_launch_options(dgd),
+        PRECISION=launch.precision(q.dtype), **_launch_options(dgd),
     )
     return out, WT, ST, states
 
 
-def _fwd(q, k, kh, v, aqk, akk, tinv, aqw, vec, end, W0, S0, chunk_size):
-    out, WT, ST, _ = _run_fwd(q, k, kh, v, aqk, akk, tinv, aqw, vec, end, W0, S0, chunk_size,
-                              kh is not None, write_out=True, store_states=False)
-    return out, WT, ST
+def forward(q, k, v, terms, state, chunk_size):
+    """[out, W_T, S_T] (the kernel contract of ``chunk.py``)."""
+    out, WT, ST, _ = _run_fwd(q, k, v, terms, state, chunk_size, write_out=True, store_states=False)
+    return [out, WT, ST]
 
 
-def _bwd(do, dWT, dST, q, k, kh, v, aqk, akk, tinv, aqw, vec, end, W0, S0, chunk_size):
-    dgd = kh is not None
+def backward(grads, q, k, v, terms, state, chunk_size):
+    """[dq, dk, dv, *dterms, dW0, dS0] (the kernel contract of ``chunk.py``)."""
+    do, dWT, dST = grads
+    kh, aqk, gth, akk, tinv, aqw, rows, ends = terms
+    dgd = kh.numel() > 0
     B, H, T, Dk = q.shape
     Dv = v.shape[-1]
-    NC = vec.shape[2]
+    NC = rows.shape[2]
     C = chunk_size
     Tp = NC * C
     BT, BK, BV = _blocks(C, Dk, Dv, backward=True, dgd=dgd)
     NV = triton.cdiv(Dv, BV)
     dev = q.device
     # recompute the chunk-start states (the forward pass kept only its inputs)
-    _, _, _, states = _run_fwd(q, k, kh, v, aqk, akk, tinv, aqw, vec, end, W0, S0, C, dgd,
-                               write_out=False, store_states=True)
+    *_, states = _run_fwd(q, k, v, terms, state, C, write_out=False, store_states=True)
     f32 = dict(device=dev, dtype=torch.float32)
     dq = torch.zeros(NV, B, H, Tp, Dk, **f32)
     dk = torch.zeros_like(dq)
     dkh = torch.zeros_like(dq) if dgd else dq.new_empty(0)
-    dv = _empty(B, H, T, Dv, device=dev, dtype=v.dtype)
+    dv = launch.empty(B, H, T, Dv, device=dev, dtype=v.dtype)
     dmat = lambda: torch.zeros(NV, B, H, NC, C, C, **f32)  # noqa: E731
     daqk = dmat()
     dakk, dtinv, daqw = (dmat(), dmat(), dmat()) if dgd else (daqk.new_empty(0) for _ in range(3))
-    dvec = torch.zeros(NV, B, H, NC, N_VEC, C, **f32)
-    dend = torch.zeros(NV, B, H, NC, 3, **f32)
-    dW0 = _empty(B, H, Dv, Dk, **f32)
-    dS0 = _empty(B, H, Dv, Dk, **f32)
+    drows = torch.zeros(NV, B, H, NC, N_ROWS, C, **f32)
+    dends = torch.zeros(NV, B, H, NC, 3, **f32)
+    dW0 = launch.empty(B, H, Dv, Dk, **f32)
+    dS0 = launch.empty(B, H, Dv, Dk, **f32)
     LAST_KERNELS["bwd"] = _linear_bwd_kernel[(NV, B * H)](
         q, k, kh if dgd else k, v, aqk, akk if dgd else aqk, tinv if dgd else aqk, aqw if dgd else aqk,
-        vec, end, states, do, dWT, dST,
+        rows, ends, states, do, dWT, dST,
         dq, dk, dkh if dgd else dq, dv, daqk, dakk if dgd else daqk, dtinv if dgd else daqk,
-        daqw if dgd else daqk, dvec, dend, dW0, dS0,
+        daqw if dgd else daqk, drows, dends, dW0, dS0,
         T, Tp, NC, C, Dk, Dv, B * H,
-        BT=BT, BK=BK, BV=BV, DGD=dgd, PRECISION=_precision(q.dtype), **_launch_options(dgd),
+        BT=BT, BK=BK, BV=BV, DGD=dgd, PRECISION=launch.precision(q.dtype), **_launch_options(dgd),
     )
     red = lambda x: x.sum(0) if x.numel() else x  # noqa: E731  (sum the per-value-block partials)
     dq = red(dq)[:, :, :T].to(q.dtype).contiguous()
     dk = red(dk)[:, :, :T].to(k.dtype).contiguous()
-    return [dq, dk, red(dkh), dv, red(daqk), red(dakk), red(dtinv), red(daqw), red(dvec), red(dend), dW0, dS0]
-
-
-#: ``hope::titan_linear_fwd`` / ``hope::titan_linear_bwd`` (fakes and autograd: state_pass.py)
-titan_linear_fwd, titan_linear_bwd = define_state_pass_ops("", _fwd, _bwd)
-
-
-# ------------------------------------------------------------------------------------------------ mlp memory
-#: the largest chunk size (as its power-of-two tile) the mlp kernels take, per (head-dim tile, rule, backward):
-#: every launch compiled for sm_90 (Triton 3.6 as on our H100, and 3.9) needs at most the H100's 227 KiB of shared
-#: memory there (hope_kernels.triton_resources; tests/kernels/test_triton_resources.py keeps it so). Each step up
-#: would not fit, e.g. the dgd read-out backward at D 64, C 64 needs 344 KiB, the titans one at D 128, C 64 360 KiB.
-MLP_MAX_CHUNK = {(64, "titans", False): 64, (64, "titans", True): 64, (64, "dgd", False): 64, (64, "dgd", True): 32,
-                 (128, "titans", False): 64, (128, "titans", True): 32, (128, "dgd", False): 32,
-                 (128, "dgd", True): 16}
-MLP_MAX_HEAD_DIM = 128
-
-
-def why_not_mlp(D: int, E: int, chunk_size: int, rule: str, backward: bool) -> str | None:
-    """None when the mlp kernels run this call, else why not (any hidden width E: it is tiled)."""
-    if D > MLP_MAX_HEAD_DIM:
-        return f"runs memory='mlp' with D <= {MLP_MAX_HEAD_DIM} (its [C, D] tiles stay on chip), got D={D}"
-    cap = MLP_MAX_CHUNK[(max(64, triton.next_power_of_2(D)), rule, backward)]
-    if triton.next_power_of_2(chunk_size) <= cap:
-        return None
-    return (f"runs memory='mlp', rule={rule!r} at D={D} with chunk_size <= {cap}"
-            f"{' when a backward is needed' if backward else ''} (larger chunks need more shared memory than an "
-            f"H100 has), got chunk_size={chunk_size}")
-
-
-def _mlp_blocks(C: int, D: int, E: int) -> tuple[int, int, int]:
-    """(BT, BD, BE): tl.dot needs every dimension >= 16; E is visited in tiles of BE hidden units."""
-    BT = max(16, triton.next_power_of_2(C))
-    BD = max(16, triton.next_power_of_2(D))
-    BE = max(16, min(TUNING["mlp_be"], triton.next_power_of_2(E)))
-    return BT, BD, BE
-
-
-def _mlp_launch_options() -> dict:
-    return {"num_warps": TUNING["mlp_num_warps"], "num_stages": TUNING["mlp_num_stages"]}
-
-
-def _mlp_fused_forward(D: int) -> bool:
-    """Whether the forward runs the update and the read-out in one sequential launch (else: the update, then the
-    read-out of all chunks in parallel from the stored chunk-start states). The fused launch keeps the read-out's
-    tiles on chip beside the update's; compiled for sm_90 (hope_kernels.triton_resources) it fits an H100's shared
-    memory at D <= 64 (176 KiB under dgd at C 64), not at D 128."""
-    return TUNING["mlp_fused_fwd"] and D <= 64
-
-
-def _mlp_args(q, k, kh, v, aqk, gth, akk, tinv, aqw, vec, end):
-    """The kernels' leading tensor arguments (dgd's terms replaced by a placeholder when absent)."""
-    dgd = kh is not None
-    return (q, k, kh if dgd else k, v, aqk, gth, akk if dgd else aqk, tinv if dgd else aqk, aqw if dgd else aqk,
-            vec, end)
-
-
-def _run_mlp_fwd(q, k, kh, v, aqk, gth, akk, tinv, aqw, vec, end, W1, W2, S1, S2, C, write_out, store_states):
-    """The forward launches: (out, W1_T, W2_T, S1_T, S2_T, chunk-start states or an empty tensor)."""
-    dgd = kh is not None
-    B, H, T, D = q.shape
-    E = W1.shape[-1]
-    NC = vec.shape[2]
-    BT, BD, BE = _mlp_blocks(C, D, E)
-    dev = q.device
-    fused = write_out and not store_states and _mlp_fused_forward(D)
-    store_states = store_states or (write_out and not fused)  # the parallel read-out reads the stored states
-    # the kernel updates the state in place: these copies of the initial state end as the final state
-    W1T, W2T, S1T, S2T = (x.to(torch.float32, copy=True).contiguous() for x in (W1, W2, S1, S2))
-    out = _empty(B, H, T, D, device=dev, dtype=q.dtype) if write_out else q.new_empty(0)
-    states = (_empty(B, H, NC, 4, D, E, device=dev, dtype=torch.float32) if store_states
-              else W1T.new_empty(0))
-    common = dict(BT=BT, BD=BD, BE=BE, DGD=dgd, PRECISION=_precision(q.dtype), **_mlp_launch_options())
-    args = _mlp_args(q, k, kh, v, aqk, gth, akk, tinv, aqw, vec, end)
-    sizes = (T, NC * C, NC, C, D, E)
-    LAST_KERNELS["mlp_fwd"] = _mlp_fwd_kernel[(B * H,)](
-        *args, W1T, W2T, S1T, S2T, out, states, *sizes,
-        UPDATE=True, READOUT=fused, STORE_STATES=store_states, **common)
-    if write_out and not fused:
-        LAST_KERNELS["mlp_readout"] = _mlp_fwd_kernel[(B * H, NC)](
-            *args, W1T, W2T, S1T, S2T, out, states, *sizes,
-            UPDATE=False, READOUT=True, STORE_STATES=False, **common)
-    return out, W1T, W2T, S1T, S2T, states
-
-
-def _mlp_fwd(q, k, kh, v, aqk, gth, akk, tinv, aqw, vec, end, W1, W2, S1, S2, chunk_size):
-    out, W1T, W2T, S1T, S2T, _ = _run_mlp_fwd(q, k, kh, v, aqk, gth, akk, tinv, aqw, vec, end, W1, W2, S1, S2,
-                                              chunk_size, write_out=True, store_states=False)
-    return out, W1T, W2T, S1T, S2T
-
-
-def _mlp_bwd(do, dW1T, dW2T, dS1T, dS2T, q, k, kh, v, aqk, gth, akk, tinv, aqw, vec, end, W1, W2, S1, S2,
-             chunk_size):
-    """Three launches: the forward's update (recomputing the chunk-start states), the read-out's backward for all
-    chunks in parallel, then the update's backward carrying the state gradient through the chunks in reverse."""
-    dgd = kh is not None
-    B, H, T, D = q.shape
-    E = W1.shape[-1]
-    NC = vec.shape[2]
-    C = chunk_size
-    Tp = NC * C
-    BT, BD, BE = _mlp_blocks(C, D, E)
-    dev = q.device
-    *_, states = _run_mlp_fwd(q, k, kh, v, aqk, gth, akk, tinv, aqw, vec, end, W1, W2, S1, S2, C,
-                              write_out=False, store_states=True)
-    # the update's backward carries the state gradient in place: copies of the final state's end as the initial's
-    dW1, dW2, dS1, dS2 = (x.to(torch.float32, copy=True).contiguous() for x in (dW1T, dW2T, dS1T, dS2T))
-    f32 = dict(device=dev, dtype=torch.float32)
-    dq = _empty(B, H, T, D, device=dev, dtype=q.dtype)
-    dk = _empty(B, H, T, D, device=dev, dtype=k.dtype)
-    dv = _empty(B, H, T, D, device=dev, dtype=v.dtype)
-    dk_r, dv_r = _empty(B, H, T, D, **f32), _empty(B, H, T, D, **f32)  # the read-out's parts
-    dstates = _empty(B, H, NC, 4, D, E, **f32)  # the read-out's gradient of each chunk-start state
-    # masked stores skip the padded rows of the last chunk: their gradients are zeros
-    dmat = lambda: torch.zeros(B, H, NC, C, C, **f32)  # noqa: E731
-    daqk, dgth = dmat(), dmat()
-    dkh = torch.zeros(B, H, Tp, D, **f32) if dgd else dq.new_empty(0, dtype=torch.float32)
-    dakk, dtinv, daqw = (dmat(), dmat(), dmat()) if dgd else (daqk.new_empty(0) for _ in range(3))
-    dvec = torch.zeros(B, H, NC, N_VEC, C, **f32)
-    dend = _empty(B, H, NC, 3, **f32)
-    args = (*_mlp_args(q, k, kh, v, aqk, gth, akk, tinv, aqw, vec, end), states, do, dW1, dW2, dS1, dS2, dstates,
-            dq, dk, dkh if dgd else dq, dv, dk_r, dv_r, daqk, dgth, dakk if dgd else daqk, dtinv if dgd else daqk,
-            daqw if dgd else daqk, dvec, dend, T, Tp, NC, C, D, E)
-    common = dict(BT=BT, BD=BD, BE=BE, DGD=dgd, PRECISION=_precision(q.dtype), **_mlp_launch_options())
-    LAST_KERNELS["mlp_bwd_readout"] = _mlp_bwd_kernel[(B * H, NC)](*args, READOUT=True, **common)
-    LAST_KERNELS["mlp_bwd"] = _mlp_bwd_kernel[(B * H,)](*args, READOUT=False, **common)
-    return [dq, dk, dkh, dv, daqk, dgth, dakk, dtinv, daqw, dvec, dend, dW1, dW2, dS1, dS2]
-
-
-#: ``hope::titan_mlp_fwd`` / ``hope::titan_mlp_bwd`` (fakes and autograd: state_pass.py)
-titan_mlp_fwd, titan_mlp_bwd = define_mlp_state_pass_ops("", _mlp_fwd, _mlp_bwd)
-titan_memory_update_triton = backend_entry("triton", titan_linear_fwd, why_not, titan_mlp_fwd, why_not_mlp)
-
-dispatch.register(OP, "triton", titan_memory_update_triton, supports=dispatch.triton_supports)
+    return [dq, dk, dv, red(dkh), red(daqk), gth.new_empty(0), red(dakk), red(dtinv), red(daqw), red(drows),
+            red(dends), dW0, dS0]
