@@ -10,7 +10,7 @@ def main(argv: list[str] | None = None) -> int:
     if not argv or argv[0] in ("-h", "--help"):
         print(__doc__.strip())
         return 0 if argv else 2
-    from hope.train import load_config, train
+    from hope.train import RunError, load_config, train
 
     path, overrides = argv[0], argv[1:]
     try:
@@ -18,7 +18,11 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    summary = train(cfg)
+    try:
+        summary = train(cfg)
+    except (RunError, ValueError, OSError) as e:  # refusals, bad data / model keys, unwritable files: one line
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     if summary.get("run_dir") and summary.get("step") is not None:
         print(json.dumps(summary))
     return 0
