@@ -10,6 +10,8 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from hope.yamlio import load_yaml
 
 MODES = ("online", "parallel")
@@ -229,7 +231,11 @@ def parse_overrides(overrides) -> dict:
         if not isinstance(item, str) or "=" not in item:
             raise ValueError(f"override {item!r}: expected key=value")
         key, raw = item.split("=", 1)
-        _set_dotted(tree, key.strip(), load_yaml(raw) if raw != "" else None)
+        try:
+            value = load_yaml(raw) if raw != "" else None
+        except yaml.YAMLError as e:
+            raise ValueError(f"{key.strip()}: the value {raw!r} is not valid YAML ({str(e).splitlines()[0]})") from None
+        _set_dotted(tree, key.strip(), value)
     return tree
 
 
@@ -250,7 +256,10 @@ def load_config(path=None, overrides=None) -> TrainConfig:
         path = Path(path)
         if not path.is_file():
             raise ValueError(f"config: no such file {str(path)!r}")
-        data = load_yaml(path.read_text()) or {}
+        try:
+            data = load_yaml(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ValueError(f"config: {path} is not valid YAML ({' '.join(str(e).split())})") from None
         if not isinstance(data, dict):
             raise ValueError(f"config: {path} must hold a mapping")
     data = _merge(data, parse_overrides(overrides))

@@ -337,6 +337,16 @@ def test_resume_refuses_another_tokenizer_or_data(tmp_path, two_tokenizers, caps
 
 
 # --------------------------------------------------------------------------------- errors and disk full
+def test_config_errors_are_one_line(tmp_path, capsys):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("steps: [1,\n")
+    for argv, words in (([str(bad)], ("config", "bad.yaml")), ([str(SMOKE), "model={preset:"], ("model",)),
+                        ([str(tmp_path / "none.yaml")], ("none.yaml",)), ([str(SMOKE), "steps=0"], ("steps",))):
+        capsys.readouterr()
+        assert main(argv) == 2
+        assert_one_error_line(capsys.readouterr().err, *words)
+
+
 def test_errors_after_config_loading_are_one_line(tmp_path, prepared_corpus, capsys):
     rc, err = cli(capsys, tmp_path / "a", **{"data.manifest": str(tmp_path / "missing.yaml")})
     assert rc != 0
