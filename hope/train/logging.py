@@ -17,6 +17,14 @@ def _clean(value):
     return value
 
 
+def count_records(path) -> int:
+    """Records (non-empty lines) of a log.jsonl; 0 when there is none."""
+    if not Path(path).is_file():
+        return 0
+    with open(path) as f:
+        return sum(1 for line in f if line.strip())
+
+
 def _keep_first_records(path: Path, n: int) -> None:
     """Cut ``path`` to its first ``n`` records (atomically): the records a resumed run writes again go."""
     if not path.is_file():
@@ -51,9 +59,7 @@ class RunLogger:
             return
         if keep_records is not None:
             _keep_first_records(self.path, keep_records)
-        if self.path.is_file():
-            with open(self.path) as f:
-                self.records = sum(1 for line in f if line.strip())
+        self.records = count_records(self.path)
         self._file = open(self.path, "a")
         self._init_wandb(cfg)
         if cfg.log.progress:

@@ -22,6 +22,7 @@ from pathlib import Path
 
 from hope.train import checkpoint as ckpt
 from hope.train.errors import RunError
+from hope.train.logging import count_records
 
 LOCK_FILE = "run.lock"
 # files only a run writes: a folder holding one of them holds a run
@@ -150,14 +151,6 @@ def _holds_a_run(folder: Path) -> list[str]:
     return [name for name in _RUN_FILES if (folder / name).exists()]
 
 
-def _log_records(folder: Path) -> int:
-    log = folder / "log.jsonl"
-    if not log.is_file():
-        return 0
-    with open(log) as f:
-        return sum(1 for line in f if line.strip())
-
-
 def _newest_run_with_checkpoints(out_dir: Path, name: str) -> Path | None:
     runs = [p for p in sorted(out_dir.glob(f"{name}-*")) if p.is_dir() and ckpt.has_checkpoints(p)]
     return runs[-1] if runs else None
@@ -189,9 +182,9 @@ def open_run_folder(cfg, stamp: str) -> RunFolder:
                 raise RunError(f"run_dir {path}: no checkpoint verifies, not starting afresh over them: " +
                                "; ".join(f"{k}: {v}" for k, v in folder.skipped.items()) +
                                "; repair or move them away, or start a new run in another folder (run_dir=...)")
-            if folder.resume_from is None and _log_records(path):
-                raise RunError(f"run_dir {path}: holds a run ({_log_records(path)} records in log.jsonl) but no "
-                               "checkpoint to resume from; start a new run in another folder (run_dir=...)")
+            if folder.resume_from is None and (records := count_records(path / "log.jsonl")):
+                raise RunError(f"run_dir {path}: holds a run ({records} records in log.jsonl) but no checkpoint to "
+                               "resume from; start a new run in another folder (run_dir=...)")
         else:
             try:
                 folder.resume_from = ckpt.resolve_step_dir(cfg.resume, files=None)
