@@ -11,6 +11,11 @@ import torch
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
 
+class NonFiniteError(ValueError):
+    """A value check met NaN or inf values: the inputs have diverged (a trainer may skip the step), unlike the
+    other ValueErrors here, which report a wrong call."""
+
+
 def _compiling() -> bool:
     try:
         return torch.compiler.is_compiling()
@@ -78,7 +83,9 @@ def check_range(name: str, t: torch.Tensor, low: float, high: float) -> None:
     lo, hi = torch.aminmax(t.detach().float())
     lo, hi = float(lo), float(hi)
     if not (lo == lo and hi == hi):  # NaN
-        raise ValueError(f"{name} contains NaN; expected values in [{low}, {high}]")
+        raise NonFiniteError(f"{name} contains NaN; expected values in [{low}, {high}]")
+    if lo == float("-inf") or hi == float("inf"):
+        raise NonFiniteError(f"{name} contains inf; expected values in [{low}, {high}]")
     if lo < low or hi > high:
         raise ValueError(f"{name} must lie in [{low}, {high}], got values in [{lo:.4g}, {hi:.4g}]")
 
@@ -90,7 +97,7 @@ def check_finite(name: str, t: torch.Tensor) -> None:
     finite = torch.isfinite(t)
     if not bool(finite.all()):
         where = tuple(int(i) for i in (~finite).nonzero()[0])
-        raise ValueError(f"{name} must be finite, got {t[where].item()} at index {where}")
+        raise NonFiniteError(f"{name} must be finite, got {t[where].item()} at index {where}")
 
 
 def check_positive_int(name: str, v) -> int:
@@ -114,7 +121,7 @@ def check_float(name: str, v, low: float | None = None, high: float | None = Non
         raise TypeError(f"{name} must be a float, got {type(v).__name__}")
     v = float(v)
     if not math.isfinite(v):
-        raise ValueError(f"{name} must be a finite float, got {v}")
+        raise NonFiniteError(f"{name} must be a finite float, got {v}")
     if low is not None and v < low:
         raise ValueError(f"{name} must be >= {low}, got {v}")
     if high is not None and v > high:

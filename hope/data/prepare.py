@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import shutil
 import time
@@ -43,6 +44,8 @@ from hope.data.sources import DataIntegrityError, SourceSpec
 from hope.data.tokenizer import (HF_TOKENIZER_DIR, HFTokenizer, Tokenizer, load_tokenizer, sha256_file,
                                  train_tokenizer)
 from hope.yamlio import load_yaml
+
+_log = logging.getLogger("hope.data")
 
 TOKENIZER_DEFAULTS = {"vocab_size": 4096, "model_type": "unigram", "input_sentence_size": 200000, "path": None,
                       "character_coverage": 1.0, "hard_vocab_limit": True, "hf": None, "revision": None}
@@ -257,9 +260,13 @@ def _prepare_tokenizer(manifest: Manifest, source_prints: dict, log: list[str],
                                 "seed": manifest.seed})
     if model_path.is_file() and record_path.is_file():
         record = json.loads(record_path.read_text())
-        if record.get("fingerprint") == fingerprint and record.get("sha256") == sha256_file(model_path):
+        digest = sha256_file(model_path)
+        if record.get("fingerprint") == fingerprint and record.get("sha256") == digest:
             log.append(f"tokenizer: up to date ({model_path}, sha256 {record['sha256'][:12]})")
             return Tokenizer.load(model_path, record["sha256"]), {"skipped": True}
+        if record.get("fingerprint") == fingerprint:
+            _log.warning("repairing the prepared data: tokenizer %s has sha256 %s, its record %s; it is trained "
+                         "again (and the sources tokenised again if it changed)", model_path, digest, record.get("sha256"))
     # training text: the train split of every source, one line per text line (SentencePiece trains on lines)
     train_text = out_dir / "tokenizer_train.txt.tmp"
     start = time.perf_counter()
@@ -300,7 +307,8 @@ def _source_up_to_date(out_dir: Path, old: dict | None, fingerprint: str, dtype:
         for split in old["splits"].values():
             for shard in split["shards"]:
                 verify_shard_file(out_dir / shard["path"], shard, dtype)
-    except DataIntegrityError:
+    except DataIntegrityError as e:
+        _log.warning("repairing the prepared data: %s; its source is tokenised again", e)
         return False
     return True
 

@@ -57,9 +57,13 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    from hope.train import train
+    from hope.train import RunError, train
 
-    summary = train(cfg)
+    try:
+        summary = train(cfg)
+    except (RunError, ValueError, OSError) as e:  # refusals, bad data / model keys, unwritable files: one line
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     if summary.get("run_dir") and summary.get("step") is not None:
         print(json.dumps(summary))
     return 0

@@ -121,6 +121,25 @@ def bad_ranks(reason, info: DistInfo) -> list[tuple[int, object]]:
     return [(r, g) for r, g in enumerate(gathered) if g is not None]
 
 
+def from_main(value, error: BaseException | None, info: DistInfo):
+    """Collective: rank 0's ``value`` on every rank. When rank 0 failed (``error``), rank 0 re-raises it and
+    every other rank raises a RunError with its message, so no rank waits in a collective the others skip."""
+    if not info.enabled:
+        if error is not None:
+            raise error
+        return value
+    obj = [(value, None if error is None else str(error))]
+    dist.broadcast_object_list(obj, src=0)
+    value, message = obj[0]
+    if message is not None:
+        if error is not None:
+            raise error
+        from hope.train.errors import RunError
+
+        raise RunError(f"rank 0: {message}")
+    return value
+
+
 def mean_scalar(value: float, info: DistInfo) -> float:
     if not info.enabled:
         return value
