@@ -71,9 +71,8 @@ def _parser():
     n.add_argument("--filler", default=None, help="filler text file (default: the shared KJV corpus)")
     _common(n)
     c = sub.add_parser("continual", help="sequential training on segments; loss matrix, forgetting, BWT")
-    c.add_argument("--configs", nargs="+", default=["configs/smoke.yaml", "configs/titan_smoke.yaml",
-                                                    "configs/transformer_smoke.yaml"])
-    c.add_argument("--data", default="configs/data/continual_embedded.yaml")
+    c.add_argument("--configs", nargs="+", default=["smoke", "titan_smoke", "transformer_smoke"])
+    c.add_argument("--data", default="continual_embedded")
     c.add_argument("--segments", default=None, help="comma list of segment (source) names; default all")
     c.add_argument("--steps-per-segment", type=int, default=100)
     c.add_argument("--seq-len", type=int, default=128)

@@ -28,7 +28,7 @@ from hope.train.logging import read_log
 from tests.train.conftest import REPO, tiny_overrides
 from tests.train.faults import make_legacy, snapshot, write_crafted_pickle
 
-SMOKE = REPO / "configs" / "smoke.yaml"
+SMOKE = REPO / "hope" / "configs" / "smoke.yaml"
 FAST = dict(steps=2, ckpt_every=1, eval_every=0, batch_size=2)
 
 
