@@ -44,17 +44,27 @@ def initial_memory_state(module: nn.Module, prefix: str, memory: str, batch_size
     return LinearMemoryState(W, torch.zeros_like(W))
 
 
-def clip_memory_update(old, new, max_ratio: float):
-    """Bound one in-context update per (sample, head): ||W_new - W_old|| <= max_ratio * ||W_old|| over the
-    weights (W / W1, W2), the momenta's change scaled by the same factor. Differentiable (a rescaling, not a
-    clamp of values); a no-op for updates inside the bound. Keeps a self-referential memory whose targets
-    and gates it generates itself from running away on an outlier chunk (the smoke run's NaN gates)."""
+def memory_update_scale(old, new, max_ratio: float) -> torch.Tensor:
+    """Per (sample, head) factor in (0, 1] that bounds one in-context update: ||W_new - W_old|| <= max_ratio *
+    ||W_old|| over the weights (W / W1, W2). [B, H, 1, 1]; 1 for updates inside the bound."""
     half = len(new) // 2  # NamedTuple layout: weights first, then their momenta
     d2 = sum((n.float() - o.float()).pow(2).sum(dim=(-2, -1)) for n, o in zip(new[:half], old[:half]))
     w2 = sum(o.float().pow(2).sum(dim=(-2, -1)) for o in old[:half])
     limit = max_ratio * w2.clamp_min(1e-12).sqrt()
-    scale = (limit / d2.clamp_min(1e-24).sqrt()).clamp(max=1.0)[..., None, None]  # [B, H, 1, 1]
+    return (limit / d2.clamp_min(1e-24).sqrt()).clamp(max=1.0)[..., None, None]
+
+
+def apply_update_scale(old, new, scale: torch.Tensor):
+    """old + scale * (new - old) for every weight and momentum (differentiable: a rescaling, not a clamp)."""
     return type(new)(*(o + scale * (n - o) for n, o in zip(new, old)))
+
+
+def clip_memory_update(old, new, max_ratio: float):
+    """Bound one in-context update per (sample, head): ||W_new - W_old|| <= max_ratio * ||W_old|| over the
+    weights (W / W1, W2), the momenta's change scaled by the same factor. Differentiable (a rescaling, not a
+    clamp of values); a no-op for updates inside the bound. Not in the papers: a named option of the layers
+    (``gen_update_clip`` / ``mem_update_clip``), off by default (docs/equations.md)."""
+    return apply_update_scale(old, new, memory_update_scale(old, new, max_ratio))
 
 
 def memory_delta_norm(new, old) -> torch.Tensor:

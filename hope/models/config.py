@@ -11,6 +11,10 @@ ARCHS = ("hope", "titan", "transformer")
 TITAN_VARIANTS = ("lmm", "mag")
 RULES = ("titans", "dgd")
 TEACH_SIGNALS = ("shared", "exact")
+MEM_READOUTS = ("before_update", "after_update")
+#: the inner rule each architecture's paper uses when ``rule`` is left unset: HOPE DGD (NL sec. 8.1, eq. 88),
+#: TITAN Titans' momentum rule (Titans eq. 13-14)
+PAPER_RULES = {"hope": "dgd", "titan": "titans", "transformer": "titans"}
 MEMORIES = ("linear", "mlp")
 BACKENDS = ("auto", "cuda", "triton", "cpp", "reference")
 
@@ -29,18 +33,22 @@ class ModelConfig:
     of the mlp memory per head, as a multiple of the head dim), ``chunk_size`` (memory update
     chunk), ``window`` (mag attention window), ``persistent_tokens`` (learnable tokens prepended).
 
-    HOPE: ``selfmod`` (self-modifying Titans on; off = generators k/v/q/eta/alpha are static),
-    ``adaptive_q`` (M_q is a self-modified memory too), ``mem_chunk_size`` (M_mem, default 64),
-    ``gen_chunk_size`` (the generator memories, default 8), ``gen_update_clip`` / ``mem_update_clip``
-    (bound on one chunk's update of the generators / M_mem, ||dW|| <= clip * ||W|| per sample and head;
-    0 = off), ``conv_window`` (causal depthwise conv
-    on the q/k/v inputs), ``cms_periods`` (update period of each CMS level, fastest first),
-    ``cms_levels`` (how many of them are used: the CMS depth ablation; 0 = no CMS),
+    HOPE: ``selfmod`` (self-modifying Titans on; off = generators k/v/eta/alpha are static),
+    ``mem_chunk_size`` (M_mem, default 64), ``gen_chunk_size`` (the generator memories, default 8),
+    ``conv_window`` (causal depthwise conv on the q/k/v inputs), ``cms_periods`` (update period of each CMS
+    level, fastest first), ``cms_levels`` (how many of them are used: the CMS depth ablation; 0 = no CMS),
     ``cms_hidden`` (hidden width of each level), ``cms_lr``, ``cms_beta``, ``cms_precond``
-    (nl_l2_precond, NL eq. 27-29), ``teach_signal`` (``"shared"`` head delta to every level, or
-    ``"exact"`` d loss / d level output).
+    (nl_l2_precond, NL eq. 27-29), ``teach_signal`` (``"exact"``: the error at each level's own output;
+    ``"shared"``: the head's delta for every level).
+    Named deviations from the paper, each off (paper behaviour) by default, docs/equations.md "HOPE: paper vs
+    flags": ``adaptive_q`` (q from a self-modified M_q; NL eq. 83 keeps q non-adaptive), ``normalize_v``
+    (v_t l2-normalised), ``mem_readout`` (``"before_update"``: o_t = M_{t-1}(q_t) as NL eq. 83 / 94;
+    ``"after_update"``: M_t), ``selfmod_momentum`` (Titans-style momentum in the self-modifying memories;
+    NL eq. 88 has none), ``gen_update_clip`` / ``mem_update_clip`` (bound on one chunk's update of the
+    generators / M_mem, ||dW|| <= clip * ||W|| per sample and head; 0 = off).
 
-    Both memory archs: ``rule`` (``"titans"`` Titans eq. 13-14 or ``"dgd"`` NL eq. 56-57).
+    Both memory archs: ``rule`` (``"titans"`` Titans eq. 13-14 or ``"dgd"`` NL eq. 56-57); None (default)
+    takes the architecture's paper rule (``PAPER_RULES``: dgd for HOPE, titans for TITAN).
     """
 
     arch: str = "hope"
@@ -54,7 +62,7 @@ class ModelConfig:
     norm_eps: float = 1e-6
     init_std: float = 0.02
     backend: str = "auto"
-    rule: str = "titans"
+    rule: str | None = None
     # TITAN
     titan_variant: str = "lmm"
     memory: str = "mlp"
@@ -64,13 +72,14 @@ class ModelConfig:
     persistent_tokens: int = 0
     # HOPE
     selfmod: bool = True
-    adaptive_q: bool = True
+    adaptive_q: bool = False
+    normalize_v: bool = False
+    mem_readout: str = "before_update"
+    selfmod_momentum: bool = False
     mem_chunk_size: int = 64
     gen_chunk_size: int = 8
-    # measured at init on the smoke model: per-chunk update / weight norm ~0.03 (generators), ~0.08 (M_mem);
-    # without a bound, outlier chunks ran away (M_mem update norms 1e10, then NaN gates)
-    gen_update_clip: float = 0.1
-    mem_update_clip: float = 0.5
+    gen_update_clip: float = 0.0
+    mem_update_clip: float = 0.0
     conv_window: int = 4
     cms_periods: tuple = (16, 64, 256)
     cms_levels: int = 3
@@ -78,11 +87,13 @@ class ModelConfig:
     cms_lr: float = 1e-3
     cms_beta: float = 0.9
     cms_precond: bool = False
-    teach_signal: str = "shared"
+    teach_signal: str = "exact"
 
     def __post_init__(self):
         if isinstance(self.cms_periods, list):
             self.cms_periods = tuple(self.cms_periods)
+        if self.rule is None and self.arch in PAPER_RULES:
+            self.rule = PAPER_RULES[self.arch]
         self.validate()
 
     # ---------------------------------------------------------------- validation
@@ -115,6 +126,7 @@ class ModelConfig:
         choice("titan_variant", TITAN_VARIANTS)
         choice("rule", RULES)
         choice("teach_signal", TEACH_SIGNALS)
+        choice("mem_readout", MEM_READOUTS)
         choice("memory", MEMORIES)
         choice("backend", BACKENDS)
         for name in ("vocab_size", "d_model", "n_layers", "n_heads", "max_seq_len", "ffn_hidden",
@@ -130,7 +142,7 @@ class ModelConfig:
         pos_float("gen_update_clip", allow_zero=True)
         pos_float("mem_update_clip", allow_zero=True)
         pos_float("cms_beta", allow_zero=True, high=1.0)
-        for name in ("selfmod", "adaptive_q", "cms_precond"):
+        for name in ("selfmod", "adaptive_q", "normalize_v", "selfmod_momentum", "cms_precond"):
             boolean(name)
         if self.d_model % self.n_heads != 0:
             raise ValueError(
@@ -219,4 +231,5 @@ def preset(name: str, **overrides) -> ModelConfig:
     return ModelConfig(**{**_PRESETS[name], **overrides})
 
 
-__all__ = ["ModelConfig", "preset", "preset_names", "ARCHS", "TITAN_VARIANTS", "RULES", "TEACH_SIGNALS"]
+__all__ = ["ModelConfig", "preset", "preset_names", "ARCHS", "TITAN_VARIANTS", "RULES", "TEACH_SIGNALS", "MEM_READOUTS",
+           "PAPER_RULES"]

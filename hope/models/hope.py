@@ -23,7 +23,9 @@ class HopeBlock(nn.Module):
                                           mem_chunk_size=cfg.mem_chunk_size, gen_chunk_size=cfg.gen_chunk_size,
                                           gen_update_clip=cfg.gen_update_clip, mem_update_clip=cfg.mem_update_clip,
                                           conv_window=cfg.conv_window, rule=cfg.rule, selfmod=cfg.selfmod,
-                                          adaptive_q=cfg.adaptive_q, backend=cfg.backend)
+                                          adaptive_q=cfg.adaptive_q, normalize_v=cfg.normalize_v,
+                                          mem_readout=cfg.mem_readout, momentum=cfg.selfmod_momentum,
+                                          backend=cfg.backend)
         self.cms = CMSChain(cfg.d_model, cfg.cms_hidden, cfg.active_cms_periods, cfg.init_std,
                             out_scale=(2 * cfg.n_layers) ** -0.5)
 
@@ -44,16 +46,16 @@ class HopeLM(LanguageModel):
 
     def backbone(self, x, state, collect):
         new_states, level_inputs, level_outputs = [], [], []
-        metrics = {"memory_update_norm": 0.0, "generator_update_norm": 0.0, "memory_lr_mean": 0.0}
+        metrics = dict.fromkeys(("memory_update_norm", "generator_update_norm", "memory_lr_mean",
+                                 "memory_clip_fraction", "generator_clip_fraction"), 0.0)
         for i, block in enumerate(self.blocks):
             layer_state = None if state is None else state.layers[i]
             x, s, m, lin, lout = block(x, layer_state, collect)
             new_states.append(s)
             level_inputs.append(lin)
             level_outputs.append(lout)
-            metrics["memory_update_norm"] += m["memory_update_norm"] / len(self.blocks)
-            metrics["generator_update_norm"] += m["generator_update_norm"] / len(self.blocks)
-            metrics["memory_lr_mean"] += m["memory_lr_mean"] / len(self.blocks)
+            for key in list(metrics):  # means over the blocks
+                metrics[key] = metrics[key] + m[key] / len(self.blocks)
         aux = {"level_inputs": level_inputs, "level_outputs": level_outputs} if collect else {}
         if collect and self.config.teach_signal == "exact" and torch.is_grad_enabled():
             # parallel mode's exact teach signal: d loss / d level output, captured during the outer backward

@@ -83,7 +83,7 @@ def test_shared_vs_exact_teach_signal():
 
 def test_parallel_inner_updates_apply_cms_update_to_slow_weights():
     torch.manual_seed(0)
-    model = build_model(tiny("hope", n_layers=1, cms_periods=(4, 8), cms_levels=2)).train()
+    model = build_model(tiny("hope", n_layers=1, cms_periods=(4, 8), cms_levels=2, teach_signal="shared")).train()
     ids, labels = batch(model.config, B=2, T=16)
     out = model(ids, labels=labels)
     out.loss.backward()
