@@ -24,6 +24,8 @@ keep their initial weights (static MLP projections).
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -98,14 +100,22 @@ class SelfModifyingTitans(nn.Module):
         mom = torch.sigmoid(self.momentum_logit.float())
         return mom[0].view(1, H, 1).expand(B, H, L), mom[1].view(1, H, 1).expand(B, H, L)
 
-    def forward(self, x: torch.Tensor, state: dict | None = None):
+    def forward(self, x: torch.Tensor, state: dict | None = None, *, local_grad: bool = False):
+        """``local_grad=True`` (the CMS teach pass): same values, but gradients reach x only along paths that stay at
+        the same token: the conv's current tap and the read of q_t (keys, values, gates, generators and memory
+        states are constants), so d loss / d x_t carries no other token's loss."""
         from hope_kernels import titan_memory_update
 
         check_input("x", x, self.dim)
         B, T, D = x.shape
         H, Dh, G = self.n_heads, self.head_dim, len(self.generators)
         state = state or {}
-        xin, conv_cache = self.conv(self.inp(x), state.get("conv"))
+        z = self.inp(x)
+        if local_grad:
+            xin, conv_cache = self.conv(z.detach(), state.get("conv"))
+            xin = xin + (z - z.detach()) * self.conv.weight[:, 0, -1].detach()
+        else:
+            xin, conv_cache = self.conv(z, state.get("conv"))
         xin = F.silu(xin).float().view(B, T, 3, H, Dh).permute(2, 0, 3, 1, 4)  # [3, B, H, T, Dh]
         xq, xk, xv = xin[0], xin[1], xin[2]
         gen0 = state.get("gen")
@@ -113,37 +123,49 @@ class SelfModifyingTitans(nn.Module):
             gen0 = initial_memory_state(self, "gen", "mlp", B)  # [B, G*H, ...]
         gen = gen0
         gen_clipped, gen_chunks = x.new_zeros((), dtype=torch.float32), 0
-        if self.selfmod:
-            ks, vs, qs, etas, alphas = [], [], [], [], []
-            C = self.gen_chunk_size
-            for c0 in range(0, T, C):
-                sl = slice(c0, min(T, c0 + C))
-                L = sl.stop - sl.start
-                W1g = gen.W1.reshape(B, G, H, Dh, -1)
-                W2g = gen.W2.reshape(B, G, H, -1, Dh)
-                k, v, q, eta, alpha = self._generate(W1g, W2g, xq[:, :, sl], xk[:, :, sl], xv[:, :, sl])
-                # self-generated targets v^_box = M_box(v_t), read at chunk start (NL eq. 88-90)
-                v_hat = mlp_read(W1g, W2g, v.unsqueeze(1).expand(B, G, H, L, Dh))
-                rep = lambda t: t.unsqueeze(1).expand(B, G, *t.shape[1:]).reshape(B, G * H, *t.shape[2:])  # noqa: E731
-                mom_g, _ = self._momenta(B, H, L, x.device)
-                gen_prev = gen
-                _, gen = titan_memory_update(rep(k), rep(k), v_hat.reshape(B, G * H, L, Dh), rep(eta), rep(mom_g),
-                                             rep(alpha), chunk_size=L, memory="mlp", rule=self.rule, state=gen,
-                                             backend=self.backend)
-                if self.gen_update_clip > 0:
-                    scale = memory_update_scale(gen_prev, gen, self.gen_update_clip)
-                    gen = apply_update_scale(gen_prev, gen, scale)
-                    gen_clipped = gen_clipped + (scale.detach() < 1).float().mean()
-                    gen_chunks += 1
-                ks.append(k), vs.append(v), qs.append(q), etas.append(eta), alphas.append(alpha)
-            k, v, q = torch.cat(ks, 2), torch.cat(vs, 2), torch.cat(qs, 2)
-            eta, alpha = torch.cat(etas, 2), torch.cat(alphas, 2)
-        else:
-            k, v, q, eta, alpha = self._generate(gen0.W1.view(B, G, H, Dh, -1), gen0.W2.view(B, G, H, -1, Dh),
-                                                 xq, xk, xv)
+        q_local = []  # local_grad with adaptive_q: q read again, with grad to x_q, from each chunk's M_q
+        with torch.no_grad() if local_grad else contextlib.nullcontext():
+            if self.selfmod:
+                ks, vs, qs, etas, alphas = [], [], [], [], []
+                C = self.gen_chunk_size
+                for c0 in range(0, T, C):
+                    sl = slice(c0, min(T, c0 + C))
+                    L = sl.stop - sl.start
+                    W1g = gen.W1.reshape(B, G, H, Dh, -1)
+                    W2g = gen.W2.reshape(B, G, H, -1, Dh)
+                    k, v, q, eta, alpha = self._generate(W1g, W2g, xq[:, :, sl], xk[:, :, sl], xv[:, :, sl])
+                    if local_grad and self.adaptive_q:
+                        with torch.enable_grad():
+                            q_local.append(l2_normalize(mlp_read(W1g[:, 4], W2g[:, 4], xq[:, :, sl])))
+                    # self-generated targets v^_box = M_box(v_t), read at chunk start (NL eq. 88-90)
+                    v_hat = mlp_read(W1g, W2g, v.unsqueeze(1).expand(B, G, H, L, Dh))
+                    rep = lambda t: t.unsqueeze(1).expand(B, G, *t.shape[1:]).reshape(B, G * H, *t.shape[2:])  # noqa: E731
+                    mom_g, _ = self._momenta(B, H, L, x.device)
+                    gen_prev = gen
+                    _, gen = titan_memory_update(rep(k), rep(k), v_hat.reshape(B, G * H, L, Dh), rep(eta),
+                                                 rep(mom_g), rep(alpha), chunk_size=L, memory="mlp", rule=self.rule,
+                                                 state=gen, backend=self.backend)
+                    if self.gen_update_clip > 0:
+                        scale = memory_update_scale(gen_prev, gen, self.gen_update_clip)
+                        gen = apply_update_scale(gen_prev, gen, scale)
+                        gen_clipped = gen_clipped + (scale.detach() < 1).float().mean()
+                        gen_chunks += 1
+                    ks.append(k), vs.append(v), qs.append(q), etas.append(eta), alphas.append(alpha)
+                k, v, q = torch.cat(ks, 2), torch.cat(vs, 2), torch.cat(qs, 2)
+                eta, alpha = torch.cat(etas, 2), torch.cat(alphas, 2)
+            else:
+                W1s, W2s = gen0.W1.view(B, G, H, Dh, -1), gen0.W2.view(B, G, H, -1, Dh)
+                k, v, q, eta, alpha = self._generate(W1s, W2s, xq, xk, xv)
+                if local_grad and self.adaptive_q:
+                    with torch.enable_grad():
+                        q_local.append(l2_normalize(mlp_read(W1s[:, 4], W2s[:, 4], xq)))
+        if local_grad:
+            q = torch.cat(q_local, 2) if self.adaptive_q else l2_normalize(xq)
         mem0 = state.get("mem")
         if mem0 is None:
             mem0 = initial_memory_state(self, "mem", "mlp", B)
+        if local_grad:
+            mem0 = type(mem0)(*(t.detach() for t in mem0))
         _, mom_m = self._momenta(B, H, T, x.device)
         before = self.mem_readout == "before_update"
         # o_t = M_{t-1}(q_t): the op reads M_s(q'_s) after token s's write, so feed q'_s = q_{s+1} and take

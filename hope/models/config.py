@@ -12,6 +12,7 @@ TITAN_VARIANTS = ("lmm", "mag")
 RULES = ("titans", "dgd")
 TEACH_SIGNALS = ("shared", "exact")
 MEM_READOUTS = ("before_update", "after_update")
+CMS_MODES = ("chunk_parallel", "sequential", "static")
 #: the inner rule each architecture's paper uses when ``rule`` is left unset: HOPE DGD (NL sec. 8.1, eq. 88),
 #: TITAN Titans' momentum rule (Titans eq. 13-14)
 PAPER_RULES = {"hope": "dgd", "titan": "titans", "transformer": "titans"}
@@ -38,8 +39,10 @@ class ModelConfig:
     ``conv_window`` (causal depthwise conv on the q/k/v inputs), ``cms_periods`` (update period of each CMS
     level, fastest first), ``cms_levels`` (how many of them are used: the CMS depth ablation; 0 = no CMS),
     ``cms_hidden`` (hidden width of each level), ``cms_lr``, ``cms_beta``, ``cms_precond``
-    (nl_l2_precond, NL eq. 27-29), ``teach_signal`` (``"exact"``: the error at each level's own output;
-    ``"shared"``: the head's delta for every level).
+    (nl_l2_precond, NL eq. 27-29; sequential mode only), ``teach_signal`` (``"exact"``: the error at each level's
+    own output; ``"shared"``: the head's delta for every level), ``cms_mode`` (how the levels learn within the
+    sequence: ``"chunk_parallel"`` teach signals at the segment-start weights, the default; ``"sequential"``
+    the exact form, a boundary at a time; ``"static"`` no in-context update, an ablation; hope/models/hope.py).
     Named deviations from the paper, each off (paper behaviour) by default, docs/equations.md "HOPE: paper vs
     flags": ``adaptive_q`` (q from a self-modified M_q; NL eq. 83 keeps q non-adaptive), ``normalize_v``
     (v_t l2-normalised), ``mem_readout`` (``"before_update"``: o_t = M_{t-1}(q_t) as NL eq. 83 / 94;
@@ -88,6 +91,7 @@ class ModelConfig:
     cms_beta: float = 0.9
     cms_precond: bool = False
     teach_signal: str = "exact"
+    cms_mode: str = "chunk_parallel"
 
     def __post_init__(self):
         if isinstance(self.cms_periods, list):
@@ -127,6 +131,7 @@ class ModelConfig:
         choice("rule", RULES)
         choice("teach_signal", TEACH_SIGNALS)
         choice("mem_readout", MEM_READOUTS)
+        choice("cms_mode", CMS_MODES)
         choice("memory", MEMORIES)
         choice("backend", BACKENDS)
         for name in ("vocab_size", "d_model", "n_layers", "n_heads", "max_seq_len", "ffn_hidden",
@@ -155,6 +160,9 @@ class ModelConfig:
             isinstance(p, int) and not isinstance(p, bool) and p > 0 for p in self.cms_periods
         ):
             raise ValueError(f"ModelConfig.cms_periods must be a tuple of positive ints, got {self.cms_periods!r}")
+        if self.cms_precond and self.cms_mode == "chunk_parallel":
+            raise ValueError("ModelConfig.cms_precond needs cms_mode='sequential': the preconditioned update is "
+                             "multiplicative, which the chunk-parallel form does not sum")
         if self.cms_levels > len(self.cms_periods):
             raise ValueError(
                 f"ModelConfig.cms_levels ({self.cms_levels}) must be <= len(cms_periods) ({len(self.cms_periods)})"
@@ -232,4 +240,4 @@ def preset(name: str, **overrides) -> ModelConfig:
 
 
 __all__ = ["ModelConfig", "preset", "preset_names", "ARCHS", "TITAN_VARIANTS", "RULES", "TEACH_SIGNALS", "MEM_READOUTS",
-           "PAPER_RULES"]
+           "CMS_MODES", "PAPER_RULES"]

@@ -54,7 +54,7 @@ class TitanLM(LanguageModel):
         for block in self.blocks:
             block.memory.reset_gate_bias()
 
-    def backbone(self, x, state, collect):
+    def backbone(self, x, state, collect, teach):
         B, T, _ = x.shape
         P = self.config.persistent_tokens
         # persistent tokens open a stream (state None): chaining segments equals one call on the whole

@@ -154,11 +154,6 @@ class Trainer:
 
         self.model_config = model_config_for(cfg.model, tok_vocab, seq_len=cfg.seq_len)
         check_fsdp(cfg, self.model_config.teach_signal)
-        if cfg.mode == "parallel" and self.model_config.arch == "hope" and self.model_config.teach_signal == "shared":
-            # measured: configs/smoke.yaml with teach_signal=shared reached slow CMS weight norms ~3000 in 100 steps
-            warnings.warn("model.teach_signal=shared in mode=parallel: the CMS levels' slow weights are updated with the "
-                          "head's delta, which is not their gradient, and drift without bound (smoke: val loss 6.04 vs "
-                          "5.18 without inner updates); use model.teach_signal=exact", stacklevel=2)
         self.model = build_model(self.model_config).to(self.device)
         if self.fsdp:  # before the optimizers: they must hold the sharded parameters
             # online mode: the CMS levels read their blocks' slow weights between the segment forwards (outside
@@ -198,7 +193,7 @@ class Trainer:
         return ckpt.resolve_step_dir(r)
 
     def restore(self, step_dir: Path) -> None:
-        """Weights (with CMS momentum buffers), optimizer moments, RNG, data position: exact continuation.
+        """Weights, optimizer moments, RNG, data position: exact continuation.
         Under FSDP collective: every rank reads the full files and keeps its shards."""
         state = ckpt.load_train_state(step_dir)
         if self.fsdp:
@@ -268,7 +263,7 @@ class Trainer:
             if self.cfg.mode == "online":
                 res = online_forward(self.model, x, y, segment_len=self.cfg.segment_len, teach_scale=teach_scale)
                 return res.loss, dict(res.metrics), None
-            out = self.model(x, labels=y)
+            out = self.model(x, labels=y, teach_scale=teach_scale)
             return out.loss, dict(out.metrics), out
 
     def _forward_guarded(self, batch: dict, teach_scale: float):
@@ -319,13 +314,6 @@ class Trainer:
             max_norm = limit if limit > 0 else float("inf")
             norms[key] = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
         return norms
-
-    def _cms_tensors(self) -> list[torch.Tensor]:
-        out = []
-        for n, t in list(self.model.named_parameters()) + list(self.model.named_buffers()):
-            if "cms." in n:
-                out.append(t.data)
-        return out
 
     def _skip(self, bad: list, **record) -> dict:
         """A skipped step's record: ``reason`` (the first bad rank's), its ``detail``, the bad ranks."""
@@ -385,16 +373,6 @@ class Trainer:
         for opt in self.optimizers:
             opt.step()
             opt.zero_grad(set_to_none=True)
-        if c.mode == "parallel" and out is not None:
-            from hope.models.online import apply_parallel_inner_updates
-
-            # under FSDP the CMS slow weights are gathered whole for the in-place inner updates, then resharded
-            gathered = (D.gathered_parameters(self.model, sorted(n for n, _ in self.model.named_parameters()
-                                                                 if "cms." in n))
-                        if self.fsdp else contextlib.nullcontext())
-            with gathered:
-                metrics.update(apply_parallel_inner_updates(self.model, out, teach))
-                D.average_tensors(self._cms_tensors(), self.info)
         record.update({"loss": D.mean_scalar(float(loss.detach()), self.info), "lr": c.optim.outer.lr * lr_mult,
                        "teach_scale": teach, "teach_signal_norm": teach_norm})
         for k, v in metrics.items():
@@ -406,6 +384,7 @@ class Trainer:
     def evaluate(self) -> float:
         """Mean validation loss over the first ``eval_batches`` batches (the same batches every time)."""
         c = self.cfg
+        teach = teach_scale_at(self.step, c.steps, c.optim.teach.scale, c.optim.teach.warmup_steps, c.optim.teach.decay_to)
         self.model.eval()
         val = self.prepared.build_loader("val", c.batch_size, c.seq_len, seed=c.seed, rank=self.info.rank,
                                          world_size=self.info.world_size)
@@ -414,7 +393,8 @@ class Trainer:
             if i >= c.eval_batches:
                 break
             with self.autocast():
-                out = self.model(batch["input_ids"].to(self.device), labels=batch["labels"].to(self.device))
+                out = self.model(batch["input_ids"].to(self.device), labels=batch["labels"].to(self.device),
+                                 teach_scale=teach)
             total += float(out.loss)
             count += 1
         if self.fsdp:  # no backward follows to reshard the units that keep their weights after forward

@@ -207,3 +207,47 @@ def hope_block_oracle(block, x, *, gen_chunk: int, mem_chunk: int, cms_weights=N
             z = torch.stack(rows)
         out[b] = z
     return out, P
+
+
+def cms_continual_oracle(W1s, W2s, x, teach_x, teach_delta, *, period, lr, beta, fill=0, off=None, mom=None,
+                         buf=None, start_grads=True):
+    """One CMS level learning in context (NL eq. 70-71), token by token, for one sample.
+
+    At every boundary (the open block reaching ``period`` tokens) the level fires momentum SGD on the block's
+    tokens: g = grad_W sum_s <delta_s, f_W(x'_s)> (the errors at the level's output pulled back to its weights),
+    m = beta m + g, W = W - lr m; token t reads y_t = f_W(x_t) with the weights current at t.
+    ``start_grads=True``: every gradient at the weights the call starts with (chunk-parallel form); False: at the
+    weights current at the boundary (sequential form). The update is a constant of the outer graph (first order):
+    y_t depends on the slow weights W1s, W2s and on x_t only through the read.
+    ``fill``, ``off``, ``mom``, ``buf``: a carried state (open block of ``fill`` (input, error) pairs, weight offsets
+    and momenta). Returns (y [T, D], (off1, off2), (mom1, mom2), update count)."""
+    E, D = W1s.shape
+    off = off or (torch.zeros(E, D, dtype=F64), torch.zeros(D, E, dtype=F64))
+    mom = mom or (torch.zeros(E, D, dtype=F64), torch.zeros(D, E, dtype=F64))
+    block = list(buf or [])[:fill]
+    start = (W1s.detach() + off[0], W2s.detach() + off[1])
+    cur = list(start)
+    m1, m2 = mom
+    fired = 0
+    ys = []
+
+    def fire():
+        nonlocal m1, m2, fired
+        ref = start if start_grads else cur
+        W1 = ref[0].clone().requires_grad_(True)
+        W2 = ref[1].clone().requires_grad_(True)
+        total = sum((d * cms_level(W1, W2, xs)).sum() for xs, d in block)
+        g1, g2 = torch.autograd.grad(total, [W1, W2])
+        m1, m2 = beta * m1 + g1, beta * m2 + g2
+        cur[0], cur[1] = cur[0] - lr * m1, cur[1] - lr * m2
+        fired += 1
+        block.clear()
+
+    for t in range(x.shape[0]):
+        delta1, delta2 = cur[0] - start[0], cur[1] - start[1]  # in-context change, a constant of the outer graph
+        ys.append(cms_level(W1s + off[0] + delta1, W2s + off[1] + delta2, x[t]))
+        block.append((teach_x[t].detach(), teach_delta[t].detach()))
+        if len(block) == period:
+            fire()
+    y = torch.stack(ys) if ys else x.new_zeros(0, D)
+    return y, (cur[0] - W1s.detach(), cur[1] - W2s.detach()), (m1, m2), fired
