@@ -13,6 +13,8 @@ RULES = ("titans", "dgd")
 TEACH_SIGNALS = ("shared", "exact")
 MEM_READOUTS = ("before_update", "after_update")
 CMS_MODES = ("chunk_parallel", "sequential", "static")
+#: persistent tokens of TITAN MAG when ``persistent_tokens`` is unset (Titans sec. 3.3 leaves N_p a hyper-parameter)
+PAPER_PERSISTENT_TOKENS = 4
 #: the inner rule each architecture's paper uses when ``rule`` is left unset: HOPE DGD (NL sec. 8.1, eq. 88),
 #: TITAN Titans' momentum rule (Titans eq. 13-14)
 PAPER_RULES = {"hope": "dgd", "titan": "titans", "transformer": "titans"}
@@ -32,7 +34,8 @@ class ModelConfig:
     TITAN: ``titan_variant`` ``"lmm"`` (memory is the mixer) or ``"mag"`` (sliding-window attention
     gated by the memory), ``memory`` (``"linear"``/``"mlp"``), ``memory_expansion`` (hidden width
     of the mlp memory per head, as a multiple of the head dim), ``chunk_size`` (memory update
-    chunk), ``window`` (mag attention window), ``persistent_tokens`` (learnable tokens prepended).
+    chunk), ``window`` (mag attention window), ``persistent_tokens`` (learnable tokens prepended and
+    attended by every query; None: ``PAPER_PERSISTENT_TOKENS`` for mag, 0 for lmm).
 
     HOPE: ``selfmod`` (self-modifying Titans on; off = generators k/v/eta/alpha are static),
     ``mem_chunk_size`` (M_mem, default 64), ``gen_chunk_size`` (the generator memories, default 8),
@@ -72,7 +75,7 @@ class ModelConfig:
     memory_expansion: int = 2
     chunk_size: int = 64
     window: int = 512
-    persistent_tokens: int = 0
+    persistent_tokens: int | None = None
     # HOPE
     selfmod: bool = True
     adaptive_q: bool = False
@@ -98,6 +101,8 @@ class ModelConfig:
             self.cms_periods = tuple(self.cms_periods)
         if self.rule is None and self.arch in PAPER_RULES:
             self.rule = PAPER_RULES[self.arch]
+        if self.persistent_tokens is None:  # Titans MAG prepends persistent memory (sec. 3.3, 4.2)
+            self.persistent_tokens = PAPER_PERSISTENT_TOKENS if (self.arch, self.titan_variant) == ("titan", "mag") else 0
         self.validate()
 
     # ---------------------------------------------------------------- validation

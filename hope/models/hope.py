@@ -45,10 +45,12 @@ class HopeBlock(nn.Module):
         self.cms = CMSChain(cfg.d_model, cfg.cms_hidden, cfg.active_cms_periods, cfg.init_std,
                             out_scale=(2 * cfg.n_layers) ** -0.5)
 
-    def forward(self, x, state, collect, teach=None):
+    def forward(self, x, state, collect, teach=None, local_grad: bool = False):
         """``teach``: per level (inputs, errors) of the teach pass for the chunk-parallel continual CMS; None: the
-        levels read with the stream's current weights."""
-        y, titan_state, metrics = self.titans(self.norm1(x), state)
+        levels read with the stream's current weights. ``local_grad``: the teach pass (same-token gradient paths
+        through the self-modifying Titans). Every layer runs inside this forward (FSDP gathers a block's weights
+        around its forward)."""
+        y, titan_state, metrics = self.titans(self.norm1(x), state, local_grad=local_grad)
         x = x + y
         cms_states = None if state is None else state.get("cms")
         if teach is None:
@@ -111,28 +113,29 @@ class HopeLM(LanguageModel):
         holds a later token's loss; ``shared``: the head's delta for every level."""
         cfg = self.config
         exact = cfg.teach_signal == "exact"
-        with torch.enable_grad() if exact else torch.no_grad():
-            h = x.detach()
-            inputs, outputs = [], []
-            for i, block in enumerate(self.blocks):
-                ls = self._layer_state(state, i)
-                y, _, _ = block.titans(block.norm1(h), ls, local_grad=True)
-                h = h + y
-                cms_states = None if ls is None else ls.get("cms")
-                lin, lout = [], []
-                for j, level in enumerate(block.cms.levels):
-                    lin.append(h.detach())
-                    h = level(h, None if cms_states is None else cms_states[j])
-                    lout.append(h)
-                inputs.append(lin)
-                outputs.append(lout)
-            loss, head_delta = self._teach_loss(h, teach.labels)
-            if exact:
-                flat = [o for row in outputs for o in row]
-                grads = iter(torch.autograd.grad(loss, flat, allow_unused=True))
-                errors = [[torch.zeros_like(o) if g is None else g for o, g in zip(row, grads)] for row in outputs]
-            else:
-                errors = [[head_delta] * len(row) for row in outputs]
+        # FSDP2-sharded blocks: gathered for the whole pass and called without their hooks, so the backward below
+        # runs none of FSDP's backward hooks (it computes no parameter gradient)
+        sharded = [b for b in self.blocks if _is_fsdp(b)]
+        for b in sharded:
+            b.unshard()
+        try:
+            with torch.enable_grad() if exact else torch.no_grad():
+                h = x.detach()
+                inputs, outputs = [], []
+                for i, block in enumerate(self.blocks):
+                    h, _, _, lin, lout = block.forward(h, self._layer_state(state, i), True, local_grad=True)
+                    inputs.append(lin)
+                    outputs.append(lout)
+                loss, head_delta = self._teach_loss(h, teach.labels)
+                if exact:
+                    flat = [o for row in outputs for o in row]
+                    grads = iter(torch.autograd.grad(loss, flat, allow_unused=True))
+                    errors = [[torch.zeros_like(o) if g is None else g for o, g in zip(row, grads)] for row in outputs]
+                else:
+                    errors = [[head_delta] * len(row) for row in outputs]
+        finally:
+            for b in sharded:
+                b.reshard()
         return [[(xi, e.detach().float() * teach.scale) for xi, e in zip(ri, re)] for ri, re in zip(inputs, errors)]
 
     # ----------------------------------------------------------------------------------- sequential (exact)
@@ -142,6 +145,9 @@ class HopeLM(LanguageModel):
         level fires ``cms_update`` at those weights (``CMSLevel.push``). Tokens of a block still open at the end of
         the call are taught from their own losses and wait in the state."""
         cfg = self.config
+        if any(_is_fsdp(b) for b in self.blocks):
+            raise ValueError("ModelConfig.cms_mode='sequential' does not run under FSDP (its teach signals are "
+                             "backward passes inside the forward); use cms_mode='chunk_parallel'")
         B, T, D = x.shape
         layers = [dict(self._layer_state(state, i) or {}) for i in range(len(self.blocks))]
         for layer, block in zip(layers, self.blocks):
@@ -182,18 +188,15 @@ class HopeLM(LanguageModel):
                 sl = slice(pos, min(T, pos + room))
                 h = x[:, sl]
                 for i, block in enumerate(self.blocks):
-                    y, s, m = block.titans(block.norm1(h), layers[i])
-                    h = h + y
+                    h, s, m, lin, lout = block(h, layers[i], True)
                     layers[i].update({k: v for k, v in s.items() if k != "cms"})
                     for key in metrics_sum:
                         metrics_sum[key] = metrics_sum[key] + m[key]
-                    for j, level in enumerate(block.cms.levels):
-                        xin = h.detach()
-                        h = level(h, layers[i]["cms"][j])
-                        pending[i][j].append((xin, h, len(seg_losses)))
+                    for j, (xin, yout) in enumerate(zip(lin, lout)):
+                        pending[i][j].append((xin, yout, len(seg_losses)))
                         if collect:
                             level_inputs[i][j].append(xin)
-                            level_outputs[i][j].append(h)
+                            level_outputs[i][j].append(yout)
                 loss, head_delta = self._teach_loss(h, teach.labels[:, sl])
                 seg_losses.append(loss if exact else (loss, head_delta))
                 outs.append(h)
@@ -217,6 +220,11 @@ class HopeLM(LanguageModel):
             aux = {"level_inputs": [[torch.cat(c, 1) for c in row] for row in level_inputs],
                    "level_outputs": [[torch.cat(c, 1) for c in row] for row in level_outputs]}
         return h, layers, metrics, aux
+
+
+def _is_fsdp(module) -> bool:
+    """An FSDP2 (``fully_shard``) module: gathers its weights with ``unshard()``."""
+    return callable(getattr(module, "unshard", None)) and callable(getattr(module, "reshard", None))
 
 
 def cms_telemetry(layer_states) -> dict:

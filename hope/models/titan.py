@@ -1,5 +1,6 @@
 """TITAN baseline (Titans arXiv 2501.00663): LMM (memory as the sequence mixer) and MAG (memory as a
-gate on sliding-window attention, Titans sec. 4.2), with optional persistent tokens (sec. 3.3)."""
+gate on sliding-window attention, Titans sec. 4.2) with persistent tokens (sec. 3.3): ``persistent_tokens``
+learnable tokens prepended to a stream, attended by every query of the sliding window (SW-Attn*)."""
 from __future__ import annotations
 
 import torch
@@ -32,11 +33,11 @@ class TitanBlock(nn.Module):
         self.norm2 = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.ffn = SwiGLU(cfg.d_model, cfg.ffn_hidden)
 
-    def forward(self, x, state, pos_offset: int):
+    def forward(self, x, state, pos_offset: int, prefix: int = 0):
         xn = self.norm1(x)
         y_mem, new_state, metrics = self.memory(xn, state)
         if self.variant == "mag":
-            y_attn = self.attn(xn, pos_offset)
+            y_attn = self.attn(xn, pos_offset, prefix)
             y = self.out(self.attn_norm(y_attn) * torch.sigmoid(self.mem_norm(y_mem)))
         else:
             y = y_mem
@@ -66,7 +67,7 @@ class TitanLM(LanguageModel):
         mem_norm, lr_mean = 0.0, 0.0
         for i, block in enumerate(self.blocks):
             layer_state = None if state is None else state.layers[i]
-            x, s, m = block(x, layer_state, pos)
+            x, s, m = block(x, layer_state, pos, P if prepend else 0)
             new_states.append(s)
             mem_norm = mem_norm + m["memory_update_norm"]
             lr_mean = lr_mean + m["memory_lr_mean"]
