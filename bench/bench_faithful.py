@@ -40,13 +40,13 @@ ARMS = {
     # one named deviation each (docs/equations.md, "HOPE: paper vs flags"), against hope_after
     "flag_rule_titans": ("after", "{preset: smoke-hope, rule: titans}", {}),
     "flag_adaptive_q": ("after", "{preset: smoke-hope, adaptive_q: true}", {}),
-    "flag_normalize_v": ("after", "{preset: smoke-hope, normalize_v: true}", {}),
+    "flag_paper_v": ("after", "{preset: smoke-hope, normalize_v: false}", {}),
     "flag_after_update": ("after", "{preset: smoke-hope, mem_readout: after_update}", {}),
     "flag_selfmod_momentum": ("after", "{preset: smoke-hope, selfmod_momentum: true}", {}),
     "flag_update_clip": ("after", "{preset: smoke-hope, gen_update_clip: 0.1, mem_update_clip: 0.5}", {}),
     "flag_teach_shared": ("after", "{preset: smoke-hope, teach_signal: shared}", {}),
     # every former self-modifying default at once, with the continual CMS
-    "flag_all_former_selfmod": ("after", "{preset: smoke-hope, rule: titans, adaptive_q: true, normalize_v: true, "
+    "flag_all_former_selfmod": ("after", "{preset: smoke-hope, rule: titans, adaptive_q: true, "
                                 "mem_readout: after_update, selfmod_momentum: true, gen_update_clip: 0.1, "
                                 "mem_update_clip: 0.5}", {}),
 }

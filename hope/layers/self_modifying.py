@@ -6,8 +6,8 @@ Per head, every memory is a 2-layer residual MLP M(x) = x + W1 gelu(W2 x) whose 
 (expanded over the batch). Inputs: x -> W_in -> causal depthwise conv (window 4) -> SiLU -> x_q, x_k, x_v per
 head. For each small chunk (``gen_chunk_size``, default 8), read with the generator memories' chunk-start states
 (NL eq. 90, the chunk-wise form of eq. 83):
-  k_t = l2norm(M_k(x_k,t)), v_t = M_v(x_v,t), eta_t = sigmoid(<w_eta, M_eta(x_k,t)> + b_eta),
-  alpha_t = sigmoid(<w_alpha, M_alpha(x_k,t)> + b_alpha),
+  k_t = l2norm(M_k(x_k,t)), v_t = l2norm(M_v(x_v,t)) (``normalize_v``),
+  eta_t = sigmoid(<w_eta, M_eta(x_k,t)> + b_eta), alpha_t = sigmoid(<w_alpha, M_alpha(x_k,t)> + b_alpha),
   q_t = l2norm(x_q,t) (eq. 83: the one non-adaptive projection; ``adaptive_q``: l2norm(M_q(x_q,t)))
 and update every generator M_box with key k_t and its self-generated target v^_box,t = M_box(v_t) (eq. 88-90,
 read at chunk start), lr eta_t, decay alpha_t, by the ``rule`` (default ``dgd``, eq. 88). The generators share
@@ -16,9 +16,10 @@ M_mem does not feed back into the generators, so it reads the whole segment with
 (default 64) and the same keys, values and gates: o_t = M_mem,t-1(q_t) (eq. 83 / 94: the state before token
 t's write; ``mem_readout='after_update'`` reads M_mem,t).
 
-Named deviations from the paper (docs/equations.md, "HOPE: paper vs flags"): ``normalize_v`` (v_t l2-normalised),
-``adaptive_q``, ``mem_readout='after_update'``, ``momentum`` (Titans eq. 13-14 momentum with a learned per-head
-rate; eq. 88 has none), ``gen_update_clip`` / ``mem_update_clip`` (a bound on one chunk's update,
+Named deviations from the paper (docs/equations.md, "HOPE: paper vs flags"): ``normalize_v`` (v_t l2-normalised,
+the default: the paper's v_t = M_v(x_v,t) let the self-generated targets M_box(v_t) run away), ``adaptive_q``,
+``mem_readout='after_update'``, ``momentum`` (Titans eq. 13-14 momentum with a learned per-head rate; eq. 88 has
+none), ``gen_update_clip`` / ``mem_update_clip`` (a bound on one chunk's update,
 ``clip_memory_update``; with a bound M_mem runs one call per chunk). ``selfmod=False`` (ablation): the generators
 keep their initial weights (static MLP projections).
 """
@@ -56,7 +57,7 @@ class SelfModifyingTitans(nn.Module):
     def __init__(self, dim: int, n_heads: int, *, expansion: int = 2, mem_chunk_size: int = 64,
                  gen_chunk_size: int = 8, gen_update_clip: float = 0.0, mem_update_clip: float = 0.0,
                  conv_window: int = 4, rule: str = "dgd", selfmod: bool = True, adaptive_q: bool = False,
-                 normalize_v: bool = False, mem_readout: str = "before_update", momentum: bool = False,
+                 normalize_v: bool = True, mem_readout: str = "before_update", momentum: bool = False,
                  backend: str = "auto"):
         super().__init__()
         if mem_readout not in MEM_READOUTS:

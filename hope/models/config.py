@@ -46,9 +46,10 @@ class ModelConfig:
     own output; ``"shared"``: the head's delta for every level), ``cms_mode`` (how the levels learn within the
     sequence: ``"chunk_parallel"`` teach signals at the segment-start weights, the default; ``"sequential"``
     the exact form, a boundary at a time; ``"static"`` no in-context update, an ablation; hope/models/hope.py).
-    Named deviations from the paper, each off (paper behaviour) by default, docs/equations.md "HOPE: paper vs
-    flags": ``adaptive_q`` (q from a self-modified M_q; NL eq. 83 keeps q non-adaptive), ``normalize_v``
-    (v_t l2-normalised), ``mem_readout`` (``"before_update"``: o_t = M_{t-1}(q_t) as NL eq. 83 / 94;
+    Named deviations from the paper, docs/equations.md "HOPE: paper vs flags", each off (paper behaviour) by
+    default except ``normalize_v``: ``adaptive_q`` (q from a self-modified M_q; NL eq. 83 keeps q non-adaptive),
+    ``normalize_v`` (v_t l2-normalised; on by default: the paper's v_t = M_v(x) was measured unstable),
+    ``mem_readout`` (``"before_update"``: o_t = M_{t-1}(q_t) as NL eq. 83 / 94;
     ``"after_update"``: M_t), ``selfmod_momentum`` (Titans-style momentum in the self-modifying memories;
     NL eq. 88 has none), ``gen_update_clip`` / ``mem_update_clip`` (bound on one chunk's update of the
     generators / M_mem, ||dW|| <= clip * ||W|| per sample and head; 0 = off).
@@ -79,7 +80,8 @@ class ModelConfig:
     # HOPE
     selfmod: bool = True
     adaptive_q: bool = False
-    normalize_v: bool = False
+    # the paper's unnormalised v ran away on the smoke config (generator weights NaN at step 16; docs/equations.md)
+    normalize_v: bool = True
     mem_readout: str = "before_update"
     selfmod_momentum: bool = False
     mem_chunk_size: int = 64

@@ -58,9 +58,10 @@ def test_titan_memory_layer_matches_per_token_oracle(memory, rule, chunk):
 
 
 HOPE_VARIANTS = {
-    "paper": dict(),
+    "default": dict(),
+    "paper_v": dict(normalize_v=False),
     "adaptive_q": dict(adaptive_q=True),
-    "legacy": dict(adaptive_q=True, normalize_v=True, mem_readout="after_update", selfmod_momentum=True,
+    "legacy": dict(adaptive_q=True, mem_readout="after_update", selfmod_momentum=True,
                    rule="titans"),
     "static_generators": dict(selfmod=False),
 }
