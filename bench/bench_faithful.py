@@ -63,21 +63,31 @@ def run_arm(name, checkout: Path, model: str, args, out_dir: Path, env) -> dict:
                  f"model={model}"]
     cmd = [sys.executable, "-m", "hope.train", str(checkout / "configs" / "smoke.yaml"), *overrides]
     t0 = time.perf_counter()
-    proc = subprocess.run(cmd, cwd=checkout, env={**env, "PYTHONPATH": str(checkout)}, capture_output=True, text=True)
+    try:  # a diverging run can roll back to its step-0 checkpoint over and over: bounded
+        proc = subprocess.run(cmd, cwd=checkout, env={**env, "PYTHONPATH": str(checkout)}, capture_output=True,
+                              text=True, timeout=args.arm_timeout_s)
+        finished, stderr = proc.returncode == 0, proc.stderr
+    except subprocess.TimeoutExpired as e:
+        finished, stderr = False, (e.stderr or b"").decode(errors="replace") if isinstance(e.stderr, bytes) else ""
     wall = time.perf_counter() - t0
-    if proc.returncode != 0:
-        raise RuntimeError(f"{name} failed:\n{proc.stderr[-4000:]}")
-    lines = [json.loads(x) for x in (run_dir / "log.jsonl").read_text().splitlines()]
+    log = run_dir / "log.jsonl"
+    if not log.exists():
+        raise RuntimeError(f"{name} failed before training:\n{stderr[-4000:]}")
+    lines = [json.loads(x) for x in log.read_text().splitlines()]
     train = [r for r in lines if r.get("event") == "train"]
     evals = [r for r in lines if r.get("event") == "eval"]
     skipped = [r for r in lines if r.get("event") == "skipped"]
     step_times = [r["step_time_s"] for r in train]
     tokens_per_step = args.batch * args.seq
-    return {"checkout": str(checkout), "model": model, "wall_s": wall, "skipped_steps": len(skipped),
+    return {"checkout": str(checkout), "model": model, "wall_s": wall, "finished": finished,
+            "skipped_steps": len(skipped), "rollbacks": sum(r.get("event") == "rollback" for r in lines),
+            "first_skip": skipped[0] if skipped else None,
             "train_loss": [(r["step"], r["loss"]) for r in train],
-            "val_loss": [(r["step"], r["val_loss"]) for r in evals], "final_val_loss": evals[-1]["val_loss"],
+            "val_loss": [(r["step"], r["val_loss"]) for r in evals],
+            "final_val_loss": evals[-1]["val_loss"] if finished and evals else float("nan"),
             "median_step_s": statistics.median(step_times), "tokens_per_s": tokens_per_step / statistics.median(step_times),
-            "clip_fraction_max": max((r.get("memory_clip_fraction", 0.0) for r in train), default=0.0),
+            "max_generator_update_norm": max((r.get("generator_update_norm", 0.0) for r in train), default=0.0),
+            "max_memory_clip_fraction": max((r.get("memory_clip_fraction", 0.0) for r in train), default=0.0),
             "run_dir": str(run_dir)}
 
 
@@ -141,8 +151,10 @@ def plot(results: dict, path: Path) -> None:
     axes[0].set(xlabel="step", ylabel="val loss", title=f"validation loss ({results['tokens_per_arm']:,} tokens)")
     axes[0].legend(fontsize=8)
     names = list(arms)
-    axes[1].bar(names, [arms[n]["final_val_loss"] for n in names])
-    axes[1].set(title="final val loss", ylim=(min(arms[n]["final_val_loss"] for n in names) - 0.3, None))
+    done = [n for n in names if arms[n]["finished"]]
+    axes[1].bar(done, [arms[n]["final_val_loss"] for n in done])
+    axes[1].set(title="final val loss (runs that finished)",
+                ylim=(min((arms[n]["final_val_loss"] for n in done), default=0.3) - 0.3, None))
     axes[2].bar(names, [arms[n]["tokens_per_s"] for n in names])
     axes[2].set(title="train tokens/s (median step)")
     for ax in axes[1:]:
@@ -163,12 +175,15 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=1,
                     help="torch threads per run (1: on a loaded shared machine 2 threads spin-wait)")
     ap.add_argument("--cost-repeats", type=int, default=5)
+    ap.add_argument("--arm-timeout-s", type=float, default=5400.0, help="a run still going after this is stopped")
     ap.add_argument("--arms", default=",".join(MAIN_ARMS), help=f"comma-separated, from {', '.join(ARMS)}")
     ap.add_argument("--skip-extras", action="store_true",
                     help="only the arms: no CMS-mode losses of the trained HOPE, no in-process step cost")
     ap.add_argument("--data-dir", default="/tmp/hope-bench-data/embedded")
     ap.add_argument("--out-dir", type=Path, default=Path("/tmp/hope-bench-runs"))
     ap.add_argument("--results", type=Path, default=REPO / "bench" / "results")
+    ap.add_argument("--merge-into", type=Path, default=None,
+                    help="an earlier results JSON: this run's arms replace or join its arms (same settings required)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     env = dict(os.environ)
@@ -185,9 +200,9 @@ def main(argv=None) -> int:
         print(f"[{time.strftime('%H:%M:%S')}] {name} ...", flush=True)
         results["arms"][name] = run_arm(name, checkouts[where], model, args, out_dir, env)
         r = results["arms"][name]
-        print(f"    val {r['final_val_loss']:.4f}  {r['tokens_per_s']:.1f} tok/s  skipped {r['skipped_steps']}",
-              flush=True)
-    if "hope_after" in results["arms"] and not args.skip_extras:
+        print(f"    val {r['final_val_loss']:.4f}  {r['tokens_per_s']:.1f} tok/s  skipped {r['skipped_steps']}  "
+              f"finished {r['finished']}", flush=True)
+    if "hope_after" in results["arms"] and results["arms"]["hope_after"]["finished"] and not args.skip_extras:
         print(f"[{time.strftime('%H:%M:%S')}] CMS modes on the trained HOPE ...", flush=True)
         results["hope_after_val_loss_by_cms_mode"] = cms_mode_losses(Path(results["arms"]["hope_after"]["run_dir"]), args)
         print("    ", results["hope_after_val_loss_by_cms_mode"], flush=True)
@@ -195,12 +210,20 @@ def main(argv=None) -> int:
         print(f"[{time.strftime('%H:%M:%S')}] step cost per CMS mode ...", flush=True)
         results["cms_mode_step_cost"] = cms_mode_step_cost(args)
         print("    ", results["cms_mode_step_cost"], flush=True)
+    if args.merge_into is not None:
+        earlier = json.loads(args.merge_into.read_text())
+        for key in ("steps", "batch", "seq_len", "seed"):
+            if earlier[key] != results[key]:
+                raise ValueError(f"--merge-into: {key} {earlier[key]} differs from this run's {results[key]}")
+        earlier["arms"].update(results["arms"])
+        earlier.setdefault("merged", []).append({"date": stamp, "arms": list(results["arms"])})
+        results = earlier
     arms = results["arms"]
     if {"hope_before", "hope_after"} <= set(arms):
         results["after_over_before_step_time"] = arms["hope_after"]["median_step_s"] / arms["hope_before"]["median_step_s"]
     args.results.mkdir(parents=True, exist_ok=True)
     tag = "main" if set(results["arms"]) <= set(MAIN_ARMS) else "flags"
-    path = args.results / f"faithful-{tag}-cpu-{stamp}.json"
+    path = args.merge_into if args.merge_into is not None else args.results / f"faithful-{tag}-cpu-{stamp}.json"
     path.write_text(json.dumps(results, indent=1))
     plot(results, path.with_suffix(".png"))
     print(f"wrote {path} and {path.with_suffix('.png')}")

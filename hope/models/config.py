@@ -18,6 +18,11 @@ PAPER_PERSISTENT_TOKENS = 4
 #: the inner rule each architecture's paper uses when ``rule`` is left unset: HOPE DGD (NL sec. 8.1, eq. 88),
 #: TITAN Titans' momentum rule (Titans eq. 13-14)
 PAPER_RULES = {"hope": "dgd", "titan": "titans", "transformer": "titans"}
+#: per-architecture values of the fields left unset (None); each a measured deviation (docs/equations.md, "HOPE: paper
+#: vs flags" and TITAN): HOPE's paper-like unnormalised v ran its generators to NaN, TITAN's did not matter; TITAN's
+#: memory without a per-chunk bound ran away (NaN gates at step 16 of its smoke run), HOPE's does not
+ARCH_DEFAULTS = {"normalize_v": {"hope": True, "titan": False, "transformer": False},
+                 "mem_update_clip": {"hope": 0.0, "titan": 0.5, "transformer": 0.0}}
 MEMORIES = ("linear", "mlp")
 BACKENDS = ("auto", "cuda", "triton", "cpp", "reference")
 
@@ -47,12 +52,13 @@ class ModelConfig:
     sequence: ``"chunk_parallel"`` teach signals at the segment-start weights, the default; ``"sequential"``
     the exact form, a boundary at a time; ``"static"`` no in-context update, an ablation; hope/models/hope.py).
     Named deviations from the paper, docs/equations.md "HOPE: paper vs flags", each off (paper behaviour) by
-    default except ``normalize_v``: ``adaptive_q`` (q from a self-modified M_q; NL eq. 83 keeps q non-adaptive),
-    ``normalize_v`` (v_t l2-normalised; on by default: the paper's v_t = M_v(x) was measured unstable),
-    ``mem_readout`` (``"before_update"``: o_t = M_{t-1}(q_t) as NL eq. 83 / 94;
+    default except where measured unstable (``ARCH_DEFAULTS``, taken when the field is left None):
+    ``adaptive_q`` (q from a self-modified M_q; NL eq. 83 keeps q non-adaptive), ``normalize_v`` (v_t
+    l2-normalised; on for HOPE, off for TITAN), ``mem_readout`` (``"before_update"``: o_t = M_{t-1}(q_t) as NL eq. 83 / 94;
     ``"after_update"``: M_t), ``selfmod_momentum`` (Titans-style momentum in the self-modifying memories;
     NL eq. 88 has none), ``gen_update_clip`` / ``mem_update_clip`` (bound on one chunk's update of the
-    generators / M_mem, ||dW|| <= clip * ||W|| per sample and head; 0 = off).
+    generators / M_mem (TITAN: its memory), ||dW|| <= clip * ||W|| per sample and head; 0 = off; unset
+    ``mem_update_clip``: 0 for HOPE, 0.5 for TITAN).
 
     Both memory archs: ``rule`` (``"titans"`` Titans eq. 13-14 or ``"dgd"`` NL eq. 56-57); None (default)
     takes the architecture's paper rule (``PAPER_RULES``: dgd for HOPE, titans for TITAN).
@@ -80,14 +86,13 @@ class ModelConfig:
     # HOPE
     selfmod: bool = True
     adaptive_q: bool = False
-    # the paper's unnormalised v ran away on the smoke config (generator weights NaN at step 16; docs/equations.md)
-    normalize_v: bool = True
+    normalize_v: bool | None = None
     mem_readout: str = "before_update"
     selfmod_momentum: bool = False
     mem_chunk_size: int = 64
     gen_chunk_size: int = 8
     gen_update_clip: float = 0.0
-    mem_update_clip: float = 0.0
+    mem_update_clip: float | None = None
     conv_window: int = 4
     cms_periods: tuple = (16, 64, 256)
     cms_levels: int = 3
@@ -103,6 +108,9 @@ class ModelConfig:
             self.cms_periods = tuple(self.cms_periods)
         if self.rule is None and self.arch in PAPER_RULES:
             self.rule = PAPER_RULES[self.arch]
+        for name, per_arch in ARCH_DEFAULTS.items():
+            if getattr(self, name) is None and self.arch in per_arch:
+                setattr(self, name, per_arch[self.arch])
         if self.persistent_tokens is None:  # Titans MAG prepends persistent memory (sec. 3.3, 4.2)
             self.persistent_tokens = PAPER_PERSISTENT_TOKENS if (self.arch, self.titan_variant) == ("titan", "mag") else 0
         self.validate()
@@ -247,4 +255,4 @@ def preset(name: str, **overrides) -> ModelConfig:
 
 
 __all__ = ["ModelConfig", "preset", "preset_names", "ARCHS", "TITAN_VARIANTS", "RULES", "TEACH_SIGNALS", "MEM_READOUTS",
-           "CMS_MODES", "PAPER_RULES"]
+           "CMS_MODES", "PAPER_RULES", "ARCH_DEFAULTS"]

@@ -24,7 +24,7 @@ class TitanBlock(nn.Module):
         self.norm1 = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.memory = TitanMemory(cfg.d_model, cfg.n_heads, memory=cfg.memory, expansion=cfg.memory_expansion,
                                   chunk_size=cfg.chunk_size, rule=cfg.rule, conv_window=cfg.conv_window,
-                                  backend=cfg.backend)
+                                  normalize_v=cfg.normalize_v, update_clip=cfg.mem_update_clip, backend=cfg.backend)
         if self.variant == "mag":
             self.attn = Attention(cfg.d_model, cfg.n_heads, cfg.rope_theta, window=cfg.window, out_proj=False)
             self.attn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
@@ -64,15 +64,17 @@ class TitanLM(LanguageModel):
             x = torch.cat([self.persistent.to(x.dtype).unsqueeze(0).expand(B, P, -1), x], dim=1)
         pos = 0 if state is None else state.pos + (P if P > 0 else 0)
         new_states, metrics = [], {}
-        mem_norm, lr_mean = 0.0, 0.0
+        mem_norm, lr_mean, clip_frac = 0.0, 0.0, 0.0
         for i, block in enumerate(self.blocks):
             layer_state = None if state is None else state.layers[i]
             x, s, m = block(x, layer_state, pos, P if prepend else 0)
             new_states.append(s)
             mem_norm = mem_norm + m["memory_update_norm"]
             lr_mean = lr_mean + m["memory_lr_mean"]
+            clip_frac = clip_frac + m["memory_clip_fraction"]
         metrics["memory_update_norm"] = mem_norm / len(self.blocks)
         metrics["memory_lr_mean"] = lr_mean / len(self.blocks)
+        metrics["memory_clip_fraction"] = clip_frac / len(self.blocks)
         if prepend:
             x = x[:, P:]
         return x, new_states, metrics, {}

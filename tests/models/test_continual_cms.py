@@ -18,6 +18,11 @@ from tests.models.test_layer_oracles import _compare, _perturb
 MODES = ["chunk_parallel", "sequential"]
 
 
+def _mode(mode) -> dict:
+    """Config fields of a CMS mode (the default one written as no field at all)."""
+    return {} if mode == "chunk_parallel" else {"cms_mode": mode}
+
+
 def _rel(a, b):
     return float((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-12))
 
@@ -55,7 +60,7 @@ def test_weights_constant_inside_each_block_and_updated_at_each_boundary():
 @pytest.mark.parametrize("mode", MODES)
 def test_each_level_fires_floor_T_over_period_updates(mode):
     torch.manual_seed(0)
-    model = build_model(tiny("hope", cms_periods=(2, 4, 8), cms_mode=mode))
+    model = build_model(tiny("hope", cms_periods=(2, 4, 8), **_mode(mode)))
     ids, labels = batch(model.config, T=13)
     out = model(ids, labels=labels, return_state=True)
     for i, layer in enumerate(out.state.layers):
@@ -72,7 +77,7 @@ def test_perturbing_token_t_changes_no_output_before_t(mode):
     """Every update that reads token t's label or input fires at or after t: outputs before t never move, and the
     CMS path carries the change to later blocks (the static model's logits there change less)."""
     torch.manual_seed(0)
-    model = build_model(tiny("hope", cms_periods=(2, 4), cms_levels=2, cms_mode=mode, cms_lr=0.05)).eval()
+    model = build_model(tiny("hope", cms_periods=(2, 4), cms_levels=2, cms_lr=0.05, **_mode(mode))).eval()
     ids, labels = batch(model.config, T=16)
     base = model(ids, labels=labels, return_logits=True).logits
     for t in (3, 8, 15):
