@@ -35,7 +35,7 @@ from torch import nn
 
 from hope.layers.cms import CMSChain
 from hope.layers.norms import RMSNorm
-from hope.layers.self_modifying import SelfModifyingTitans
+from hope.layers.self_modifying import MEM_READOUTS, SelfModifyingTitans
 from hope.layers.titan_memory import TitanMemory
 from hope.models.base import ModelOutput
 
@@ -62,8 +62,9 @@ class HFMemoryConfig:
     which a memory block is inserted; ``memory``: what a block holds, from ``selfmod`` (self-modifying Titans,
     NL sec. 8), ``titans`` (Titans LMM memory, Titans sec. 3) and ``cms`` (CMS levels, NL sec. 7), at most one
     of the first two; ``n_heads``: memory heads (default: the base's attention heads); ``memory_expansion``,
-    ``mem_chunk_size``, ``gen_chunk_size``, ``chunk_size`` (titans), ``rule``, ``backend``: as in
-    ``hope.models.ModelConfig``; ``cms_hidden`` (default 2 x hidden size), ``cms_periods``; ``dtype``: the
+    ``mem_chunk_size``, ``gen_chunk_size``, ``chunk_size`` (titans), ``adaptive_q``, ``mem_readout``, ``backend``: as
+    in ``hope.models.ModelConfig``; ``rule``: the inner rule (default: the paper's, DGD for ``selfmod`` and the
+    Titans rule for ``titans``); ``cms_hidden`` (default 2 x hidden size), ``cms_periods``; ``dtype``: the
     base model's weights (``float32``, ``bfloat16``, ``float16``; memory weights are float32).
     """
 
@@ -76,7 +77,9 @@ class HFMemoryConfig:
     mem_chunk_size: int = 64
     gen_chunk_size: int = 8
     chunk_size: int = 64
-    rule: str = "titans"
+    rule: str | None = None
+    adaptive_q: bool = False
+    mem_readout: str = "before_update"
     cms_hidden: int | None = None
     cms_periods: tuple = (16, 64, 256)
     dtype: str = "float32"
@@ -120,8 +123,12 @@ class HFMemoryConfig:
         if not self.cms_periods or not all(isinstance(p, int) and not isinstance(p, bool) and p > 0
                                            for p in self.cms_periods):
             bad("cms_periods", "a non-empty list of positive ints")
-        if self.rule not in ("titans", "dgd"):
-            bad("rule", "'titans' or 'dgd'")
+        if self.rule not in (None, "titans", "dgd"):
+            bad("rule", "'titans', 'dgd' or null (the paper's rule of the memory)")
+        if not isinstance(self.adaptive_q, bool):
+            bad("adaptive_q", "true or false")
+        if self.mem_readout not in MEM_READOUTS:
+            bad("mem_readout", f"one of {MEM_READOUTS}")
         if self.dtype not in DTYPES:
             bad("dtype", f"one of {tuple(DTYPES)}")
         return self
@@ -163,11 +170,12 @@ class MemoryBlock(nn.Module):
         if "selfmod" in config.memory:
             self.titans = SelfModifyingTitans(dim, n_heads, expansion=config.memory_expansion,
                                               mem_chunk_size=config.mem_chunk_size,
-                                              gen_chunk_size=config.gen_chunk_size, rule=config.rule,
+                                              gen_chunk_size=config.gen_chunk_size, rule=config.rule or "dgd",
+                                              adaptive_q=config.adaptive_q, mem_readout=config.mem_readout,
                                               backend=config.backend)
         elif "titans" in config.memory:
             self.titans = TitanMemory(dim, n_heads, memory="mlp", expansion=config.memory_expansion,
-                                      chunk_size=config.chunk_size, rule=config.rule, backend=config.backend)
+                                      chunk_size=config.chunk_size, rule=config.rule or "titans", backend=config.backend)
         self.cms = (CMSChain(dim, config.cms_hidden or 2 * dim, config.cms_periods)
                     if "cms" in config.memory else None)
         self.gate = nn.Parameter(torch.zeros(dim))

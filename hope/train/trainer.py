@@ -2,9 +2,9 @@
 
 Read top to bottom: setup (distributed, seed, run folder and its lock, data, model, optimizers, resume) -> the
 loop (step, rollback, eval, checkpoint, log) -> one step (schedules, forward, guard, backward, gradient
-averaging, per-level clipping, outer step, inner updates). The step delegates to small components: the
-divergence guard (guard.py), checkpointing (checkpointer.py; the files: checkpoint.py) and the parallel mode's
-inner updates (inner_updates.py); the run folder and its lock are run_folder.py. What a run promises and how
+averaging, per-level clipping, outer step). The step delegates to small components: the divergence guard
+(guard.py) and checkpointing (checkpointer.py; the files: checkpoint.py); the run folder and its lock are
+run_folder.py. What a run promises and how
 each promise is tested: docs/runs.md.
 
 Data parallelism is replicated (gradients all-reduced by ``distributed.average_gradients``) or, with
@@ -36,7 +36,6 @@ from hope.train.checkpointer import Checkpointer, set_rng_state
 from hope.train.config import TrainConfig, check_fsdp
 from hope.train.errors import RunError
 from hope.train.guard import DivergenceGuard, Verdict
-from hope.train.inner_updates import ParallelInnerUpdates
 from hope.train.logging import RunLogger
 from hope.train.run_folder import RunFolder, RunLock, open_run_folder
 from hope_kernels._checks import NonFiniteError, value_checks_off
@@ -126,11 +125,6 @@ class Trainer:
         else:
             self.model_config = model_config_for(cfg.model, tok_vocab, seq_len=cfg.seq_len)
             check_fsdp(cfg, self.model_config.teach_signal)
-            if cfg.mode == "parallel" and self.model_config.arch == "hope" and self.model_config.teach_signal == "shared":
-                # measured: configs/smoke.yaml with teach_signal=shared reached slow CMS weight norms ~3000 in 100 steps
-                warnings.warn("model.teach_signal=shared in mode=parallel: the CMS levels' slow weights are updated "
-                              "with the head's delta, which is not their gradient, and drift without bound (smoke: val "
-                              "loss 6.04 vs 5.18 without inner updates); use model.teach_signal=exact", stacklevel=3)
             self.model = build_model(self.model_config).to(self.device)
         if self.fsdp:  # before the optimizers: they must hold the sharded parameters
             # online mode: the CMS levels read their blocks' slow weights between the segment forwards (outside
@@ -142,8 +136,6 @@ class Trainer:
         self.guard = DivergenceGuard(cfg.guard, self.info)
         self.checkpointer = Checkpointer(self.run_dir, self.model, self.optimizers, self.info, self.fsdp,
                                          cfg.keep_checkpoints)
-        self.inner_updates = (ParallelInnerUpdates(self.model, self.info, self.fsdp)
-                              if cfg.mode == "parallel" and isinstance(self.model, LanguageModel) else None)  # not an hf base
         self.step, self.tokens_seen, self.best_val = 0, 0, float("inf")
         self.train_loader = self._train_loader(None)
 
@@ -260,8 +252,12 @@ class Trainer:
             if self.cfg.mode == "online":
                 res = online_forward(self.model, x, y, segment_len=self.cfg.segment_len, teach_scale=teach_scale)
                 return res.loss, dict(res.metrics), None
-            out = self.model(x, labels=y)
+            out = self.model(x, labels=y, **self._teach_kwargs(teach_scale))
             return out.loss, dict(out.metrics), out
+
+    def _teach_kwargs(self, teach_scale: float) -> dict:
+        # our models scale the CMS levels' in-context teach signal; a wrapped Hugging Face base has no such input
+        return {"teach_scale": teach_scale} if isinstance(self.model, LanguageModel) else {}
 
     def _forward_or_eager(self, batch: dict, teach_scale: float):
         """``forward``; when the first compiled forward fails (for any reason but non-finite values): one warning,
@@ -349,8 +345,6 @@ class Trainer:
         for opt in self.optimizers:
             opt.step()
             opt.zero_grad(set_to_none=True)
-        if self.inner_updates is not None and out is not None:
-            metrics.update(self.inner_updates(out, teach))
         self.guard.accept(mean_loss)
         record.update({"loss": mean_loss, "lr": c.optim.outer.lr * lr_mult, "teach_scale": teach,
                        "teach_signal_norm": teach_norm})
@@ -363,6 +357,7 @@ class Trainer:
     def evaluate(self) -> float:
         """Mean validation loss over the first ``eval_batches`` batches (the same batches every time)."""
         c = self.cfg
+        teach = teach_scale_at(self.step, c.steps, c.optim.teach.scale, c.optim.teach.warmup_steps, c.optim.teach.decay_to)
         self.model.eval()
         val = self.prepared.build_loader("val", c.batch_size, c.seq_len, seed=c.seed, rank=self.info.rank,
                                          world_size=self.info.world_size)
@@ -371,7 +366,8 @@ class Trainer:
             if i >= c.eval_batches:
                 break
             with self.autocast(), self._eager_if_compile_failed():
-                out = self.model(batch["input_ids"].to(self.device), labels=batch["labels"].to(self.device))
+                out = self.model(batch["input_ids"].to(self.device), labels=batch["labels"].to(self.device),
+                                 **self._teach_kwargs(teach))
             total += float(out.loss)
             count += 1
         if self.fsdp:  # no backward follows to reshard the units that keep their weights after forward

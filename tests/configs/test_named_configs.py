@@ -102,7 +102,7 @@ def test_dry_run_cli_output(tmp_path, capsys):
     assert res.returncode == 0, res.stderr
     out = res.stdout
     assert "# resolved config" in out and "model_resolved:" in out and "steps: 1000" in out
-    assert "parameters:       159," in out  # the pilot's 159.2M at the manifest's vocabulary
+    assert "parameters:       156," in out  # the pilot's 156.8M at the manifest's vocabulary (no M_q: q is not adaptive)
     assert "tokens per step:  262,144 (16 sequences x 2048 tokens x 8 ranks)" in out
     assert "total tokens:     262,144,000 (262.1M)" in out
     assert list(tmp_path.iterdir()) == []

@@ -122,15 +122,18 @@ def test_memorize_never_sees_the_answer(monkeypatch):
 
 def test_memorize_improves_recall_of_an_early_fact():
     """Synthetic integration: a fact (token pattern) placed early in the context, then filler, then the fact's
-    cue; memorising the context (CMS path) raises the log-probability of the fact's continuation."""
+    cue; memorising the context (CMS path) raises the log-probability of the fact's continuation over the same
+    weights whose CMS does not learn in context (``cms_mode='static'``)."""
     torch.manual_seed(0)
     model = build_model(tiny("hope", cms_lr=0.05, cms_beta=0.0, cms_periods=(4, 8, 16))).eval()
+    static = build_model(model.config.replace(cms_mode="static")).eval()
+    static.load_state_dict(model.state_dict())
     g = torch.Generator().manual_seed(3)
     fact = torch.randint(1, 97, (12,), generator=g).tolist()
     filler = torch.randint(1, 97, (16,), generator=g).tolist()
     context = fact + filler + fact[:6]
     answer, wrong = fact[6:], torch.randint(1, 97, (6,), generator=g).tolist()
-    base = score_continuations(model, [(context, answer), (context, wrong)], batch_size=2)
+    base = score_continuations(static, [(context, answer), (context, wrong)], batch_size=2)
     mem = score_choices_memorized(model, context, [answer, wrong], paths=("titan", "cms"), steps=3)
     gain = mem[0].logprob - base[0].logprob
     assert gain > 0.5, (base[0].logprob, mem[0].logprob)

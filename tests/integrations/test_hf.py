@@ -81,16 +81,19 @@ def test_only_memory_parameters_train_and_are_saved(tmp_path):
         restored.load_state_dict({k: v for k, v in model.state_dict().items() if "gate" not in k})
 
 
-def test_memory_learns_a_repeated_sequence_the_frozen_base_cannot():
+@pytest.mark.parametrize("adaptive_q, margin", [(False, 0.05), (True, 0.12)], ids=["paper_q", "adaptive_q"])
+def test_memory_learns_a_repeated_sequence_the_frozen_base_cannot(adaptive_q, margin):
     """Random token strings repeated once: the first half is unpredictable for any model (chance = ln V); the
     second half repeats it. The frozen random base stays at chance on both halves; trained memory (the
-    self-modifying Titans block, learning in context) brings the second half well below chance."""
+    self-modifying Titans block, learning in context) brings the second half below chance: with the paper's
+    non-adaptive q (measured 2.01 vs 2.09 after 80 steps) and further with ``adaptive_q`` (1.86)."""
     torch.manual_seed(0)
     V, L = 8, 8
     base = LlamaForCausalLM(tiny_llama_config(V))
     reference = copy.deepcopy(base)
     model = HopeMemoryLM(base, HFMemoryConfig(hf="", memory_layers=(-1,), memory=("selfmod",), n_heads=2,
-                                              mem_chunk_size=L // 2, gen_chunk_size=L // 2))
+                                              mem_chunk_size=L // 2, gen_chunk_size=L // 2, rule="titans",
+                                              adaptive_q=adaptive_q))
     gen = torch.Generator().manual_seed(1)
 
     def batch(size):
@@ -118,7 +121,7 @@ def test_memory_learns_a_repeated_sequence_the_frozen_base_cannot():
     chance = math.log(V)
     assert base_second > chance - 0.02 and base_first > chance - 0.02  # the frozen base cannot
     assert abs(mem_first - base_first) < 0.05                          # nothing to learn in the first half
-    assert mem_second < base_second - 0.12, (mem_second, base_second)  # the memory recalls the first half
+    assert mem_second < base_second - margin, (mem_second, base_second)  # the memory recalls the first half
 
 
 def test_bad_configs_are_refused_with_their_key():
