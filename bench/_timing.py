@@ -31,3 +31,19 @@ def peak_mb(fn, device: torch.device) -> float | None:
     fn()
     torch.cuda.synchronize(device)
     return (torch.cuda.max_memory_allocated(device) - base) / 2**20
+
+
+def titan_backend(name: str):
+    """titan_memory_update on backend ``name`` with the naive function's signature ``(q, k, v, lr, momentum, decay,
+    chunk_size, memory, rule, state)``, value checks off (they synchronise the GPU; the benchmark's inputs are
+    valid)."""
+    from hope_kernels._checks import value_checks_off
+    from hope_kernels.titan_memory_update import titan_memory_update
+
+    def run(q, k, v, lr, momentum, decay, chunk_size, memory, rule, state):
+        with value_checks_off():
+            return titan_memory_update(q, k, v, lr, momentum, decay, chunk_size=chunk_size, memory=memory, rule=rule,
+                                       state=state, backend=name)
+
+    run.__name__ = f"titan_memory_update_{name}"
+    return run

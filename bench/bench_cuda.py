@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from hope_kernels import dispatch
+from hope_kernels import backends
 from hope_kernels.cms_update import CMSParams, cms_update
 
 CMS_SHAPES = [(8, 16, 512, 2048), (16, 64, 1024, 4096)]  # (B, C, D, E)
@@ -32,7 +32,7 @@ def run(device: str = "cuda") -> list[dict]:
         mk = lambda *s: (torch.randn(*s, generator=g) * 0.05).to(device)  # noqa: E731
         params, momenta = CMSParams(mk(B, E, D), mk(B, D, E)), CMSParams(mk(B, E, D), mk(B, D, E))
         x, delta = mk(B, C, D), mk(B, C, D)
-        for impl in dispatch.available_backends("cms_update", device):
+        for impl in backends.available_backends("cms_update", device):
             torch.cuda.reset_peak_memory_stats(device)
             ms = _median_ms(lambda: cms_update(params, momenta, x, delta, lr=0.01, beta=0.9, backend=impl))
             rows.append({"op": "cms_update", "impl": impl, "shape": f"B{B} C{C} D{D} E{E}", "pass": "fwd",

@@ -1,6 +1,6 @@
 """Dispatched ops and CPU throughput of HOPE vs TITAN vs Transformer++ (the fused self-modifying layer's measure).
 
-Two measurements, both ``python bench/bench_layer_ops.py [ops|speed|all] [--json FILE]``:
+Three measurements, ``python bench/bench_layer_ops.py [ops|speed|layer|all] [--json FILE]``:
 
 - ``ops``: the number of ops dispatched (``TorchDispatchMode``: every aten op and every ``hope::`` custom op that
   reaches the dispatcher, counted once however many kernels it launches inside) for one pilot-size block (d 768,
@@ -9,6 +9,10 @@ Two measurements, both ``python bench/bench_layer_ops.py [ops|speed|all] [--json
   thousands of ops is bound by launches on any GPU.
 - ``speed``: tokens/s of the smoke presets (B 8, T 128, forward + backward of the LM loss), the three models in one
   process, interleaved step by step, median over repeats; the ratios to Transformer++ are the result.
+- ``layer``: the self-modifying Titans layer alone, forward + backward, on the fused op and on its loop
+  (``fused=False``), interleaved, median over repeats, at the smoke and pilot sizes.
+
+HOPE's ops row is measured on the fused op and on the loop (``hope_fused`` true / false).
 
 Value checks (a GPU sync each) are off in both, as in training. Every row also says which backend the HOPE layer
 ran (``hope_layer_path``). Machine and torch version go in the JSON.
@@ -48,12 +52,14 @@ class OpCounter(TorchDispatchMode):
         return sum(self.counts.values())
 
 
-def _block(arch: str, **overrides):
+def _block(arch: str, fused: bool = True, **overrides):
     from hope.models import build_model, preset
 
     cfg = preset(PILOT_PRESETS[arch], **overrides)
     torch.manual_seed(0)
     model = build_model(cfg)
+    if arch == "hope":
+        model.blocks[0].titans.fused = fused
     return model.blocks[0], cfg
 
 
@@ -103,7 +109,7 @@ REFERENCE_FIT_T = (128, 256, 384)
 
 
 def count_block_ops(arch: str, T: int = 2048, B: int = 1, profiler: bool = False, fit_T: tuple[int, ...] | None = None,
-                    **overrides) -> dict:
+                    fused: bool = True, **overrides) -> dict:
     """Ops dispatched by one pilot-size block, forward + backward (after a warm-up call that is not counted).
 
     ``fit_T`` (three sequence lengths): count there and extrapolate to ``T`` instead of running it. For a layer
@@ -113,7 +119,7 @@ def count_block_ops(arch: str, T: int = 2048, B: int = 1, profiler: bool = False
     """
     from hope_kernels._checks import value_checks_off
 
-    block, cfg = _block(arch, **overrides)
+    block, cfg = _block(arch, fused, **overrides)
     g = torch.Generator().manual_seed(0)
     x_all = torch.randn(B, max((T, *REFERENCE_FIT_T)), cfg.d_model, generator=g) * 0.5
     with value_checks_off():  # warm-up: lazy imports, caches; tells which path the HOPE layer takes
@@ -136,7 +142,7 @@ def count_block_ops(arch: str, T: int = 2048, B: int = 1, profiler: bool = False
         if prof is not None:
             row["profiler_aten_ops"] = prof
     if arch == "hope":
-        row["hope_layer_path"] = hope_layer_path(block.titans)
+        row.update(hope_fused=fused, hope_layer_path=hope_layer_path(block.titans))
     return row
 
 
@@ -184,6 +190,45 @@ def smoke_speed(reps: int = 9, B: int = 8, T: int = 128, threads: int | None = N
     return rows
 
 
+#: (name, B, T, d_model, heads) of the layer timing: the smoke and pilot presets' layer
+LAYER_SIZES = (("smoke", 8, 128, 256, 4), ("pilot", 1, 512, 768, 12))
+
+
+def layer_speed(reps: int = 5, sizes=LAYER_SIZES, **layer_kwargs) -> list[dict]:
+    """The self-modifying Titans layer forward + backward on the fused op vs its loop: interleaved, median ms."""
+    from hope.layers.self_modifying import SelfModifyingTitans
+    from hope_kernels._checks import value_checks_off
+
+    rows = []
+    for name, B, T, dim, heads in sizes:
+        torch.manual_seed(0)
+        layers = {"fused": SelfModifyingTitans(dim, heads, **layer_kwargs)}
+        layers["loop"] = SelfModifyingTitans(dim, heads, fused=False, **layer_kwargs)
+        layers["loop"].load_state_dict(layers["fused"].state_dict())
+        x = torch.randn(B, T, dim, generator=torch.Generator().manual_seed(0)) * 0.5
+        times = {k: [] for k in layers}
+
+        def step(layer):
+            layer.zero_grad(set_to_none=True)
+            y, _, _ = layer(x)
+            y.square().mean().backward()
+
+        with value_checks_off():
+            for layer in layers.values():
+                step(layer)  # warm-up
+            for _ in range(reps):
+                for k, layer in layers.items():
+                    t0 = time.perf_counter()
+                    step(layer)
+                    times[k].append(time.perf_counter() - t0)
+        med = {k: statistics.median(v) for k, v in times.items()}
+        rows.append({"measure": "layer", "size": name, "B": B, "T": T, "d_model": dim, "heads": heads, "reps": reps,
+                     **layer_kwargs, "hope_layer_path": hope_layer_path(layers["fused"]),
+                     "fused_ms": round(med["fused"] * 1e3, 1), "loop_ms": round(med["loop"] * 1e3, 1),
+                     "loop_over_fused": round(med["loop"] / med["fused"], 2)})
+    return rows
+
+
 def machine() -> dict:
     return {"python": platform.python_version(), "torch": torch.__version__, "threads": torch.get_num_threads(),
             "cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
@@ -204,23 +249,28 @@ def run(device="cpu"):
         for arch in ARCHS:
             yield count_block_ops(arch, **_ops_kwargs(arch, rule))
     yield from smoke_speed()
+    yield from layer_speed()
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("what", nargs="?", default="all", choices=("ops", "speed", "all"))
+    ap.add_argument("what", nargs="?", default="all", choices=("ops", "speed", "layer", "all"))
     ap.add_argument("--json", help="write the rows and the machine to this file")
+    ap.add_argument("--machine-note", default="", help="what the machine is (shared, cores), stored with the rows")
     ap.add_argument("--reps", type=int, default=9)
     ap.add_argument("--T", type=int, default=2048, help="tokens of the op-count block (default 2048)")
     ap.add_argument("--profiler", action="store_true", help="ops: also count aten ops with torch.profiler")
     ap.add_argument("--rule", choices=("titans", "dgd"), help="override the HOPE / TITAN memory rule")
-    ap.add_argument("--gen-chunk-size", type=int, help="HOPE generator chunk (speed only)")
+    ap.add_argument("--gen-chunk-size", type=int, help="HOPE generator chunk (speed and layer)")
+    ap.add_argument("--no-loop", action="store_true", help="ops: skip the HOPE layer's loop (its count is slow)")
     args = ap.parse_args(argv)
     over = {"rule": args.rule} if args.rule else {}
     rows = []
     if args.what in ("ops", "all"):
-        for arch in ARCHS:
-            row = count_block_ops(arch, T=args.T, **_ops_kwargs(arch, args.rule, args.profiler))
+        for arch, fused in (("hope", True), ("hope", False), ("titan", True), ("transformer", True)):
+            if not fused and args.no_loop:
+                continue
+            row = count_block_ops(arch, T=args.T, fused=fused, **_ops_kwargs(arch, args.rule, args.profiler))
             print(json.dumps(row), flush=True)
             rows.append(row)
     if args.what in ("speed", "all"):
@@ -230,10 +280,17 @@ def main(argv=None):
         for row in smoke_speed(reps=args.reps, **hope_over):
             print(json.dumps(row), flush=True)
             rows.append(row)
+    if args.what in ("layer", "all"):
+        layer_over = dict(over)
+        if args.gen_chunk_size:
+            layer_over["gen_chunk_size"] = args.gen_chunk_size
+        for row in layer_speed(reps=max(3, args.reps // 2), **layer_over):
+            print(json.dumps(row), flush=True)
+            rows.append(row)
     if args.json:
         tmp = args.json + ".tmp"
         with open(tmp, "w") as f:
-            json.dump({"machine": machine(), "rows": rows}, f, indent=1)
+            json.dump({"machine": {**machine(), "note": args.machine_note}, "rows": rows}, f, indent=1)
         os.replace(tmp, args.json)
 
 

@@ -14,9 +14,9 @@ from __future__ import annotations
 import torch
 from _timing import peak_mb, time_ms
 
-from hope_kernels import dispatch
+from hope_kernels import backends
 from hope_kernels.teach_signal import teach_signal
-from hope_kernels.teach_signal.reference import teach_signal_reference
+from hope_kernels.teach_signal.naive import teach_signal_naive as teach_signal_reference
 
 GPU_SHAPES = [(4096, 768, 32000), (16384, 768, 32000), (32768, 768, 32000), (4096, 4096, 128256), (16384, 4096, 128256)]
 CPU_SHAPES = [(256, 64, 1000), (1024, 128, 4000)]
@@ -54,7 +54,7 @@ def _steps(hidden, weight, targets, device):
         steps["compile"] = via(torch.compile(teach_signal_reference, dynamic=False))
     except Exception:  # noqa: BLE001 - a backend without a compiler still reports the others
         pass
-    if "triton" in dispatch.available_backends("teach_signal", device) and device.type == "cuda":
+    if "triton" in backends.available_backends("teach_signal", device) and device.type == "cuda":
         steps["triton"] = via(lambda h, w, t, i: teach_signal(h, w, t, ignore_index=i, backend="triton"))
     try:
         from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss

@@ -21,11 +21,13 @@ import functools
 import os
 
 import torch
-from _timing import peak_mb, time_ms
+from _timing import peak_mb, time_ms, titan_backend
+
+from hope_kernels import backends
 
 from hope_kernels.titan_memory_update import LinearMemoryState, MLPMemoryState, titan_memory_update
-from hope_kernels.titan_memory_update import reference as _reference
-from hope_kernels.titan_memory_update.reference import titan_memory_update_reference
+from hope_kernels.titan_memory_update import naive as _reference
+from hope_kernels.titan_memory_update.naive import titan_memory_update_naive as titan_memory_update_reference
 
 GPU_SHAPES = [(8, 12, 2048, 64), (1, 16, 16384, 128)]  # (B, H, T, D)
 CPU_SHAPES = [(1, 2, 128, 16), (2, 4, 512, 32)]
@@ -65,7 +67,7 @@ def _mlp_chunk(D: int, rule: str) -> int:
     try:
         import triton
 
-        from hope_kernels.titan_memory_update import triton as tk
+        from hope_kernels.titan_memory_update.triton import mlp as tk
     except ImportError:
         return CHUNK
     return min(CHUNK, tk.MLP_MAX_CHUNK.get((max(64, triton.next_power_of_2(D)), rule, True), CHUNK))
@@ -111,7 +113,7 @@ def _step(call, args, state, backward):
 
 def _kernel_stats() -> dict:
     """Registers and spills of the last compiled Triton kernels (read off Triton's compiled-kernel object)."""
-    from hope_kernels.titan_memory_update import triton as tk
+    from hope_kernels.titan_memory_update.triton import launch as tk
 
     stats = {}
     for name, kern in tk.LAST_KERNELS.items():
@@ -135,20 +137,11 @@ def run(device="cuda", memory="linear"):
     dtype = torch.bfloat16 if on_gpu else torch.float32
     impls = {"eager": titan_memory_update_reference, "compile": compiled_reference()}
     if on_gpu:
-        from hope_kernels.titan_memory_update.triton import titan_memory_update_triton
-
-        impls["triton"] = titan_memory_update_triton
-        try:
-            from hope_kernels.titan_memory_update.cuda import titan_memory_update_cuda
-
-            impls["cuda"] = titan_memory_update_cuda
-        except (ImportError, AttributeError):
-            pass
-    else:
-        from hope_kernels.titan_memory_update import cpp as _cpp
-
-        if _cpp.AVAILABLE:
-            impls["cpp"] = _cpp.titan_memory_update_cpp
+        impls["triton"] = titan_backend("triton")
+        if "cuda" in backends.available_backends("titan_memory_update", device):
+            impls["cuda"] = titan_backend("cuda")
+    elif "cpp" in backends.available_backends("titan_memory_update", device):
+        impls["cpp"] = titan_backend("cpp")
     fla = _fla_call() if on_gpu and memory == "linear" else None
     wanted = os.environ.get("HOPE_BENCH_IMPLS")  # comma list: time only these (the suite splits runs this way)
     if wanted:
@@ -210,7 +203,7 @@ TUNE_CONFIGS = [(64, 32, 4, None), (64, 32, 8, None), (64, 32, 8, 1), (32, 32, 4
 
 def tune(device="cuda"):
     """Times the Triton kernels over TUNE_CONFIGS at the benchmark shapes (bf16, fwd and fwd+bwd)."""
-    from hope_kernels.titan_memory_update import triton as tk
+    from hope_kernels.titan_memory_update.triton import launch as tk
 
     device = torch.device(device)
     saved = dict(tk.TUNING)
@@ -225,7 +218,7 @@ def tune(device="cuda"):
                                "shape": f"B{B} H{H} T{T} D{D} C{CHUNK} bf16", "pass": "fwd+bwd" if backward else "fwd",
                                "config": f"fwd_bv={fwd_bv} bwd_bv={bwd_bv} warps={warps} stages={stages}"}
                         try:
-                            step = _step(_ours(tk.titan_memory_update_triton, rule), args, state, backward)
+                            step = _step(_ours(titan_backend("triton"), rule), args, state, backward)
                             step()
                             row.update(median_ms=round(time_ms(step, device), 3), **_kernel_stats())
                         except Exception as exc:

@@ -1,9 +1,9 @@
 """C++ CPU mlp-memory state pass (csrc/titan_mlp_cpu.cpp) vs the PyTorch reference on the CPU, fwd and fwd+bwd.
 
 ``python bench/bench_titan_mlp_cpu.py [threads]`` prints one row per (shape, rule, pass) with the min and median ms
-of the reference (``eager``) and of ``backend="cpp"`` over interleaved runs, and the speed-up of the mins (the
-machine this was measured on was shared: interleaving and the min keep other jobs' load out of the ratio);
-cpp.py's ``MLP_MEASURED_FASTER`` records where cpp won. Inputs as bench_titan_memory_update.run_mlp (its
+of the reference (``eager``) and of ``backend="cpp"`` over interleaved runs, and the speed-up of the mins (on a
+shared machine, interleaving and the min keep other jobs' load out of the ratio);
+cpp.py's ``auto_skips`` follows where cpp won (docs/performance.md). Inputs as bench_titan_memory_update.run_mlp (its
 ``_inputs``, E = 2 D), at the chunk sizes given here.
 """
 from __future__ import annotations
@@ -15,10 +15,11 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _timing import titan_backend  # noqa: E402
 from bench_titan_memory_update import _inputs, _step  # noqa: E402
 
 from hope_kernels.titan_memory_update import MLPMemoryState  # noqa: E402
-from hope_kernels.titan_memory_update.reference import titan_memory_update_reference  # noqa: E402
+from hope_kernels.titan_memory_update.naive import titan_memory_update_naive  # noqa: E402
 
 #: (B, H, T, D, E, C)
 SHAPES = [(2, 4, 512, 32, 64, 32), (1, 2, 256, 64, 128, 64)]
@@ -32,10 +33,8 @@ def _call(fn, rule, chunk):
 
 
 def run(shapes=SHAPES, reps: int = 7):
-    from hope_kernels.titan_memory_update import cpp
-
     dev = torch.device("cpu")
-    impls = (("eager", titan_memory_update_reference), ("cpp", cpp.titan_memory_update_cpp))
+    impls = (("eager", titan_memory_update_naive), ("cpp", titan_backend("cpp")))
     for B, H, T, D, E, C in shapes:
         assert E == 2 * D, "bench_titan_memory_update._inputs makes E = 2 D"
         for rule in ("titans", "dgd"):

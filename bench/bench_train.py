@@ -7,7 +7,7 @@ GPU (91553 steps x 16 x 2048 tokens) at that rate, evaluation and checkpoints no
 
 Needs the prepared pilot data (``data/prepared/embedded_pilot``: the suite carries it) and, when the run has no
 ``../shared``, ``HOPE_SHARED_DATA`` pointing at a copy of the shared corpus (its sha256s are checked).
-Environment: HOPE_TRAIN_CONFIGS (comma list of config paths), HOPE_TRAIN_STEPS (default 12),
+Environment: HOPE_TRAIN_CONFIGS (comma list of config names or paths), HOPE_TRAIN_STEPS (default 12),
 HOPE_TRAIN_COMPILE ("0,1" default), HOPE_TRAIN_TIMEOUT_S (per run, default 240).
 """
 from __future__ import annotations
@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-CONFIGS = ("configs/pilot.yaml", "configs/titan_pilot.yaml", "configs/transformer_pilot.yaml")
+CONFIGS = ("pilot", "titan_pilot", "transformer_pilot")
 PILOT_TOKENS = 91553 * 16 * 2048
 WARMUP_STEPS = 4
 

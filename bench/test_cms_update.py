@@ -1,5 +1,5 @@
 """cms_update timings (pytest-benchmark): reference vs torch.compile (and the C++ backend) on CPU-sized
-cases; on a GPU also the Triton kernel at the issue's D=768, C=64, B=8 (bandwidth: bench/bench_cms_update.py).
+cases; on a GPU also the Triton kernel at D=768, C=64, B=8 (bandwidth: bench/bench_cms_update.py).
 
     python -m pytest bench/test_cms_update.py --benchmark-only
 """
@@ -8,9 +8,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from hope_kernels import dispatch
+from hope_kernels import backends
 from hope_kernels.cms_update import CMSParams, cms_update
-from hope_kernels.cms_update.reference import cms_update_reference
+from hope_kernels.cms_update.naive import cms_update_naive as cms_update_reference
 
 CPU_CASES = [(2, 16, 64), (4, 64, 128)]  # (B, C, D), E = 4 D
 HAS_CUDA = torch.cuda.is_available()
@@ -35,7 +35,7 @@ def _step(impl, args):
 @pytest.mark.parametrize("impl", ["reference", "compile", "cpp"])
 @pytest.mark.parametrize("case", CPU_CASES, ids=lambda c: "x".join(map(str, c)))
 def test_cms_update_cpu(benchmark, impl, case):
-    if impl not in ("reference", "compile") and impl not in dispatch.available_backends("cms_update", "cpu"):
+    if impl not in ("reference", "compile") and impl not in backends.available_backends("cms_update", "cpu"):
         pytest.skip(f"{impl} backend not available")
     step = _step(impl, _args(*case))
     step()
@@ -45,7 +45,7 @@ def test_cms_update_cpu(benchmark, impl, case):
 @pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
 @pytest.mark.parametrize("impl", ["reference", "compile", "triton", "cuda"])
 def test_cms_update_gpu(benchmark, impl):
-    if impl not in ("reference", "compile") and impl not in dispatch.available_backends("cms_update", "cuda"):
+    if impl not in ("reference", "compile") and impl not in backends.available_backends("cms_update", "cuda"):
         pytest.skip(f"{impl} backend not available")
     step = _step(impl, _args(8, 64, 768, device="cuda"))
 

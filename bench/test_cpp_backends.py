@@ -9,13 +9,13 @@ import time
 import pytest
 import torch
 
-from hope_kernels import dispatch
+from hope_kernels import backends
 from hope_kernels.cms_update import CMSParams, cms_update
 
 CMS_CASES = [(2, 8, 64, 128), (4, 16, 128, 256), (8, 32, 256, 512)]  # (B, C, D, E)
 
 pytestmark = pytest.mark.skipif(
-    "cpp" not in dispatch.available_backends("cms_update", "cpu"), reason="C++ CPU extension not built"
+    "cpp" not in backends.available_backends("cms_update", "cpu"), reason="C++ CPU extension not built"
 )
 
 

@@ -1,5 +1,5 @@
 """teach_signal fwd+bwd timings (pytest-benchmark): reference vs torch.compile on CPU-sized cases; on a GPU
-also the Triton kernels at a mid-sized shape (full issue shapes: bench/bench_teach_signal.py).
+also the Triton kernels at a mid-sized shape (full shapes: bench/bench_teach_signal.py).
 
     python -m pytest bench/test_teach_signal.py --benchmark-only
 """
@@ -8,9 +8,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from hope_kernels import dispatch
+from hope_kernels import backends
 from hope_kernels.teach_signal import teach_signal
-from hope_kernels.teach_signal.reference import teach_signal_reference
+from hope_kernels.teach_signal.naive import teach_signal_naive as teach_signal_reference
 
 CPU_CASES = [(256, 64, 1000), (1024, 128, 4000)]  # (N, D, V)
 HAS_CUDA = torch.cuda.is_available()
@@ -45,7 +45,7 @@ def test_teach_signal_cpu(benchmark, impl, case):
 @pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
 @pytest.mark.parametrize("impl", ["reference", "compile", "triton"])
 def test_teach_signal_gpu(benchmark, impl):
-    if impl == "triton" and "triton" not in dispatch.available_backends("teach_signal", "cuda"):
+    if impl == "triton" and "triton" not in backends.available_backends("teach_signal", "cuda"):
         pytest.skip("triton backend not registered")
     fns = {"reference": teach_signal_reference, "compile": torch.compile(teach_signal_reference, dynamic=False),
            "triton": lambda h, w, t, i: teach_signal(h, w, t, ignore_index=i, backend="triton")}

@@ -1,5 +1,5 @@
 """titan_memory_update fwd+bwd timings (pytest-benchmark): the reference on a CPU-sized case; on a GPU the
-reference vs the Triton kernels at the issue's first shape (full table: bench/bench_titan_memory_update.py).
+reference vs the Triton kernels at docs/performance.md's first shape (full table: bench/bench_titan_memory_update.py).
 
     python -m pytest bench/test_titan_memory_update.py --benchmark-only
 """
@@ -8,8 +8,10 @@ from __future__ import annotations
 import pytest
 import torch
 
+from _timing import titan_backend
+
 from hope_kernels.titan_memory_update import LinearMemoryState
-from hope_kernels.titan_memory_update.reference import titan_memory_update_reference
+from hope_kernels.titan_memory_update.naive import titan_memory_update_naive as titan_memory_update_reference
 
 HAS_CUDA = torch.cuda.is_available()
 
@@ -41,7 +43,7 @@ def test_titan_memory_update_reference_cpu(benchmark, rule):
 @pytest.mark.parametrize("rule", ["titans", "dgd"])
 def test_titan_memory_update_gpu(benchmark, impl, rule):
     if impl == "triton":
-        from hope_kernels.titan_memory_update.triton import titan_memory_update_triton as fn
+        fn = titan_backend("triton")
     else:
         fn = titan_memory_update_reference
     benchmark(_step(fn, 8, 12, 2048, 64, rule, "cuda", torch.bfloat16))

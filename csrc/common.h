@@ -1,6 +1,9 @@
 // Shared input checks: every failure names the argument (TORCH_CHECK -> c10::Error -> RuntimeError in Python).
 #pragma once
-#include <torch/extension.h>
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+
+#include <string>
 
 #define HOPE_CHECK_FLOAT3(name, t)                                                                     \
   TORCH_CHECK((t).dim() == 3, #name " must be 3-D, got ", ::hope::fmt((t).dim()), "-D");               \

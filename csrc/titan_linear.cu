@@ -1,8 +1,8 @@
 // CUDA titan_memory_update, linear memory, rules titans and dgd: the two state-pass kernels (forward and
 // backward) of docs/kernels/titan_memory.md ("kernel split", "CUDA port"). A line-by-line port of the Triton
-// kernels _linear_fwd_kernel / _linear_bwd_kernel in hope_kernels/titan_memory_update/triton.py, with the
-// same tensor contract as its launchers (_run_fwd, titan_linear_bwd); the chunk terms come from
-// chunk_terms.linear_chunk_terms, and chunk_terms.linear_state_pass is the forward kernel in plain PyTorch.
+// kernels _linear_fwd_kernel / _linear_bwd_kernel in hope_kernels/titan_memory_update/triton/linear.py, with the
+// same tensors (titan_inputs.h); the chunk terms come from chunk.chunk_terms, and tests/kernels/titan_oracle.py's
+// linear_state_pass is the forward kernel in plain PyTorch.
 //
 // One thread block per (batch * head, block of kBV value rows); the state tiles W, S [kBV, Dk] (backward
 // also dW, dS) stay in shared memory, fp32, across the chunk loop. Inside a chunk every product is a plain
@@ -15,8 +15,6 @@
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
 
-#include <optional>
-
 #include "ops.h"
 
 namespace hope {
@@ -26,7 +24,7 @@ constexpr int kThreads = 256;
 constexpr int kWarps = kThreads / 32;
 constexpr int kBV = 16;          // value rows per block (row reductions below use 16-lane groups)
 constexpr int kBS = kBV + 1;     // row stride of the [C, kBV] tiles (+1: no bank conflicts on columns)
-constexpr int kNVec = 7;         // rows of vec: chunk_terms.VEC_ROWS
+constexpr int kNVec = 7;         // rows of `rows` (titan_inputs.h kRow*)
 constexpr int kBc = 0, kCc = 1, kBp = 2, kCp = 3, kWg = 4, kWp = 5, kWb = 6;
 static_assert(kBV == 16, "the row reductions over the value block are 16-lane shuffles");
 static_assert(kThreads % 32 == 0, "whole warps");
@@ -685,17 +683,16 @@ struct LinearDims {
 };
 
 // Sizes of a call; the arguments were checked by the g++-compiled entry point (titan_linear_checks.h).
-LinearDims linear_dims(const at::Tensor& q, const std::optional<at::Tensor>& kh, const at::Tensor& v,
-                       const at::Tensor& vec, int64_t chunk_size) {
+LinearDims linear_dims(const TitanInputs& in) {
   LinearDims a{};
-  a.B = q.size(0);
-  a.H = q.size(1);
-  a.T = q.size(2);
-  a.Dk = q.size(3);
-  a.Dv = v.size(3);
-  a.NC = vec.size(2);
-  a.C = chunk_size;
-  a.dgd = kh.has_value() && kh->defined();
+  a.B = in.q.size(0);
+  a.H = in.q.size(1);
+  a.T = in.q.size(2);
+  a.Dk = in.q.size(3);
+  a.Dv = in.v.size(3);
+  a.NC = in.rows.size(2);
+  a.C = in.chunk_size;
+  a.dgd = in.dgd();
   return a;
 }
 
@@ -706,78 +703,64 @@ void prepare_smem(Kernel kernel, size_t bytes) {
     C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes)));
 }
 
-const float* opt_f32(const std::optional<at::Tensor>& t, bool dgd) { return dgd ? t->data_ptr<float>() : nullptr; }
+const float* opt_f32(const at::Tensor& t, bool dgd) { return dgd ? t.data_ptr<float>() : nullptr; }
 
 struct FwdOut {
   at::Tensor out, WT, ST, states;
 };
 
 template <typename scalar_t, bool DGD>
-void launch_fwd(const LinearDims& a, const at::Tensor& q, const at::Tensor& k, const std::optional<at::Tensor>& kh,
-                const at::Tensor& v, const at::Tensor& aqk, const std::optional<at::Tensor>& akk,
-                const std::optional<at::Tensor>& tinv, const std::optional<at::Tensor>& aqw, const at::Tensor& vec,
-                const at::Tensor& end, const at::Tensor& W0, const at::Tensor& S0, FwdOut& r, bool write_out,
-                bool store_states) {
+void launch_fwd(const LinearDims& a, const TitanInputs& in, FwdOut& r, bool write_out, bool store_states) {
   const size_t bytes = static_cast<size_t>(FwdLayout(a.C, a.Dk, DGD).total) * sizeof(float);
   auto kernel = titan_linear_fwd_kernel<scalar_t, DGD>;
   prepare_smem(kernel, bytes);
   const dim3 grid(static_cast<unsigned>(a.B * a.H), static_cast<unsigned>((a.Dv + kBV - 1) / kBV));
   kernel<<<grid, kThreads, bytes, at::cuda::getCurrentCUDAStream()>>>(
-      q.data_ptr<scalar_t>(), k.data_ptr<scalar_t>(), opt_f32(kh, DGD), v.data_ptr<scalar_t>(),
-      aqk.data_ptr<float>(), opt_f32(akk, DGD), opt_f32(tinv, DGD), opt_f32(aqw, DGD), vec.data_ptr<float>(),
-      end.data_ptr<float>(), W0.data_ptr<float>(), S0.data_ptr<float>(),
-      write_out ? r.out.data_ptr<scalar_t>() : nullptr, r.WT.data_ptr<float>(), r.ST.data_ptr<float>(),
-      store_states ? r.states.data_ptr<float>() : nullptr, a.T, a.NC, static_cast<int>(a.C),
+      in.q.data_ptr<scalar_t>(), in.k.data_ptr<scalar_t>(), opt_f32(in.khat, DGD), in.v.data_ptr<scalar_t>(),
+      in.aqk.data_ptr<float>(), opt_f32(in.akk, DGD), opt_f32(in.tinv, DGD), opt_f32(in.aqw, DGD),
+      in.rows.data_ptr<float>(), in.ends.data_ptr<float>(), in.state[0].data_ptr<float>(),
+      in.state[1].data_ptr<float>(), write_out ? r.out.data_ptr<scalar_t>() : nullptr, r.WT.data_ptr<float>(),
+      r.ST.data_ptr<float>(), store_states ? r.states.data_ptr<float>() : nullptr, a.T, a.NC, static_cast<int>(a.C),
       static_cast<int>(a.Dk), static_cast<int>(a.Dv), write_out, store_states);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-// Forward state pass (triton.py _run_fwd): out (when write_out), W_T, S_T and, when store_states, the
-// chunk-start states [B, H, NC, 2, Dv, Dk]. Arguments already checked; q's device is current.
-FwdOut run_fwd(const LinearDims& a, const at::Tensor& q, const at::Tensor& k, const std::optional<at::Tensor>& kh,
-               const at::Tensor& v, const at::Tensor& aqk, const std::optional<at::Tensor>& akk,
-               const std::optional<at::Tensor>& tinv, const std::optional<at::Tensor>& aqw, const at::Tensor& vec,
-               const at::Tensor& end, const at::Tensor& W0, const at::Tensor& S0, bool write_out,
-               bool store_states) {
-  const auto f32 = q.options().dtype(at::kFloat);
+// Forward state pass: out (when write_out), W_T, S_T and, when store_states, the chunk-start states
+// [B, H, NC, 2, Dv, Dk]. Arguments already checked; q's device is current.
+FwdOut run_fwd(const LinearDims& a, const TitanInputs& in, bool write_out, bool store_states) {
+  const auto f32 = in.q.options().dtype(at::kFloat);
   FwdOut r;
-  r.out = write_out ? at::empty({a.B, a.H, a.T, a.Dv}, q.options()) : at::empty({0}, q.options());
+  r.out = write_out ? at::empty({a.B, a.H, a.T, a.Dv}, in.q.options()) : at::empty({0}, in.q.options());
   r.WT = at::empty({a.B, a.H, a.Dv, a.Dk}, f32);
   r.ST = at::empty({a.B, a.H, a.Dv, a.Dk}, f32);
   r.states = store_states ? at::empty({a.B, a.H, a.NC, 2, a.Dv, a.Dk}, f32) : at::empty({0}, f32);
   if (a.B * a.H == 0) return r;
-  HOPE_DISPATCH_FLOAT_HALF(q.scalar_type(), "titan_linear_fwd_cuda", [&] {
+  HOPE_DISPATCH_FLOAT_HALF(in.q.scalar_type(), "titan_linear_fwd_cuda", [&] {
     if (a.dgd)
-      launch_fwd<scalar_t, true>(a, q, k, kh, v, aqk, akk, tinv, aqw, vec, end, W0, S0, r, write_out, store_states);
+      launch_fwd<scalar_t, true>(a, in, r, write_out, store_states);
     else
-      launch_fwd<scalar_t, false>(a, q, k, kh, v, aqk, akk, tinv, aqw, vec, end, W0, S0, r, write_out, store_states);
+      launch_fwd<scalar_t, false>(a, in, r, write_out, store_states);
   });
   return r;
 }
 
-struct BwdBuffers {
-  at::Tensor dq, dk, dkh, dv, daqk, dakk, dtinv, daqw, dvec, dend, dW0, dS0;
-};
-
 template <typename scalar_t, bool DGD>
-void launch_bwd(const LinearDims& a, const at::Tensor& q, const at::Tensor& k, const std::optional<at::Tensor>& kh,
-                const at::Tensor& v, const at::Tensor& aqk, const std::optional<at::Tensor>& akk,
-                const std::optional<at::Tensor>& tinv, const std::optional<at::Tensor>& aqw, const at::Tensor& vec,
-                const at::Tensor& end, const at::Tensor& states, const at::Tensor& grad_out, const at::Tensor& dWT,
-                const at::Tensor& dST, BwdBuffers& g) {
+void launch_bwd(const LinearDims& a, const TitanInputs& in, const at::Tensor& states, const TitanGradsIn& grads,
+                TitanInputs& g) {
   const size_t bytes = static_cast<size_t>(BwdLayout(a.C, a.Dk, DGD).total) * sizeof(float);
   auto kernel = titan_linear_bwd_kernel<scalar_t, DGD>;
   prepare_smem(kernel, bytes);
   const dim3 grid(static_cast<unsigned>(a.B * a.H), static_cast<unsigned>((a.Dv + kBV - 1) / kBV));
   auto dgd_out = [&](at::Tensor& t) { return DGD ? t.data_ptr<float>() : nullptr; };
   kernel<<<grid, kThreads, bytes, at::cuda::getCurrentCUDAStream()>>>(
-      q.data_ptr<scalar_t>(), k.data_ptr<scalar_t>(), opt_f32(kh, DGD), v.data_ptr<scalar_t>(),
-      aqk.data_ptr<float>(), opt_f32(akk, DGD), opt_f32(tinv, DGD), opt_f32(aqw, DGD), vec.data_ptr<float>(),
-      end.data_ptr<float>(), states.data_ptr<float>(), grad_out.data_ptr<scalar_t>(), dWT.data_ptr<float>(),
-      dST.data_ptr<float>(), g.dq.data_ptr<float>(), g.dk.data_ptr<float>(), dgd_out(g.dkh),
-      g.dv.data_ptr<scalar_t>(), g.daqk.data_ptr<float>(), dgd_out(g.dakk), dgd_out(g.dtinv), dgd_out(g.daqw),
-      g.dvec.data_ptr<float>(), g.dend.data_ptr<float>(), g.dW0.data_ptr<float>(), g.dS0.data_ptr<float>(), a.T,
-      a.NC, static_cast<int>(a.C), static_cast<int>(a.Dk), static_cast<int>(a.Dv), a.B * a.H);
+      in.q.data_ptr<scalar_t>(), in.k.data_ptr<scalar_t>(), opt_f32(in.khat, DGD), in.v.data_ptr<scalar_t>(),
+      in.aqk.data_ptr<float>(), opt_f32(in.akk, DGD), opt_f32(in.tinv, DGD), opt_f32(in.aqw, DGD),
+      in.rows.data_ptr<float>(), in.ends.data_ptr<float>(), states.data_ptr<float>(),
+      grads.out.data_ptr<scalar_t>(), grads.state[0].data_ptr<float>(), grads.state[1].data_ptr<float>(),
+      g.q.data_ptr<float>(), g.k.data_ptr<float>(), dgd_out(g.khat), g.v.data_ptr<scalar_t>(),
+      g.aqk.data_ptr<float>(), dgd_out(g.akk), dgd_out(g.tinv), dgd_out(g.aqw), g.rows.data_ptr<float>(),
+      g.ends.data_ptr<float>(), g.state[0].data_ptr<float>(), g.state[1].data_ptr<float>(), a.T, a.NC,
+      static_cast<int>(a.C), static_cast<int>(a.Dk), static_cast<int>(a.Dv), a.B * a.H);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
@@ -789,59 +772,45 @@ int64_t titan_linear_smem_bytes(int64_t chunk_size, int64_t Dk, bool dgd, bool b
   return static_cast<int64_t>(floats) * static_cast<int64_t>(sizeof(float));
 }
 
-std::vector<at::Tensor> titan_linear_fwd_cuda(const at::Tensor& q, const at::Tensor& k,
-                                              const std::optional<at::Tensor>& kh, const at::Tensor& v,
-                                              const at::Tensor& aqk, const std::optional<at::Tensor>& akk,
-                                              const std::optional<at::Tensor>& tinv,
-                                              const std::optional<at::Tensor>& aqw, const at::Tensor& vec,
-                                              const at::Tensor& end, const at::Tensor& W0, const at::Tensor& S0,
-                                              int64_t chunk_size, bool store_states) {
+std::vector<at::Tensor> titan_linear_fwd_cuda(const TitanInputs& in, bool store_states) {
   // inputs were checked by the host-compiled entry point (bindings_cuda.cpp, titan_linear_checks.h)
-  const LinearDims a = linear_dims(q, kh, v, vec, chunk_size);
-  const c10::cuda::CUDAGuard device_guard(q.device());
-  FwdOut r = run_fwd(a, q, k, kh, v, aqk, akk, tinv, aqw, vec, end, W0, S0, /*write_out=*/true, store_states);
+  const LinearDims a = linear_dims(in);
+  const c10::cuda::CUDAGuard device_guard(in.q.device());
+  FwdOut r = run_fwd(a, in, /*write_out=*/true, store_states);
   return {r.out, r.WT, r.ST, r.states};
 }
 
-std::vector<at::Tensor> titan_linear_bwd_cuda(const at::Tensor& grad_out, const at::Tensor& dWT,
-                                              const at::Tensor& dST, const at::Tensor& q, const at::Tensor& k,
-                                              const std::optional<at::Tensor>& kh, const at::Tensor& v,
-                                              const at::Tensor& aqk, const std::optional<at::Tensor>& akk,
-                                              const std::optional<at::Tensor>& tinv,
-                                              const std::optional<at::Tensor>& aqw, const at::Tensor& vec,
-                                              const at::Tensor& end, const at::Tensor& W0, const at::Tensor& S0,
-                                              int64_t chunk_size) {
+TitanInputs titan_linear_bwd_cuda(const TitanInputs& in, const TitanGradsIn& grads) {
   // inputs were checked by the host-compiled entry point (bindings_cuda.cpp, titan_linear_checks.h)
-  const LinearDims a = linear_dims(q, kh, v, vec, chunk_size);
-  const c10::cuda::CUDAGuard device_guard(q.device());
+  const LinearDims a = linear_dims(in);
+  const c10::cuda::CUDAGuard device_guard(in.q.device());
   const int64_t B = a.B, H = a.H, NC = a.NC, C = a.C, Tp = NC * C;
   const int64_t NV = (a.Dv + kBV - 1) / kBV;
   // recompute the chunk-start states (the forward pass kept only its inputs)
-  const at::Tensor states =
-      run_fwd(a, q, k, kh, v, aqk, akk, tinv, aqw, vec, end, W0, S0, /*write_out=*/false, /*store_states=*/true)
-          .states;
-  const auto f32 = q.options().dtype(at::kFloat);
+  const at::Tensor states = run_fwd(a, in, /*write_out=*/false, /*store_states=*/true).states;
+  const auto f32 = in.q.options().dtype(at::kFloat);
   auto none = [&] { return at::empty({0}, f32); };  // a distinct empty tensor per output (no aliasing)
-  // every element of these is written by the kernel (partials included: zeros where Triton leaves zeros)
-  BwdBuffers g;
-  g.dq = at::empty({NV, B, H, Tp, a.Dk}, f32);
-  g.dk = at::empty({NV, B, H, Tp, a.Dk}, f32);
-  g.dkh = a.dgd ? at::empty({NV, B, H, Tp, a.Dk}, f32) : none();
-  g.dv = at::empty({B, H, a.T, a.Dv}, v.options());
-  g.daqk = at::empty({NV, B, H, NC, C, C}, f32);
-  g.dakk = a.dgd ? at::empty({NV, B, H, NC, C, C}, f32) : none();
-  g.dtinv = a.dgd ? at::empty({NV, B, H, NC, C, C}, f32) : none();
-  g.daqw = a.dgd ? at::empty({NV, B, H, NC, C, C}, f32) : none();
-  g.dvec = at::empty({NV, B, H, NC, kNVec, C}, f32);
-  g.dend = at::empty({NV, B, H, NC, 3}, f32);
-  g.dW0 = at::empty({B, H, a.Dv, a.Dk}, f32);
-  g.dS0 = at::empty({B, H, a.Dv, a.Dk}, f32);
+  // every element of these is written by the kernel (partials included: zeros where Triton leaves zeros); the
+  // gradients that sum over the value dimension come per value block [NV, ...] and are summed below
+  TitanInputs g;
+  g.q = at::empty({NV, B, H, Tp, a.Dk}, f32);
+  g.k = at::empty({NV, B, H, Tp, a.Dk}, f32);
+  g.v = at::empty({B, H, a.T, a.Dv}, in.v.options());
+  g.khat = a.dgd ? at::empty({NV, B, H, Tp, a.Dk}, f32) : none();
+  g.aqk = at::empty({NV, B, H, NC, C, C}, f32);
+  g.gth = none();
+  g.akk = a.dgd ? at::empty({NV, B, H, NC, C, C}, f32) : none();
+  g.tinv = a.dgd ? at::empty({NV, B, H, NC, C, C}, f32) : none();
+  g.aqw = a.dgd ? at::empty({NV, B, H, NC, C, C}, f32) : none();
+  g.rows = at::empty({NV, B, H, NC, kNVec, C}, f32);
+  g.ends = at::empty({NV, B, H, NC, 3}, f32);
+  g.state = {at::empty({B, H, a.Dv, a.Dk}, f32), at::empty({B, H, a.Dv, a.Dk}, f32)};
   if (B * H > 0) {
-    HOPE_DISPATCH_FLOAT_HALF(q.scalar_type(), "titan_linear_bwd_cuda", [&] {
+    HOPE_DISPATCH_FLOAT_HALF(in.q.scalar_type(), "titan_linear_bwd_cuda", [&] {
       if (a.dgd)
-        launch_bwd<scalar_t, true>(a, q, k, kh, v, aqk, akk, tinv, aqw, vec, end, states, grad_out, dWT, dST, g);
+        launch_bwd<scalar_t, true>(a, in, states, grads, g);
       else
-        launch_bwd<scalar_t, false>(a, q, k, kh, v, aqk, akk, tinv, aqw, vec, end, states, grad_out, dWT, dST, g);
+        launch_bwd<scalar_t, false>(a, in, states, grads, g);
     });
   }
   // sum the per-value-block partials (no atomics); titans leaves the dgd-only gradients empty
@@ -849,10 +818,10 @@ std::vector<at::Tensor> titan_linear_bwd_cuda(const at::Tensor& grad_out, const 
     if (x.dim() == 1) return x;
     return NV == 1 ? x.select(0, 0) : x.sum(0);
   };
-  at::Tensor dq = red(g.dq).slice(2, 0, a.T).to(q.scalar_type()).contiguous();
-  at::Tensor dk = red(g.dk).slice(2, 0, a.T).to(k.scalar_type()).contiguous();
-  return {dq, dk, red(g.dkh), g.dv, red(g.daqk), red(g.dakk), red(g.dtinv), red(g.daqw), red(g.dvec),
-          red(g.dend), g.dW0, g.dS0};
+  g.q = red(g.q).slice(2, 0, a.T).to(in.q.scalar_type()).contiguous();
+  g.k = red(g.k).slice(2, 0, a.T).to(in.k.scalar_type()).contiguous();
+  for (at::Tensor* t : {&g.khat, &g.aqk, &g.akk, &g.tinv, &g.aqw, &g.rows, &g.ends}) *t = red(*t);
+  return g;
 }
 
 }  // namespace hope

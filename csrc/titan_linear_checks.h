@@ -1,12 +1,11 @@
 // Input checks of the CUDA titan_linear entry points (csrc/titan_linear.cu), called from bindings_cuda.cpp before
 // any .cu function runs; integers in messages go through fmt() (common.h says why). Every failure names the
-// argument. The kernels then assume these contracts (those of triton.py's launchers).
+// argument. The kernels then assume these contracts (those of the Triton launchers).
 #pragma once
 #include <ATen/cuda/CUDAContext.h>
 
-#include <optional>
-
 #include "common.h"
+#include "titan_inputs.h"
 
 namespace hope {
 
@@ -32,9 +31,9 @@ inline void f32_shaped(const at::Tensor& t, const char* name, const at::Device& 
   TORCH_CHECK(t.sizes() == shape, name, " has shape ", fmt(t.sizes()), ", expected ", fmt(shape), " (", layout, ")");
 }
 
-inline const at::Tensor& required(const std::optional<at::Tensor>& t, const char* name) {
-  TORCH_CHECK(t.has_value() && t->defined(), name, " is required when kh is given (rule dgd)");
-  return *t;
+inline const at::Tensor& required(const at::Tensor& t, const char* name) {
+  TORCH_CHECK(t.defined() && t.numel() > 0, name, " is required when khat is given (rule dgd)");
+  return t;
 }
 
 inline void smem_fits(const at::Tensor& q, int64_t chunk_size, bool dgd, bool backward) {
@@ -47,17 +46,14 @@ inline void smem_fits(const at::Tensor& q, int64_t chunk_size, bool dgd, bool ba
 
 }  // namespace titan_checks
 
-// Checks of titan_linear_fwd / titan_linear_bwd's inputs (the Triton launchers' contract): q, k [B, H, T, Dk] and
-// v [B, H, T, Dv] in one of fp32 / bf16 / fp16; kh [B, H, NC * C, Dk] (dgd when given), aqk / akk / tinv / aqw
-// [B, H, NC, C, C], vec [B, H, NC, 7, C], end [B, H, NC, 3], W0 / S0 [B, H, Dv, Dk], all fp32; all contiguous and
-// on q's CUDA device; 1 <= chunk_size <= 64, NC = ceil(T / chunk_size), 1 <= Dk, Dv <= 128.
-inline void check_titan_linear_inputs(const at::Tensor& q, const at::Tensor& k, const std::optional<at::Tensor>& kh,
-                                      const at::Tensor& v, const at::Tensor& aqk,
-                                      const std::optional<at::Tensor>& akk, const std::optional<at::Tensor>& tinv,
-                                      const std::optional<at::Tensor>& aqw, const at::Tensor& vec,
-                                      const at::Tensor& end, const at::Tensor& W0, const at::Tensor& S0,
-                                      int64_t chunk_size, bool backward) {
+// Checks of the linear memory's inputs (titan_inputs.h): q, k [B, H, T, Dk] and v [B, H, T, Dv] in one of fp32 /
+// bf16 / fp16; khat [B, H, NC * C, Dk] (dgd when given), aqk / akk / tinv / aqw [B, H, NC, C, C], rows
+// [B, H, NC, 7, C], ends [B, H, NC, 3], state W / S [B, H, Dv, Dk], all fp32; all contiguous and on q's CUDA device;
+// 1 <= chunk_size <= 64, NC = ceil(T / chunk_size), 1 <= Dk, Dv <= 128.
+inline void check_titan_linear_inputs(const TitanInputs& in, bool backward) {
   using namespace titan_checks;
+  const at::Tensor &q = in.q, &k = in.k, &v = in.v;
+  const int64_t chunk_size = in.chunk_size;
   TORCH_CHECK(q.defined(), "q must be a tensor");
   TORCH_CHECK(q.is_cuda(), "q must be a CUDA tensor, got ", q.device());
   const at::Device dev = q.device();
@@ -79,37 +75,38 @@ inline void check_titan_linear_inputs(const at::Tensor& q, const at::Tensor& k, 
   const int64_t Dv = v.size(3);
   TORCH_CHECK(Dk >= 1 && Dk <= kTitanMaxDim, "q's head dim Dk must be in [1, ", fmt(kTitanMaxDim), "], got ", fmt(Dk));
   TORCH_CHECK(Dv >= 1 && Dv <= kTitanMaxDim, "v's head dim Dv must be in [1, ", fmt(kTitanMaxDim), "], got ", fmt(Dv));
-  on_device(vec, "vec", dev);
-  TORCH_CHECK(vec.dim() == 5, "vec must be 5-D [B, H, NC, 7, C], got ", fmt(vec.dim()), "-D");
-  const int64_t NC = vec.size(2);
-  TORCH_CHECK(NC == (T + C - 1) / C, "vec has ", fmt(NC), " chunks, expected ceil(T / chunk_size) = ", fmt((T + C - 1) / C));
-  f32_shaped(vec, "vec", dev, {B, H, NC, 7, C}, "[B, H, NC, 7, C]");
-  f32_shaped(end, "end", dev, {B, H, NC, 3}, "[B, H, NC, 3]");
-  f32_shaped(aqk, "aqk", dev, {B, H, NC, C, C}, "[B, H, NC, C, C]");
-  f32_shaped(W0, "W0", dev, {B, H, Dv, Dk}, "[B, H, Dv, Dk]");
-  f32_shaped(S0, "S0", dev, {B, H, Dv, Dk}, "[B, H, Dv, Dk]");
-  const bool dgd = kh.has_value() && kh->defined();
+  on_device(in.rows, "rows", dev);
+  TORCH_CHECK(in.rows.dim() == 5, "rows must be 5-D [B, H, NC, 7, C], got ", fmt(in.rows.dim()), "-D");
+  const int64_t NC = in.rows.size(2);
+  TORCH_CHECK(NC == (T + C - 1) / C, "rows has ", fmt(NC), " chunks, expected ceil(T / chunk_size) = ",
+              fmt((T + C - 1) / C));
+  f32_shaped(in.rows, "rows", dev, {B, H, NC, kNRows, C}, "[B, H, NC, 7, C]");
+  f32_shaped(in.ends, "ends", dev, {B, H, NC, 3}, "[B, H, NC, 3]");
+  f32_shaped(in.aqk, "aqk", dev, {B, H, NC, C, C}, "[B, H, NC, C, C]");
+  f32_shaped(in.state[0], "W", dev, {B, H, Dv, Dk}, "[B, H, Dv, Dk]");
+  f32_shaped(in.state[1], "S", dev, {B, H, Dv, Dk}, "[B, H, Dv, Dk]");
+  const bool dgd = in.dgd();
   if (dgd) {
-    f32_shaped(*kh, "kh", dev, {B, H, NC * C, Dk}, "[B, H, NC * C, Dk]");
-    f32_shaped(required(akk, "akk"), "akk", dev, {B, H, NC, C, C}, "[B, H, NC, C, C]");
-    f32_shaped(required(tinv, "tinv"), "tinv", dev, {B, H, NC, C, C}, "[B, H, NC, C, C]");
-    f32_shaped(required(aqw, "aqw"), "aqw", dev, {B, H, NC, C, C}, "[B, H, NC, C, C]");
+    f32_shaped(in.khat, "khat", dev, {B, H, NC * C, Dk}, "[B, H, NC * C, Dk]");
+    f32_shaped(required(in.akk, "akk"), "akk", dev, {B, H, NC, C, C}, "[B, H, NC, C, C]");
+    f32_shaped(required(in.tinv, "tinv"), "tinv", dev, {B, H, NC, C, C}, "[B, H, NC, C, C]");
+    f32_shaped(required(in.aqw, "aqw"), "aqw", dev, {B, H, NC, C, C}, "[B, H, NC, C, C]");
   }
   smem_fits(q, chunk_size, dgd, /*backward=*/false);
   if (backward) smem_fits(q, chunk_size, dgd, /*backward=*/true);
 }
 
-// The incoming gradients of titan_linear_bwd: do like v in q's dtype, dWT / dST fp32 like W0.
-inline void check_titan_linear_grads(const at::Tensor& grad_out, const at::Tensor& dWT, const at::Tensor& dST,
-                                     const at::Tensor& q, const at::Tensor& v, const at::Tensor& W0) {
+// The incoming gradients of the backward: d out like v in q's dtype, d W / d S fp32 like W.
+inline void check_titan_linear_grads(const TitanInputs& in, const TitanGradsIn& grads) {
   using namespace titan_checks;
-  const at::Device dev = q.device();
-  on_device(grad_out, "do", dev);
-  TORCH_CHECK(grad_out.scalar_type() == q.scalar_type(), "do must have q's dtype ", q.scalar_type(), ", got ",
-              grad_out.scalar_type());
-  TORCH_CHECK(grad_out.sizes() == v.sizes(), "do has shape ", fmt(grad_out.sizes()), ", expected v's ", fmt(v.sizes()));
-  f32_shaped(dWT, "dWT", dev, W0.sizes(), "[B, H, Dv, Dk]");
-  f32_shaped(dST, "dST", dev, W0.sizes(), "[B, H, Dv, Dk]");
+  const at::Device dev = in.q.device();
+  on_device(grads.out, "d out", dev);
+  TORCH_CHECK(grads.out.scalar_type() == in.q.scalar_type(), "d out must have q's dtype ", in.q.scalar_type(),
+              ", got ", grads.out.scalar_type());
+  TORCH_CHECK(grads.out.sizes() == in.v.sizes(), "d out has shape ", fmt(grads.out.sizes()), ", expected v's ",
+              fmt(in.v.sizes()));
+  f32_shaped(grads.state[0], "d W", dev, in.state[0].sizes(), "[B, H, Dv, Dk]");
+  f32_shaped(grads.state[1], "d S", dev, in.state[0].sizes(), "[B, H, Dv, Dk]");
 }
 
 }  // namespace hope

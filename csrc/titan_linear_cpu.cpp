@@ -6,17 +6,17 @@
 // entries of padded rows / columns are zero.
 #include <algorithm>
 #include <cstring>
-#include <optional>
 #include <vector>
 
 #include <ATen/Parallel.h>
 
 #include "ops.h"
+#include "titan_inputs.h"
 
 namespace hope {
 namespace {
 
-constexpr int64_t kNVec = 7;  // rows of vec: Bc, c, Bp, cp, wg, wp, wb (chunk_terms.VEC_ROWS)
+constexpr int64_t kNVec = kNRows;  // rows of `rows` (titan_inputs.h)
 
 // 8 floats (one AVX register, two SSE ones): GCC vector extension, unaligned loads / stores through memcpy.
 #pragma GCC diagnostic push
@@ -132,49 +132,47 @@ void check_shaped(const at::Tensor& t, const char* name, at::IntArrayRef shape, 
   TORCH_CHECK(t.sizes() == shape, name, " has shape ", fmt(t.sizes()), ", expected ", fmt(shape), " (", layout, ")");
 }
 
-const at::Tensor& required(const std::optional<at::Tensor>& t, const char* name) {
-  TORCH_CHECK(t.has_value() && t->defined(), name, " is required when kh is given (rule dgd)");
-  return *t;
+const at::Tensor& required(const at::Tensor& t, const char* name) {
+  TORCH_CHECK(t.defined() && t.numel() > 0, name, " is required when khat is given (rule dgd)");
+  return t;
 }
 
-// The Triton launchers' contract, fp32 on the CPU: q, k [B, H, T, Dk], v [B, H, T, Dv], kh [B, H, NC * C, Dk]
-// (dgd when given), aqk / akk / tinv / aqw [B, H, NC, C, C], vec [B, H, NC, 7, C], end [B, H, NC, 3],
-// W0 / S0 [B, H, Dv, Dk]; all contiguous float32 CPU tensors; chunk_size >= 1, NC = ceil(T / chunk_size).
-Dims check_inputs(const at::Tensor& q, const at::Tensor& k, const std::optional<at::Tensor>& kh, const at::Tensor& v,
-                  const at::Tensor& aqk, const std::optional<at::Tensor>& akk, const std::optional<at::Tensor>& tinv,
-                  const std::optional<at::Tensor>& aqw, const at::Tensor& vec, const at::Tensor& end,
-                  const at::Tensor& W0, const at::Tensor& S0, int64_t chunk_size) {
+// The linear memory's inputs, fp32 on the CPU: q, k [B, H, T, Dk], v [B, H, T, Dv], khat [B, H, NC * C, Dk]
+// (dgd when given), aqk / akk / tinv / aqw [B, H, NC, C, C], rows [B, H, NC, 7, C], ends [B, H, NC, 3],
+// state W, S [B, H, Dv, Dk]; all contiguous float32 CPU tensors; chunk_size >= 1, NC = ceil(T / chunk_size).
+Dims check_inputs(const TitanInputs& in) {
+  const at::Tensor &q = in.q, &W0 = in.state[0], &S0 = in.state[1];
   check_cpu(q, "q");
   TORCH_CHECK(q.dim() == 4, "q must be 4-D [B, H, T, Dk], got ", fmt(q.dim()), "-D");
-  TORCH_CHECK(chunk_size >= 1, "chunk_size must be >= 1, got ", fmt(chunk_size));
+  TORCH_CHECK(in.chunk_size >= 1, "chunk_size must be >= 1, got ", fmt(in.chunk_size));
   Dims d{};
-  d.B = q.size(0), d.H = q.size(1), d.T = q.size(2), d.Dk = q.size(3), d.C = chunk_size;
+  d.B = q.size(0), d.H = q.size(1), d.T = q.size(2), d.Dk = q.size(3), d.C = in.chunk_size;
   TORCH_CHECK(d.T >= 1, "q must have at least one token, got T=", fmt(d.T));
   TORCH_CHECK(d.Dk >= 1, "q's head dim Dk must be >= 1, got ", fmt(d.Dk));
-  check_shaped(k, "k", q.sizes(), "like q: [B, H, T, Dk]");
-  check_cpu(v, "v");
-  TORCH_CHECK(v.dim() == 4 && v.size(0) == d.B && v.size(1) == d.H && v.size(2) == d.T, "v has shape ",
-              fmt(v.sizes()), ", expected [B, H, T, Dv] with q's B, H, T");
-  d.Dv = v.size(3);
+  check_shaped(in.k, "k", q.sizes(), "like q: [B, H, T, Dk]");
+  check_cpu(in.v, "v");
+  TORCH_CHECK(in.v.dim() == 4 && in.v.size(0) == d.B && in.v.size(1) == d.H && in.v.size(2) == d.T, "v has shape ",
+              fmt(in.v.sizes()), ", expected [B, H, T, Dv] with q's B, H, T");
+  d.Dv = in.v.size(3);
   TORCH_CHECK(d.Dv >= 1, "v's head dim Dv must be >= 1, got ", fmt(d.Dv));
-  check_cpu(vec, "vec");
-  TORCH_CHECK(vec.dim() == 5, "vec must be 5-D [B, H, NC, 7, C], got ", fmt(vec.dim()), "-D");
+  check_cpu(in.rows, "rows");
+  TORCH_CHECK(in.rows.dim() == 5, "rows must be 5-D [B, H, NC, 7, C], got ", fmt(in.rows.dim()), "-D");
   d.NC = (d.T + d.C - 1) / d.C;
   d.Tp = d.NC * d.C;
-  TORCH_CHECK(vec.size(2) == d.NC, "vec has ", fmt(vec.size(2)), " chunks, expected ceil(T / chunk_size) = ",
+  TORCH_CHECK(in.rows.size(2) == d.NC, "rows has ", fmt(in.rows.size(2)), " chunks, expected ceil(T / chunk_size) = ",
               fmt(d.NC));
   const int64_t B = d.B, H = d.H, NC = d.NC, C = d.C;
-  check_shaped(vec, "vec", {B, H, NC, kNVec, C}, "[B, H, NC, 7, C]");
-  check_shaped(end, "end", {B, H, NC, 3}, "[B, H, NC, 3]");
-  check_shaped(aqk, "aqk", {B, H, NC, C, C}, "[B, H, NC, C, C]");
-  check_shaped(W0, "W0", {B, H, d.Dv, d.Dk}, "[B, H, Dv, Dk]");
-  check_shaped(S0, "S0", {B, H, d.Dv, d.Dk}, "[B, H, Dv, Dk]");
-  d.dgd = kh.has_value() && kh->defined();
+  check_shaped(in.rows, "rows", {B, H, NC, kNRows, C}, "[B, H, NC, 7, C]");
+  check_shaped(in.ends, "ends", {B, H, NC, 3}, "[B, H, NC, 3]");
+  check_shaped(in.aqk, "aqk", {B, H, NC, C, C}, "[B, H, NC, C, C]");
+  check_shaped(W0, "W", {B, H, d.Dv, d.Dk}, "[B, H, Dv, Dk]");
+  check_shaped(S0, "S", {B, H, d.Dv, d.Dk}, "[B, H, Dv, Dk]");
+  d.dgd = in.dgd();
   if (d.dgd) {
-    check_shaped(*kh, "kh", {B, H, d.Tp, d.Dk}, "[B, H, NC * C, Dk]");
-    check_shaped(required(akk, "akk"), "akk", {B, H, NC, C, C}, "[B, H, NC, C, C]");
-    check_shaped(required(tinv, "tinv"), "tinv", {B, H, NC, C, C}, "[B, H, NC, C, C]");
-    check_shaped(required(aqw, "aqw"), "aqw", {B, H, NC, C, C}, "[B, H, NC, C, C]");
+    check_shaped(in.khat, "khat", {B, H, d.Tp, d.Dk}, "[B, H, NC * C, Dk]");
+    check_shaped(required(in.akk, "akk"), "akk", {B, H, NC, C, C}, "[B, H, NC, C, C]");
+    check_shaped(required(in.tinv, "tinv"), "tinv", {B, H, NC, C, C}, "[B, H, NC, C, C]");
+    check_shaped(required(in.aqw, "aqw"), "aqw", {B, H, NC, C, C}, "[B, H, NC, C, C]");
   }
   return d;
 }
@@ -183,14 +181,11 @@ struct Ptrs {
   const float *q, *k, *kh, *v, *aqk, *akk, *tinv, *aqw, *vec, *end, *W0, *S0;
 };
 
-Ptrs pointers(const at::Tensor& q, const at::Tensor& k, const std::optional<at::Tensor>& kh, const at::Tensor& v,
-              const at::Tensor& aqk, const std::optional<at::Tensor>& akk, const std::optional<at::Tensor>& tinv,
-              const std::optional<at::Tensor>& aqw, const at::Tensor& vec, const at::Tensor& end,
-              const at::Tensor& W0, const at::Tensor& S0, bool dgd) {
-  return {q.data_ptr<float>(), k.data_ptr<float>(), dgd ? kh->data_ptr<float>() : nullptr, v.data_ptr<float>(),
-          aqk.data_ptr<float>(), dgd ? akk->data_ptr<float>() : nullptr, dgd ? tinv->data_ptr<float>() : nullptr,
-          dgd ? aqw->data_ptr<float>() : nullptr, vec.data_ptr<float>(), end.data_ptr<float>(),
-          W0.data_ptr<float>(), S0.data_ptr<float>()};
+Ptrs pointers(const TitanInputs& in, bool dgd) {
+  auto f = [](const at::Tensor& t) { return t.data_ptr<float>(); };
+  return {f(in.q), f(in.k), dgd ? f(in.khat) : nullptr, f(in.v), f(in.aqk), dgd ? f(in.akk) : nullptr,
+          dgd ? f(in.tinv) : nullptr, dgd ? f(in.aqw) : nullptr, f(in.rows), f(in.ends), f(in.state[0]),
+          f(in.state[1])};
 }
 
 // Forward state pass of one (b, h) (triton.py _linear_fwd_kernel): out (when given), the final state, and the
@@ -434,61 +429,48 @@ std::vector<at::Tensor> run_fwd(const Dims& d, const Ptrs& p, bool write_out, bo
 }  // namespace
 
 // [out [B, H, T, Dv], W_T, S_T [B, H, Dv, Dk], chunk-start states [B, H, NC, 2, Dv, Dk] (empty unless
-// store_states)]; all fp32. dgd when kh is given.
-std::vector<at::Tensor> titan_linear_fwd_cpu(const at::Tensor& q, const at::Tensor& k,
-                                             const std::optional<at::Tensor>& kh, const at::Tensor& v,
-                                             const at::Tensor& aqk, const std::optional<at::Tensor>& akk,
-                                             const std::optional<at::Tensor>& tinv,
-                                             const std::optional<at::Tensor>& aqw, const at::Tensor& vec,
-                                             const at::Tensor& end, const at::Tensor& W0, const at::Tensor& S0,
-                                             int64_t chunk_size, bool store_states) {
-  const Dims d = check_inputs(q, k, kh, v, aqk, akk, tinv, aqw, vec, end, W0, S0, chunk_size);
-  const Ptrs p = pointers(q, k, kh, v, aqk, akk, tinv, aqw, vec, end, W0, S0, d.dgd);
-  return run_fwd(d, p, /*write_out=*/true, store_states);
+// store_states)]; all fp32. dgd when khat is given.
+std::vector<at::Tensor> titan_linear_fwd_cpu(const TitanInputs& in, bool store_states) {
+  const Dims d = check_inputs(in);
+  return run_fwd(d, pointers(in, d.dgd), /*write_out=*/true, store_states);
 }
 
-// [dq, dk [B, H, T, Dk], dkh [B, H, NC * C, Dk], dv [B, H, T, Dv], daqk, dakk, dtinv, daqw [B, H, NC, C, C],
-// dvec [B, H, NC, 7, C], dend [B, H, NC, 3], dW0, dS0 [B, H, Dv, Dk]]; fp32; dkh / dakk / dtinv / daqw are empty
-// (and dvec's rows Bp, cp, wb zero) for titans; entries of padded tokens are zero.
-std::vector<at::Tensor> titan_linear_bwd_cpu(const at::Tensor& grad_out, const at::Tensor& dWT, const at::Tensor& dST,
-                                             const at::Tensor& q, const at::Tensor& k,
-                                             const std::optional<at::Tensor>& kh, const at::Tensor& v,
-                                             const at::Tensor& aqk, const std::optional<at::Tensor>& akk,
-                                             const std::optional<at::Tensor>& tinv,
-                                             const std::optional<at::Tensor>& aqw, const at::Tensor& vec,
-                                             const at::Tensor& end, const at::Tensor& W0, const at::Tensor& S0,
-                                             int64_t chunk_size) {
-  const Dims d = check_inputs(q, k, kh, v, aqk, akk, tinv, aqw, vec, end, W0, S0, chunk_size);
-  check_shaped(grad_out, "do", v.sizes(), "like v: [B, H, T, Dv]");
-  check_shaped(dWT, "dWT", W0.sizes(), "[B, H, Dv, Dk]");
-  check_shaped(dST, "dST", W0.sizes(), "[B, H, Dv, Dk]");
-  const Ptrs p = pointers(q, k, kh, v, aqk, akk, tinv, aqw, vec, end, W0, S0, d.dgd);
+// The gradients of q, k, v, every term and W, S (TitanInputs' names); fp32; khat / akk / tinv / aqw / gth are empty
+// (and the rows Bp, cp, wb zero) for titans; entries of padded tokens are zero.
+TitanInputs titan_linear_bwd_cpu(const TitanInputs& in, const TitanGradsIn& grads) {
+  const Dims d = check_inputs(in);
+  check_shaped(grads.out, "d out", in.v.sizes(), "like v: [B, H, T, Dv]");
+  check_shaped(grads.state[0], "d W", in.state[0].sizes(), "[B, H, Dv, Dk]");
+  check_shaped(grads.state[1], "d S", in.state[0].sizes(), "[B, H, Dv, Dk]");
+  const Ptrs p = pointers(in, d.dgd);
   at::Tensor states = run_fwd(d, p, /*write_out=*/false, /*store_states=*/true)[3];
   const auto f32 = at::TensorOptions().dtype(at::kFloat);
   const int64_t B = d.B, H = d.H, NC = d.NC, C = d.C;
   auto none = [&] { return at::empty({0}, f32); };
   // padded tokens keep their zeros (the valid rows are all written)
-  at::Tensor dq = at::empty({B, H, d.T, d.Dk}, f32);
-  at::Tensor dk = at::empty({B, H, d.T, d.Dk}, f32);
-  at::Tensor dkh = d.dgd ? at::zeros({B, H, d.Tp, d.Dk}, f32) : none();
-  at::Tensor dv = at::empty({B, H, d.T, d.Dv}, f32);
-  at::Tensor daqk = at::zeros({B, H, NC, C, C}, f32);
-  at::Tensor dakk = d.dgd ? at::zeros({B, H, NC, C, C}, f32) : none();
-  at::Tensor dtinv = d.dgd ? at::zeros({B, H, NC, C, C}, f32) : none();
-  at::Tensor daqw = d.dgd ? at::zeros({B, H, NC, C, C}, f32) : none();
-  at::Tensor dvec = at::zeros({B, H, NC, kNVec, C}, f32);
-  at::Tensor dend = at::empty({B, H, NC, 3}, f32);
-  at::Tensor dW0 = at::empty({B, H, d.Dv, d.Dk}, f32);
-  at::Tensor dS0 = at::empty({B, H, d.Dv, d.Dk}, f32);
+  TitanInputs g;
+  g.q = at::empty({B, H, d.T, d.Dk}, f32);
+  g.k = at::empty({B, H, d.T, d.Dk}, f32);
+  g.v = at::empty({B, H, d.T, d.Dv}, f32);
+  g.khat = d.dgd ? at::zeros({B, H, d.Tp, d.Dk}, f32) : none();
+  g.aqk = at::zeros({B, H, NC, C, C}, f32);
+  g.gth = none();
+  g.akk = d.dgd ? at::zeros({B, H, NC, C, C}, f32) : none();
+  g.tinv = d.dgd ? at::zeros({B, H, NC, C, C}, f32) : none();
+  g.aqw = d.dgd ? at::zeros({B, H, NC, C, C}, f32) : none();
+  g.rows = at::zeros({B, H, NC, kNRows, C}, f32);
+  g.ends = at::empty({B, H, NC, 3}, f32);
+  g.state = {at::empty({B, H, d.Dv, d.Dk}, f32), at::empty({B, H, d.Dv, d.Dk}, f32)};
   auto ptr = [](at::Tensor& t) { return t.numel() ? t.data_ptr<float>() : nullptr; };
-  const Grads g{ptr(dq), ptr(dk), ptr(dkh), ptr(dv), ptr(daqk), ptr(dakk), ptr(dtinv), ptr(daqw), ptr(dvec),
-                ptr(dend), ptr(dW0), ptr(dS0)};
+  const Grads gp{ptr(g.q), ptr(g.k), ptr(g.khat), ptr(g.v), ptr(g.aqk), ptr(g.akk), ptr(g.tinv), ptr(g.aqw),
+                 ptr(g.rows), ptr(g.ends), ptr(g.state[0]), ptr(g.state[1])};
   const float* p_states = states.data_ptr<float>();
-  const float *p_do = grad_out.data_ptr<float>(), *p_dWT = dWT.data_ptr<float>(), *p_dST = dST.data_ptr<float>();
+  const float *p_do = grads.out.data_ptr<float>(), *p_dWT = grads.state[0].data_ptr<float>(),
+              *p_dST = grads.state[1].data_ptr<float>();
   at::parallel_for(0, B * H, 1, [&](int64_t lo, int64_t hi) {
-    for (int64_t bh = lo; bh < hi; ++bh) bwd_one(d, p, p_states, p_do, p_dWT, p_dST, g, bh);
+    for (int64_t bh = lo; bh < hi; ++bh) bwd_one(d, p, p_states, p_do, p_dWT, p_dST, gp, bh);
   });
-  return {dq, dk, dkh, dv, daqk, dakk, dtinv, daqw, dvec, dend, dW0, dS0};
+  return g;
 }
 
 }  // namespace hope

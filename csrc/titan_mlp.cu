@@ -11,8 +11,6 @@
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
 
-#include <optional>
-
 #include "ops.h"
 #include "titan_mlp_body.h"
 #include "titan_mlp_host.h"
@@ -49,49 +47,33 @@ mlp_host::FwdOut launch_fwd(const MlpDims& d, mlp::MlpParams<scalar_t> p, const 
 
 }  // namespace
 
-std::vector<at::Tensor> titan_mlp_fwd_cuda(const at::Tensor& q, const at::Tensor& k,
-                                           const std::optional<at::Tensor>& kh, const at::Tensor& v,
-                                           const at::Tensor& aqk, const at::Tensor& gth,
-                                           const std::optional<at::Tensor>& akk, const std::optional<at::Tensor>& tinv,
-                                           const std::optional<at::Tensor>& aqw, const at::Tensor& vec,
-                                           const at::Tensor& end, const at::Tensor& W1, const at::Tensor& W2,
-                                           const at::Tensor& S1, const at::Tensor& S2, int64_t chunk_size,
-                                           bool store_states) {
+std::vector<at::Tensor> titan_mlp_fwd_cuda(const TitanInputs& in, bool store_states) {
   // inputs were checked by the host-compiled entry point (bindings_cuda.cpp, titan_mlp_checks.h)
-  const MlpDims d = mlp_host::dims(q, kh, W1, chunk_size);
-  const c10::cuda::CUDAGuard device_guard(q.device());
+  const MlpDims d = mlp_host::dims(in);
+  const c10::cuda::CUDAGuard device_guard(in.q.device());
   const at::Tensor scratch =
-      at::empty({d.B * d.H, mlp::MlpLayout(d.C, d.D, d.E).fwd_total}, q.options().dtype(at::kFloat));
+      at::empty({d.B * d.H, mlp::MlpLayout(d.C, d.D, d.E).fwd_total}, in.q.options().dtype(at::kFloat));
   mlp_host::FwdOut r;
-  HOPE_DISPATCH_FLOAT_HALF(q.scalar_type(), "titan_mlp_fwd_cuda", [&] {
-    r = launch_fwd<scalar_t>(
-        d, mlp_host::params<scalar_t>(d, q, k, kh, v, aqk, gth, akk, tinv, aqw, vec, end, W1, W2, S1, S2), q,
-        scratch, /*write_out=*/true, store_states);
+  HOPE_DISPATCH_FLOAT_HALF(in.q.scalar_type(), "titan_mlp_fwd_cuda", [&] {
+    r = launch_fwd<scalar_t>(d, mlp_host::params<scalar_t>(d, in), in.q, scratch, /*write_out=*/true, store_states);
   });
   return r.list();
 }
 
-std::vector<at::Tensor> titan_mlp_bwd_cuda(const at::Tensor& grad_out, const at::Tensor& dW1T, const at::Tensor& dW2T,
-                                           const at::Tensor& dS1T, const at::Tensor& dS2T, const at::Tensor& q,
-                                           const at::Tensor& k, const std::optional<at::Tensor>& kh,
-                                           const at::Tensor& v, const at::Tensor& aqk, const at::Tensor& gth,
-                                           const std::optional<at::Tensor>& akk, const std::optional<at::Tensor>& tinv,
-                                           const std::optional<at::Tensor>& aqw, const at::Tensor& vec,
-                                           const at::Tensor& end, const at::Tensor& W1, const at::Tensor& W2,
-                                           const at::Tensor& S1, const at::Tensor& S2, int64_t chunk_size) {
+TitanInputs titan_mlp_bwd_cuda(const TitanInputs& in, const TitanGradsIn& grads) {
   // inputs were checked by the host-compiled entry point (bindings_cuda.cpp, titan_mlp_checks.h)
-  const MlpDims d = mlp_host::dims(q, kh, W1, chunk_size);
-  const c10::cuda::CUDAGuard device_guard(q.device());
+  const MlpDims d = mlp_host::dims(in);
+  const c10::cuda::CUDAGuard device_guard(in.q.device());
   // one scratch for both kernels (the backward's layout extends the forward's)
   const at::Tensor scratch =
-      at::empty({d.B * d.H, mlp::MlpLayout(d.C, d.D, d.E).total}, q.options().dtype(at::kFloat));
-  mlp_host::BwdOut g;
-  HOPE_DISPATCH_FLOAT_HALF(q.scalar_type(), "titan_mlp_bwd_cuda", [&] {
-    auto p = mlp_host::params<scalar_t>(d, q, k, kh, v, aqk, gth, akk, tinv, aqw, vec, end, W1, W2, S1, S2);
+      at::empty({d.B * d.H, mlp::MlpLayout(d.C, d.D, d.E).total}, in.q.options().dtype(at::kFloat));
+  TitanInputs g;
+  HOPE_DISPATCH_FLOAT_HALF(in.q.scalar_type(), "titan_mlp_bwd_cuda", [&] {
+    auto p = mlp_host::params<scalar_t>(d, in);
     // the chunk-start states (the forward kept only its inputs); same stream, so ordered before the backward
-    const mlp_host::FwdOut f = launch_fwd<scalar_t>(d, p, q, scratch, /*write_out=*/false, /*store_states=*/true);
+    const mlp_host::FwdOut f = launch_fwd<scalar_t>(d, p, in.q, scratch, /*write_out=*/false, /*store_states=*/true);
     // every element of the outputs is written by the kernel (zeros for padded rows / columns)
-    g = mlp_host::bwd_outputs<scalar_t>(d, p, q, k, v, f.states, grad_out, dW1T, dW2T, dS1T, dS2T);
+    g = mlp_host::bwd_outputs<scalar_t>(d, p, in, f.states, grads);
     if (d.B * d.H == 0) return;
     p.scratch = scratch.data_ptr<float>();
     p.scratch_stride = scratch.size(1);
@@ -99,7 +81,7 @@ std::vector<at::Tensor> titan_mlp_bwd_cuda(const at::Tensor& grad_out, const at:
                                      at::cuda::getCurrentCUDAStream()>>>(p);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
-  return g.list();
+  return g;
 }
 
 }  // namespace hope

@@ -40,7 +40,7 @@
 namespace hope {
 namespace mlp {
 
-constexpr int kNVec = 7;  // rows of vec: chunk_terms.VEC_ROWS
+constexpr int kNVec = 7;  // rows of `rows` (titan_inputs.h kRow*)
 constexpr int kBc = 0, kCc = 1, kBp = 2, kCp = 3, kWg = 4, kWp = 5, kWb = 6;
 constexpr float kInvSqrt2 = 0.70710678118654752f;
 constexpr float kInvSqrt2Pi = 0.39894228040143268f;

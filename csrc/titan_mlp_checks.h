@@ -1,10 +1,9 @@
 // Input checks of the titan_mlp entry points (titan_mlp_cpu.cpp; titan_mlp.cu through bindings_cuda.cpp), in
 // g++-compiled code before any kernel runs; integers in messages go through fmt() (common.h says why). Every
-// failure names the argument. The body (titan_mlp_body.h) then assumes these contracts (state_pass.py's mlp ops).
+// failure names the argument. The body (titan_mlp_body.h) then assumes these contracts.
 #pragma once
-#include <optional>
-
 #include "common.h"
+#include "titan_inputs.h"
 
 namespace hope {
 
@@ -34,25 +33,22 @@ inline void f32_shaped(const at::Tensor& t, const char* name, const at::Device& 
   TORCH_CHECK(t.sizes() == shape, name, " has shape ", fmt(t.sizes()), ", expected ", fmt(shape), " (", layout, ")");
 }
 
-inline const at::Tensor& required(const std::optional<at::Tensor>& t, const char* name) {
-  TORCH_CHECK(t.has_value() && t->defined(), name, " is required when kh is given (rule dgd)");
-  return *t;
+inline const at::Tensor& required(const at::Tensor& t, const char* name) {
+  TORCH_CHECK(t.defined() && t.numel() > 0, name, " is required when khat is given (rule dgd)");
+  return t;
 }
 
 }  // namespace titan_mlp_checks
 
-// Checks of titan_mlp_fwd / titan_mlp_bwd's inputs (state_pass.py's mlp contract): q, k, v [B, H, T, D] (CPU:
-// float32; CUDA: float32 / bfloat16 / float16, one dtype); kh [B, H, NC * C, D] (dgd when given), aqk / gth / akk /
-// tinv / aqw [B, H, NC, C, C], vec [B, H, NC, 7, C], end [B, H, NC, 3], W1 / S1 [B, H, D, E], W2 / S2 [B, H, E, D],
-// all float32; all contiguous, on q's device (a CPU tensor for the CPU kernels, a CUDA one for the CUDA kernels);
-// chunk_size >= 1 and NC = ceil(T / chunk_size); CUDA: chunk_size <= 64, D <= 128, E <= 512.
-inline MlpDims check_titan_mlp_inputs(const at::Tensor& q, const at::Tensor& k, const std::optional<at::Tensor>& kh,
-                                      const at::Tensor& v, const at::Tensor& aqk, const at::Tensor& gth,
-                                      const std::optional<at::Tensor>& akk, const std::optional<at::Tensor>& tinv,
-                                      const std::optional<at::Tensor>& aqw, const at::Tensor& vec,
-                                      const at::Tensor& end, const at::Tensor& W1, const at::Tensor& W2,
-                                      const at::Tensor& S1, const at::Tensor& S2, int64_t chunk_size, bool cuda) {
+// Checks of the mlp memory's inputs: q, k, v [B, H, T, D] (CPU: float32; CUDA: float32 / bfloat16 / float16, one
+// dtype); khat [B, H, NC * C, D] (dgd when given), aqk / gth / akk / tinv / aqw [B, H, NC, C, C], rows [B, H, NC, 7,
+// C], ends [B, H, NC, 3], state W1 / S1 [B, H, D, E], W2 / S2 [B, H, E, D], all float32; all contiguous, on q's
+// device (a CPU tensor for the CPU kernels, a CUDA one for the CUDA kernels); chunk_size >= 1 and
+// NC = ceil(T / chunk_size); CUDA: chunk_size <= 64, D <= 128, E <= 512.
+inline MlpDims check_titan_mlp_inputs(const TitanInputs& in, bool cuda) {
   using namespace titan_mlp_checks;
+  const at::Tensor &q = in.q, &W1 = in.state[0], &W2 = in.state[1], &S1 = in.state[2], &S2 = in.state[3];
+  const int64_t chunk_size = in.chunk_size;
   TORCH_CHECK(q.defined(), "q must be a tensor");
   if (cuda) {
     TORCH_CHECK(q.is_cuda(), "q must be a CUDA tensor, got ", q.device());
@@ -80,7 +76,7 @@ inline MlpDims check_titan_mlp_inputs(const at::Tensor& q, const at::Tensor& k, 
   if (cuda)
     TORCH_CHECK(d.D <= kTitanMlpMaxDim, "q's head dim D must be <= ", fmt(kTitanMlpMaxDim),
                 " for the CUDA kernels, got ", fmt(d.D));
-  for (auto [t, name] : {std::pair<const at::Tensor*, const char*>{&k, "k"}, {&v, "v"}}) {
+  for (auto [t, name] : {std::pair<const at::Tensor*, const char*>{&in.k, "k"}, {&in.v, "v"}}) {
     placed(*t, name, dev);
     TORCH_CHECK(t->scalar_type() == dt, name, " must have q's dtype ", dt, ", got ", t->scalar_type());
     TORCH_CHECK(t->sizes() == q.sizes(), name, " has shape ", fmt(t->sizes()), ", expected q's ", fmt(q.sizes()),
@@ -98,41 +94,41 @@ inline MlpDims check_titan_mlp_inputs(const at::Tensor& q, const at::Tensor& k, 
   f32_shaped(W2, "W2", dev, {B, H, E, D}, "[B, H, E, D]");
   f32_shaped(S1, "S1", dev, {B, H, D, E}, "[B, H, D, E]");
   f32_shaped(S2, "S2", dev, {B, H, E, D}, "[B, H, E, D]");
-  placed(vec, "vec", dev);
-  TORCH_CHECK(vec.dim() == 5, "vec must be 5-D [B, H, NC, 7, C], got ", fmt(vec.dim()), "-D");
+  placed(in.rows, "rows", dev);
+  TORCH_CHECK(in.rows.dim() == 5, "rows must be 5-D [B, H, NC, 7, C], got ", fmt(in.rows.dim()), "-D");
   d.NC = (d.T + C - 1) / C;
   d.Tp = d.NC * C;
   const int64_t NC = d.NC;
-  TORCH_CHECK(vec.size(2) == NC, "vec has ", fmt(vec.size(2)), " chunks, expected ceil(T / chunk_size) = ", fmt(NC));
-  f32_shaped(vec, "vec", dev, {B, H, NC, 7, C}, "[B, H, NC, 7, C]");
-  f32_shaped(end, "end", dev, {B, H, NC, 3}, "[B, H, NC, 3]");
-  f32_shaped(aqk, "aqk", dev, {B, H, NC, C, C}, "[B, H, NC, C, C]");
-  f32_shaped(gth, "gth", dev, {B, H, NC, C, C}, "[B, H, NC, C, C]");
-  d.dgd = kh.has_value() && kh->defined();
+  TORCH_CHECK(in.rows.size(2) == NC, "rows has ", fmt(in.rows.size(2)), " chunks, expected ceil(T / chunk_size) = ",
+              fmt(NC));
+  f32_shaped(in.rows, "rows", dev, {B, H, NC, kNRows, C}, "[B, H, NC, 7, C]");
+  f32_shaped(in.ends, "ends", dev, {B, H, NC, 3}, "[B, H, NC, 3]");
+  f32_shaped(in.aqk, "aqk", dev, {B, H, NC, C, C}, "[B, H, NC, C, C]");
+  f32_shaped(in.gth, "gth", dev, {B, H, NC, C, C}, "[B, H, NC, C, C]");
+  d.dgd = in.dgd();
   if (d.dgd) {
-    f32_shaped(*kh, "kh", dev, {B, H, d.Tp, D}, "[B, H, NC * C, D]");
-    f32_shaped(required(akk, "akk"), "akk", dev, {B, H, NC, C, C}, "[B, H, NC, C, C]");
-    f32_shaped(required(tinv, "tinv"), "tinv", dev, {B, H, NC, C, C}, "[B, H, NC, C, C]");
-    f32_shaped(required(aqw, "aqw"), "aqw", dev, {B, H, NC, C, C}, "[B, H, NC, C, C]");
+    f32_shaped(in.khat, "khat", dev, {B, H, d.Tp, D}, "[B, H, NC * C, D]");
+    f32_shaped(required(in.akk, "akk"), "akk", dev, {B, H, NC, C, C}, "[B, H, NC, C, C]");
+    f32_shaped(required(in.tinv, "tinv"), "tinv", dev, {B, H, NC, C, C}, "[B, H, NC, C, C]");
+    f32_shaped(required(in.aqw, "aqw"), "aqw", dev, {B, H, NC, C, C}, "[B, H, NC, C, C]");
   }
   return d;
 }
 
-// The incoming gradients of titan_mlp_bwd: do like q (q's dtype), dW1T / dS1T like W1, dW2T / dS2T like W2 (fp32).
-inline void check_titan_mlp_grads(const at::Tensor& grad_out, const at::Tensor& dW1T, const at::Tensor& dW2T,
-                                  const at::Tensor& dS1T, const at::Tensor& dS2T, const at::Tensor& q,
-                                  const at::Tensor& W1, const at::Tensor& W2) {
+// The incoming gradients of the backward: d out like q (q's dtype), d W1 / d S1 like W1, d W2 / d S2 like W2 (fp32).
+inline void check_titan_mlp_grads(const TitanInputs& in, const TitanGradsIn& grads) {
   using namespace titan_mlp_checks;
+  const at::Tensor &q = in.q, &W1 = in.state[0], &W2 = in.state[1];
   const at::Device dev = q.device();
-  placed(grad_out, "do", dev);
-  TORCH_CHECK(grad_out.scalar_type() == q.scalar_type(), "do must have q's dtype ", q.scalar_type(), ", got ",
-              grad_out.scalar_type());
-  TORCH_CHECK(grad_out.sizes() == q.sizes(), "do has shape ", fmt(grad_out.sizes()), ", expected q's ",
+  placed(grads.out, "d out", dev);
+  TORCH_CHECK(grads.out.scalar_type() == q.scalar_type(), "d out must have q's dtype ", q.scalar_type(), ", got ",
+              grads.out.scalar_type());
+  TORCH_CHECK(grads.out.sizes() == q.sizes(), "d out has shape ", fmt(grads.out.sizes()), ", expected q's ",
               fmt(q.sizes()));
-  f32_shaped(dW1T, "dW1T", dev, W1.sizes(), "like W1: [B, H, D, E]");
-  f32_shaped(dW2T, "dW2T", dev, W2.sizes(), "like W2: [B, H, E, D]");
-  f32_shaped(dS1T, "dS1T", dev, W1.sizes(), "like S1: [B, H, D, E]");
-  f32_shaped(dS2T, "dS2T", dev, W2.sizes(), "like S2: [B, H, E, D]");
+  f32_shaped(grads.state[0], "d W1", dev, W1.sizes(), "like W1: [B, H, D, E]");
+  f32_shaped(grads.state[1], "d W2", dev, W2.sizes(), "like W2: [B, H, E, D]");
+  f32_shaped(grads.state[2], "d S1", dev, W1.sizes(), "like S1: [B, H, D, E]");
+  f32_shaped(grads.state[3], "d S2", dev, W2.sizes(), "like S2: [B, H, E, D]");
 }
 
 }  // namespace hope

@@ -48,43 +48,24 @@ mlp_host::FwdOut run_fwd(const MlpDims& d, Params p, const at::Tensor& q, bool w
 }  // namespace
 
 // [out [B, H, T, D], W1_T [B, H, D, E], W2_T [B, H, E, D], S1_T, S2_T, chunk-start states [B, H, NC, 4, D, E]
-// (W1, W2, S1, S2 flattened; empty unless store_states)]; all fp32. dgd when kh is given.
-std::vector<at::Tensor> titan_mlp_fwd_cpu(const at::Tensor& q, const at::Tensor& k,
-                                          const std::optional<at::Tensor>& kh, const at::Tensor& v,
-                                          const at::Tensor& aqk, const at::Tensor& gth,
-                                          const std::optional<at::Tensor>& akk, const std::optional<at::Tensor>& tinv,
-                                          const std::optional<at::Tensor>& aqw, const at::Tensor& vec,
-                                          const at::Tensor& end, const at::Tensor& W1, const at::Tensor& W2,
-                                          const at::Tensor& S1, const at::Tensor& S2, int64_t chunk_size,
-                                          bool store_states) {
-  const MlpDims d = check_titan_mlp_inputs(q, k, kh, v, aqk, gth, akk, tinv, aqw, vec, end, W1, W2, S1, S2,
-                                           chunk_size, /*cuda=*/false);
-  return run_fwd(d, mlp_host::params<float>(d, q, k, kh, v, aqk, gth, akk, tinv, aqw, vec, end, W1, W2, S1, S2),
-                 q, /*write_out=*/true, store_states)
-      .list();
+// (W1, W2, S1, S2 flattened; empty unless store_states)]; all fp32. dgd when khat is given.
+std::vector<at::Tensor> titan_mlp_fwd_cpu(const TitanInputs& in, bool store_states) {
+  const MlpDims d = check_titan_mlp_inputs(in, /*cuda=*/false);
+  return run_fwd(d, mlp_host::params<float>(d, in), in.q, /*write_out=*/true, store_states).list();
 }
 
-// [dq, dk [B, H, T, D], dkh [B, H, NC * C, D], dv [B, H, T, D], daqk, dgth, dakk, dtinv, daqw [B, H, NC, C, C],
-// dvec [B, H, NC, 7, C], dend [B, H, NC, 3], dW1, dW2, dS1, dS2 (the state's shapes)]; fp32; dkh / dakk / dtinv /
-// daqw are empty for titans; entries of padded tokens are zero. Every element is written by the body.
-std::vector<at::Tensor> titan_mlp_bwd_cpu(const at::Tensor& grad_out, const at::Tensor& dW1T, const at::Tensor& dW2T,
-                                          const at::Tensor& dS1T, const at::Tensor& dS2T, const at::Tensor& q,
-                                          const at::Tensor& k, const std::optional<at::Tensor>& kh,
-                                          const at::Tensor& v, const at::Tensor& aqk, const at::Tensor& gth,
-                                          const std::optional<at::Tensor>& akk, const std::optional<at::Tensor>& tinv,
-                                          const std::optional<at::Tensor>& aqw, const at::Tensor& vec,
-                                          const at::Tensor& end, const at::Tensor& W1, const at::Tensor& W2,
-                                          const at::Tensor& S1, const at::Tensor& S2, int64_t chunk_size) {
-  const MlpDims d = check_titan_mlp_inputs(q, k, kh, v, aqk, gth, akk, tinv, aqw, vec, end, W1, W2, S1, S2,
-                                           chunk_size, /*cuda=*/false);
-  check_titan_mlp_grads(grad_out, dW1T, dW2T, dS1T, dS2T, q, W1, W2);
-  Params p = mlp_host::params<float>(d, q, k, kh, v, aqk, gth, akk, tinv, aqw, vec, end, W1, W2, S1, S2);
+// The gradient of every input (TitanInputs' names), fp32; khat / akk / tinv / aqw are empty for titans; entries of
+// padded tokens are zero. Every element is written by the body.
+TitanInputs titan_mlp_bwd_cpu(const TitanInputs& in, const TitanGradsIn& grads) {
+  const MlpDims d = check_titan_mlp_inputs(in, /*cuda=*/false);
+  check_titan_mlp_grads(in, grads);
+  Params p = mlp_host::params<float>(d, in);
   // the chunk-start states (the forward kept only its inputs)
-  const mlp_host::FwdOut f = run_fwd(d, p, q, /*write_out=*/false, /*store_states=*/true);
-  mlp_host::BwdOut g = mlp_host::bwd_outputs<float>(d, p, q, k, v, f.states, grad_out, dW1T, dW2T, dS1T, dS2T);
+  const mlp_host::FwdOut f = run_fwd(d, p, in.q, /*write_out=*/false, /*store_states=*/true);
+  TitanInputs g = mlp_host::bwd_outputs<float>(d, p, in, f.states, grads);
   const int64_t floats = mlp::MlpLayout(d.C, d.D, d.E).total;
   for_each_bh(d, p, floats, [](const Params& pp, int64_t bh) { bwd_one(pp, bh); });
-  return g.list();
+  return g;
 }
 
 }  // namespace hope

@@ -1,15 +1,16 @@
 """Fused kernels for HOPE / Titans memories, with readable PyTorch references.
 
-Public ops (each in its own folder: reference.py, triton.py, cuda.py):
+Public ops (each in its own folder, one shape for all: docs/kernels/README.md):
 
 - :func:`titan_memory_update`  chunk-parallel Titans / DGD memory update and read-out
 - :func:`teach_signal`         cross-entropy and its gradient w.r.t. the hidden states, without logits
 - :func:`cms_update`           one Continuum Memory System level update over a filled buffer
 
-``backend="auto"`` picks the fastest implementation available for the tensors' device
-(cuda > triton > cpp > reference); ``HOPE_BACKEND=<name>`` or ``backend=<name>`` forces one.
+Each op has backends ``cuda``, ``triton``, ``cpp`` and ``reference`` (where implemented), one record each
+(:mod:`hope_kernels.backends`). ``backend="auto"`` walks them by priority and takes the first that runs the call
+(measured preferences: docs/performance.md); ``backend=<name>`` or ``HOPE_BACKEND=<name>`` forces one.
 """
-from hope_kernels.dispatch import available_backends, resolve_backend
+from hope_kernels.backends import available_backends, resolve_backend
 from hope_kernels.titan_memory_update import (
     LinearMemoryState,
     MLPMemoryState,

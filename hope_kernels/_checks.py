@@ -2,12 +2,18 @@
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 from typing import Iterable, Sequence
 
 import torch
 
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+
+
+class NonFiniteError(ValueError):
+    """A value check met NaN or inf values: the inputs have diverged (a trainer may skip the step), unlike the
+    other ValueErrors here, which report a wrong call."""
 
 
 def _compiling() -> bool:
@@ -77,9 +83,21 @@ def check_range(name: str, t: torch.Tensor, low: float, high: float) -> None:
     lo, hi = torch.aminmax(t.detach().float())
     lo, hi = float(lo), float(hi)
     if not (lo == lo and hi == hi):  # NaN
-        raise ValueError(f"{name} contains NaN; expected values in [{low}, {high}]")
+        raise NonFiniteError(f"{name} contains NaN; expected values in [{low}, {high}]")
+    if lo == float("-inf") or hi == float("inf"):
+        raise NonFiniteError(f"{name} contains inf; expected values in [{low}, {high}]")
     if lo < low or hi > high:
         raise ValueError(f"{name} must lie in [{low}, {high}], got values in [{lo:.4g}, {hi:.4g}]")
+
+
+def check_finite(name: str, t: torch.Tensor) -> None:
+    """Check every entry of ``t`` is finite (skipped when value checks are off)."""
+    if not value_checks_enabled() or t.numel() == 0:
+        return
+    finite = torch.isfinite(t)
+    if not bool(finite.all()):
+        where = tuple(int(i) for i in (~finite).nonzero()[0])
+        raise NonFiniteError(f"{name} must be finite, got {t[where].item()} at index {where}")
 
 
 def check_positive_int(name: str, v) -> int:
@@ -102,8 +120,8 @@ def check_float(name: str, v, low: float | None = None, high: float | None = Non
     if isinstance(v, bool) or not isinstance(v, (int, float)):
         raise TypeError(f"{name} must be a float, got {type(v).__name__}")
     v = float(v)
-    if v != v:
-        raise ValueError(f"{name} must not be NaN")
+    if not math.isfinite(v):
+        raise NonFiniteError(f"{name} must be a finite float, got {v}")
     if low is not None and v < low:
         raise ValueError(f"{name} must be >= {low}, got {v}")
     if high is not None and v > high:

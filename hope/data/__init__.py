@@ -1,6 +1,6 @@
 """hope.data: SentencePiece tokenizer, corpus preparation into token shards, and the streaming loader.
 
-    python -m hope.data prepare configs/data/embedded.yaml [key=value ...]
+    python -m hope.data prepare embedded [key=value ...]      (a packaged manifest name, or a YAML file)
     python -m hope.data verify data/prepared/embedded
 
     from hope.data import prepare, verify, build_loader, PreparedData, Tokenizer, unigram_entropy

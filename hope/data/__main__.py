@@ -10,7 +10,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m hope.data", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
     prep = commands.add_parser("prepare", help="train the tokenizer, tokenise sources, write shards + stats")
-    prep.add_argument("manifest", help="YAML manifest, e.g. configs/data/embedded.yaml")
+    prep.add_argument("manifest", help="a packaged manifest name (embedded, embedded_pilot, continual_embedded) or a YAML file")
     prep.add_argument("overrides", nargs="*", help="key=value overrides (dotted keys), e.g. tokenizer.vocab_size=32000")
     prep.add_argument("--quiet", action="store_true", help="no progress bars")
     ver = commands.add_parser("verify", help="check tokenizer checksum and every shard's size and sha256")

@@ -13,6 +13,7 @@ Manifest (YAML)::
       model_type: unigram
       input_sentence_size: 200000        # lines sampled for SentencePiece training (0 = all)
       path: null                         # an existing .model to reuse instead of training
+      hf: null                           # or a Hugging Face tokenizer (name or folder; `revision:`) to use as is
     sources:                             # paths are relative to the manifest's folder
       - {name: kjv, kind: embedded, corpus: kjv, weight: 0.5}
       - {name: mine, kind: text, paths: ["texts/*.txt"], record: chunk, record_lines: 100}
@@ -27,6 +28,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import shutil
 import time
@@ -39,11 +41,14 @@ import numpy as np
 from hope.data.shards import (INDEX_FILE, INDEX_FORMAT, SPLITS, STATS_FILE, ShardWriter, open_shard, read_index,
                               token_dtype, unigram_entropy_of_counts, verify, verify_shard_file, write_json_atomic)
 from hope.data.sources import DataIntegrityError, SourceSpec
-from hope.data.tokenizer import Tokenizer, sha256_file, train_tokenizer
+from hope.data.tokenizer import (HF_TOKENIZER_DIR, HFTokenizer, Tokenizer, load_tokenizer, sha256_file,
+                                 train_tokenizer)
 from hope.yamlio import load_yaml
 
+_log = logging.getLogger("hope.data")
+
 TOKENIZER_DEFAULTS = {"vocab_size": 4096, "model_type": "unigram", "input_sentence_size": 200000, "path": None,
-                      "character_coverage": 1.0, "hard_vocab_limit": True}
+                      "character_coverage": 1.0, "hard_vocab_limit": True, "hf": None, "revision": None}
 MANIFEST_KEYS = {"name", "out_dir", "seq_len", "val_fraction", "shard_sequences", "seed", "tokenizer", "sources",
                  "encode_batch_records"}
 
@@ -91,6 +96,9 @@ class Manifest:
         tokenizer.update(tok_raw)
         if tokenizer["path"] is not None:  # like out_dir, relative to the current directory
             tokenizer["path"] = os.path.expanduser(str(tokenizer["path"]))
+        if tokenizer["hf"] is not None and tokenizer["path"] is not None:
+            raise ValueError("manifest.tokenizer: give either path (a SentencePiece model) or hf (a Hugging Face "
+                             "tokenizer), not both")
         manifest = cls(sources=sources, out_dir=Path(os.path.expanduser(str(raw["out_dir"]))),
                        name=str(raw.get("name", "data")), tokenizer=tokenizer, path=path,
                        **{k: raw[k] for k in ("seq_len", "val_fraction", "shard_sequences", "seed",
@@ -128,10 +136,11 @@ def _set_dotted(target: dict, dotted: str, value: Any) -> None:
 
 
 def load_manifest(path: str | os.PathLike, overrides: Iterable[str] | dict | None = None) -> Manifest:
-    """Read a YAML manifest; ``overrides`` are ``key=value`` strings (dotted keys, YAML values) or a dict."""
-    path = Path(path)
-    if not path.is_file():
-        raise ValueError(f"manifest: file {path} not found")
+    """Read a YAML manifest (a file, or a packaged manifest's name such as ``embedded``: see ``hope.configs``);
+    ``overrides`` are ``key=value`` strings (dotted keys, YAML values) or a dict."""
+    from hope.configs import resolve_config
+
+    path = resolve_config(path, "data")  # a file, or a packaged manifest's name (``embedded``)
     raw = load_yaml(path.read_text()) or {}
     if isinstance(overrides, dict):
         overrides = [f"{k}={json.dumps(v)}" for k, v in overrides.items()]
@@ -186,8 +195,8 @@ class PreparedData:
     def weights(self) -> dict[str, float]:
         return {name: float(src["weight"]) for name, src in self.index["sources"].items()}
 
-    def load_tokenizer(self) -> Tokenizer:
-        return Tokenizer.load(self.tokenizer_path, expected_sha256=self.tokenizer_sha256)
+    def load_tokenizer(self) -> Tokenizer | HFTokenizer:
+        return load_tokenizer(self.tokenizer_path, expected_sha256=self.tokenizer_sha256)
 
     def tokens(self, source: str, split: str = "train") -> np.ndarray:
         if source not in self.index["sources"]:
@@ -223,11 +232,19 @@ def _progress(iterable, desc: str, enabled: bool, **kwargs):
     return tqdm(iterable, desc=desc, **kwargs)
 
 
-def _prepare_tokenizer(manifest: Manifest, source_prints: dict, log: list[str], progress: bool) -> tuple[Tokenizer, dict]:
+def _prepare_tokenizer(manifest: Manifest, source_prints: dict, log: list[str],
+                       progress: bool) -> tuple[Tokenizer | HFTokenizer, dict]:
     out_dir = manifest.out_dir
     settings = manifest.tokenizer
     model_path = out_dir / "tokenizer.model"
     record_path = out_dir / "tokenizer.json"
+    if settings["hf"]:
+        # a Hugging Face base model's own tokenizer, copied in (save_pretrained) so the folder is self-contained;
+        # unchanged tokenizer files give the same sha256, so the shards are kept
+        tok = HFTokenizer.save_from_pretrained(settings["hf"], out_dir / HF_TOKENIZER_DIR, settings["revision"])
+        write_json_atomic(record_path, {"hf": settings["hf"], "revision": settings["revision"], "sha256": tok.sha256,
+                                        "vocab_size": tok.vocab_size, "path": HF_TOKENIZER_DIR})
+        return tok, {"hf": settings["hf"]}
     if settings["path"]:
         # reuse a given tokenizer (e.g. the pilot's): copy it in so the prepared folder is self-contained
         given = Tokenizer.load(settings["path"])
@@ -243,9 +260,13 @@ def _prepare_tokenizer(manifest: Manifest, source_prints: dict, log: list[str], 
                                 "seed": manifest.seed})
     if model_path.is_file() and record_path.is_file():
         record = json.loads(record_path.read_text())
-        if record.get("fingerprint") == fingerprint and record.get("sha256") == sha256_file(model_path):
+        digest = sha256_file(model_path)
+        if record.get("fingerprint") == fingerprint and record.get("sha256") == digest:
             log.append(f"tokenizer: up to date ({model_path}, sha256 {record['sha256'][:12]})")
             return Tokenizer.load(model_path, record["sha256"]), {"skipped": True}
+        if record.get("fingerprint") == fingerprint:
+            _log.warning("repairing the prepared data: tokenizer %s has sha256 %s, its record %s; it is trained "
+                         "again (and the sources tokenised again if it changed)", model_path, digest, record.get("sha256"))
     # training text: the train split of every source, one line per text line (SentencePiece trains on lines)
     train_text = out_dir / "tokenizer_train.txt.tmp"
     start = time.perf_counter()
@@ -286,7 +307,8 @@ def _source_up_to_date(out_dir: Path, old: dict | None, fingerprint: str, dtype:
         for split in old["splits"].values():
             for shard in split["shards"]:
                 verify_shard_file(out_dir / shard["path"], shard, dtype)
-    except DataIntegrityError:
+    except DataIntegrityError as e:
+        _log.warning("repairing the prepared data: %s; its source is tokenised again", e)
         return False
     return True
 
@@ -370,8 +392,10 @@ def prepare(manifest: Manifest | str | os.PathLike, overrides: Iterable[str] | d
 
     index = {"format": INDEX_FORMAT, "name": manifest.name, "seq_len": manifest.seq_len, "dtype": dtype.str,
              "val_fraction": manifest.val_fraction, "seed": manifest.seed,
-             "tokenizer": {"path": "tokenizer.model", "sha256": tok.sha256, "vocab_size": tok.vocab_size,
-                           "bos_id": tok.bos_id, "eos_id": tok.eos_id, "pad_id": tok.pad_id},
+             "tokenizer": {"path": tok.path.name, "sha256": tok.sha256, "vocab_size": tok.vocab_size,
+                           "bos_id": tok.bos_id, "eos_id": tok.eos_id, "pad_id": tok.pad_id,
+                           **({"hf": manifest.tokenizer["hf"], "revision": manifest.tokenizer["revision"]}
+                              if isinstance(tok, HFTokenizer) else {})},
              "manifest": str(manifest.path) if manifest.path else None, "sources": sources_out}
     write_json_atomic(out_dir / INDEX_FILE, index)
     _write_stats(out_dir, index, tok_info, tok_seconds, tokenise_seconds, time.perf_counter() - start)

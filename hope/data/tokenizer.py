@@ -1,4 +1,5 @@
-"""SentencePiece tokenizer: training, loading and a checksum of the model file.
+"""Tokenizers: SentencePiece (trained here: training, loading and a checksum of the model file) and, for a
+Hugging Face base model, its own tokenizer (:class:`HFTokenizer`, ``tokenizer.hf`` in a manifest).
 
 Interface (docs/architecture.md, "Tokenizer"):
 
@@ -15,7 +16,6 @@ fall back to UTF-8 byte pieces instead of <unk>.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -25,21 +25,19 @@ from typing import Iterable, Sequence
 
 import sentencepiece as spm
 
+from hope.data.cache import sha256_bytes, sha256_file
+
 PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
 NEWLINE_PIECE = "\n"
 MODEL_TYPES = ("unigram", "bpe", "char", "word")
 
 
-def sha256_file(path: str | os.PathLike, chunk_bytes: int = 1 << 20) -> str:
-    """Hex sha256 of a file's bytes, read in chunks so large shards need no extra memory."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while True:
-            block = handle.read(chunk_bytes)
-            if not block:
-                break
-            digest.update(block)
-    return digest.hexdigest()
+def _checked_texts(texts: Sequence[str]) -> list[str]:
+    texts = list(texts)
+    for index, text in enumerate(texts):
+        if not isinstance(text, str):
+            raise TypeError(f"texts[{index}]: expected str, got {type(text).__name__}")
+    return texts
 
 
 class TokenizerChecksumError(ValueError):
@@ -121,10 +119,7 @@ class Tokenizer:
     def encode_batch(self, texts: Sequence[str], add_bos: bool = False, add_eos: bool = False,
                      num_threads: int = 2) -> list[list[int]]:
         """Encode many strings in one call (SentencePiece threads the batch)."""
-        texts = list(texts)
-        for index, text in enumerate(texts):
-            if not isinstance(text, str):
-                raise TypeError(f"texts[{index}]: expected str, got {type(text).__name__}")
+        texts = _checked_texts(texts)
         batch = self._sp.Encode(texts, out_type=int, add_bos=add_bos, add_eos=add_eos, num_threads=num_threads)
         return [list(ids) for ids in batch]
 
@@ -140,6 +135,124 @@ class Tokenizer:
 
     def __repr__(self) -> str:
         return f"Tokenizer(path={str(self.path)!r}, vocab_size={self.vocab_size}, sha256={self.sha256[:12]}...)"
+
+
+HF_TOKENIZER_DIR = "tokenizer_hf"  # a prepared folder's copy of a Hugging Face tokenizer (save_pretrained)
+
+
+def tokenizer_sha256(path: str | os.PathLike) -> str:
+    """sha256 of a tokenizer: of a SentencePiece ``.model`` file's bytes, or, for a Hugging Face tokenizer
+    folder, of its ``<file name> <sha256>`` lines (sorted), so any changed, added or removed file changes it."""
+    path = Path(path)
+    if path.is_dir():
+        lines = "".join(f"{p.name} {sha256_file(p)}\n" for p in sorted(path.iterdir()) if p.is_file())
+        return sha256_bytes(lines.encode())
+    return sha256_file(path)
+
+
+class HFTokenizer:
+    """A Hugging Face (``transformers``) tokenizer behind :class:`Tokenizer`'s interface, for data prepared
+    for a Hugging Face base model. ``path`` is a folder written by ``save_pretrained``; ``sha256`` is
+    :func:`tokenizer_sha256` of it. Ids a tokenizer does not define (bos, pad, unk, newline) are -1."""
+
+    def __init__(self, hf_tokenizer, path: Path, sha256: str):
+        self._tok = hf_tokenizer
+        self.path = path
+        self.sha256 = sha256
+        if hf_tokenizer.eos_token_id is None:
+            raise ValueError(f"tokenizer {path}: has no eos token (needed to end every record)")
+
+    @staticmethod
+    def is_hf_folder(path: str | os.PathLike) -> bool:
+        path = Path(path)
+        return path.is_dir() and any((path / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json"))
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, expected_sha256: str | None = None) -> "HFTokenizer":
+        """Load a saved tokenizer folder; with ``expected_sha256``, raise TokenizerChecksumError on mismatch."""
+        path = Path(path)
+        if not cls.is_hf_folder(path):
+            raise FileNotFoundError(f"tokenizer folder not found (no tokenizer.json / tokenizer_config.json): {path}")
+        digest = tokenizer_sha256(path)
+        if expected_sha256 is not None and digest != expected_sha256:
+            raise TokenizerChecksumError(
+                f"tokenizer checksum mismatch for {path}: sha256 {digest}, expected {expected_sha256}")
+        from transformers import AutoTokenizer
+
+        return cls(AutoTokenizer.from_pretrained(str(path)), path, digest)
+
+    @classmethod
+    def save_from_pretrained(cls, name: str, out_dir: str | os.PathLike, revision: str | None = None) -> "HFTokenizer":
+        """``AutoTokenizer.from_pretrained(name, revision)`` saved into ``out_dir`` (written beside it, then
+        renamed into place), loaded back from there."""
+        try:
+            from transformers import AutoTokenizer
+        except ImportError as exc:
+            raise ImportError("tokenizer.hf needs the `transformers` package: pip install 'hope[hf]'") from exc
+        out_dir = Path(out_dir)
+        staging = out_dir.with_name(f".{out_dir.name}.staging")
+        shutil.rmtree(staging, ignore_errors=True)
+        AutoTokenizer.from_pretrained(name, revision=revision).save_pretrained(str(staging))
+        shutil.rmtree(out_dir, ignore_errors=True)
+        os.replace(staging, out_dir)
+        return cls.load(out_dir)
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self._tok)
+
+    @property
+    def bos_id(self) -> int:
+        return -1 if self._tok.bos_token_id is None else int(self._tok.bos_token_id)
+
+    @property
+    def eos_id(self) -> int:
+        return int(self._tok.eos_token_id)
+
+    @property
+    def pad_id(self) -> int:
+        return -1 if self._tok.pad_token_id is None else int(self._tok.pad_token_id)
+
+    @property
+    def unk_id(self) -> int:
+        return -1 if self._tok.unk_token_id is None else int(self._tok.unk_token_id)
+
+    @property
+    def newline_id(self) -> int:
+        ids = self._tok.encode("\n", add_special_tokens=False)
+        return int(ids[0]) if len(ids) == 1 else -1
+
+    def encode(self, text: str, add_bos: bool = False, add_eos: bool = False) -> list[int]:
+        return self.encode_batch([text], add_bos=add_bos, add_eos=add_eos)[0]
+
+    def encode_batch(self, texts: Sequence[str], add_bos: bool = False, add_eos: bool = False,
+                     num_threads: int = 2) -> list[list[int]]:
+        """Encode many strings (the fast tokenizers batch in Rust; ``num_threads`` is theirs to choose)."""
+        texts = _checked_texts(texts)
+        if add_bos and self.bos_id < 0:
+            raise ValueError(f"add_bos: tokenizer {self.path} has no bos token")
+        batch = self._tok(texts, add_special_tokens=False, verbose=False)["input_ids"]
+        head, tail = [self.bos_id] if add_bos else [], [self.eos_id] if add_eos else []
+        return [head + list(ids) + tail for ids in batch]
+
+    def decode(self, ids: Iterable[int]) -> str:
+        if hasattr(ids, "tolist"):
+            ids = ids.tolist()
+        return self._tok.decode([int(i) for i in ids])
+
+    def __len__(self) -> int:
+        return self.vocab_size
+
+    def __repr__(self) -> str:
+        return f"HFTokenizer(path={str(self.path)!r}, vocab_size={self.vocab_size}, sha256={self.sha256[:12]}...)"
+
+
+def load_tokenizer(path: str | os.PathLike, expected_sha256: str | None = None) -> "Tokenizer | HFTokenizer":
+    """A SentencePiece ``.model`` (or a folder holding one) as :class:`Tokenizer`, a Hugging Face tokenizer
+    folder as :class:`HFTokenizer`; ``expected_sha256`` is checked either way."""
+    if HFTokenizer.is_hf_folder(path):
+        return HFTokenizer.load(path, expected_sha256)
+    return Tokenizer.load(path, expected_sha256)
 
 
 def train_tokenizer(text_files: Sequence[str | os.PathLike], out_prefix: str | os.PathLike, vocab_size: int,
@@ -226,5 +339,6 @@ def train_tokenizer(text_files: Sequence[str | os.PathLike], out_prefix: str | o
     return tok
 
 
-__all__ = ["Tokenizer", "TokenizerChecksumError", "train_tokenizer", "sha256_file",
+__all__ = ["Tokenizer", "HFTokenizer", "TokenizerChecksumError", "train_tokenizer", "sha256_file", "load_tokenizer",
+           "tokenizer_sha256", "HF_TOKENIZER_DIR",
            "PAD_ID", "UNK_ID", "BOS_ID", "EOS_ID"]

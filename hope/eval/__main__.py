@@ -1,4 +1,5 @@
-"""``python -m hope.eval zeroshot|niah|continual ...``: one JSON per suite in <run>/eval/ (or --out), W&B log."""
+"""``python -m hope.eval zeroshot|niah|continual ...``: one JSON per suite in <run>/eval/ (or --out), W&B log;
+``python -m hope.eval harness ...``: lm-evaluation-harness's own CLI with the model ``hope``."""
 from __future__ import annotations
 
 import argparse
@@ -11,6 +12,8 @@ from pathlib import Path
 
 import torch
 
+from hope.eval.loading import resolve_device
+
 
 def _common(p):
     p.add_argument("--seed", type=int, default=0)
@@ -19,21 +22,45 @@ def _common(p):
     p.add_argument("--memorize-paths", default="titan,cms", help="comma list from titan,cms")
     p.add_argument("--memorize-steps", type=int, default=1)
     p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (cuda when available, else cpu)")
     p.add_argument("--no-wandb", action="store_true")
 
 
+_TASKS_HELP = """what to score: 'all' (default) = every task of the task folder; or a comma list of task-folder
+names and FORMAT=PATH entries for released files with lm-evaluation-harness's prompts: piqa, hellaswag,
+winogrande, arc_easy, arc_challenge, obqa, boolq, siqa, or jsonl (generic {"context", "choices", "label"} lines).
+Results are keyed by the task name, the format, or for jsonl=PATH the file's stem (so jsonl=a.jsonl,jsonl=b.jsonl
+gives tasks a and b)"""
+
+
 def _parser():
-    ap = argparse.ArgumentParser(prog="python -m hope.eval")
+    ap = argparse.ArgumentParser(
+        prog="python -m hope.eval",
+        epilog="python -m hope.eval harness <lm-eval arguments> runs lm-evaluation-harness's own CLI with the model "
+               "'hope' registered (e.g. --model_args checkpoint=runs/<run> --tasks piqa; --device defaults to cuda "
+               "when available, else cpu).")
     sub = ap.add_subparsers(dest="suite", required=True)
-    z = sub.add_parser("zeroshot", help="multiple choice by log-likelihood (acc, acc_norm)")
-    z.add_argument("--checkpoint", required=True)
-    z.add_argument("--tokenizer", default=None, help="default: the checkpoint's tokenizer (sha256 checked)")
-    z.add_argument("--tasks", default="all", help="comma list of embedded task names, or FORMAT=PATH for "
-                   "standard released files (piqa, hellaswag, winogrande, arc_easy, arc_challenge, boolq, siqa, "
-                   "obqa, jsonl); 'all' = every embedded task")
+    z = sub.add_parser("zeroshot", help="multiple choice by log-likelihood (acc, acc_norm), lm-eval's scoring",
+                       description="Multiple choice by log-likelihood with lm-evaluation-harness's conventions "
+                                   "(docs/evaluation.md). A task folder holds <name>.jsonl files ({'context', "
+                                   "'choices', 'label'} lines) and an optional prompts.json (BIG-bench prefixes per "
+                                   "task); the default folder is $HOPE_ZEROSHOT_DIR, else the embedded "
+                                   "../shared/data/zeroshot.")
+    z.add_argument("--checkpoint", required=True,
+                   help="a run folder (latest checkpoint), checkpoints folder or step folder")
+    z.add_argument("--tokenizer", default=None, help="default: the run folder's tokenizer.model, else the path the "
+                   "checkpoint records (sha256 checked either way)")
+    z.add_argument("--tasks", default="all", help=_TASKS_HELP)
+    z.add_argument("--task-dir", default=None,
+                   help="task folder for all and names (default: $HOPE_ZEROSHOT_DIR, else ../shared/data/zeroshot)")
     z.add_argument("--limit", type=int, default=None, help="first N items per task")
+    z.add_argument("--max-length", type=int, default=None, help="the model's window: longer requests lose their "
+                   "oldest context tokens (counted as 'truncated'); default the model's max_seq_len")
+    z.add_argument("--log-samples", action="store_true", help="also write per-item log-likelihoods to "
+                   "<out>/zeroshot_samples/<task>.jsonl")
     _common(z)
+    sub.add_parser("harness", add_help=False, help="lm-evaluation-harness's CLI with model 'hope' (arguments go "
+                   "to lm-eval)")
     n = sub.add_parser("niah", help="needle in a haystack")
     n.add_argument("--checkpoint", required=True)
     n.add_argument("--tokenizer", default=None)
@@ -44,9 +71,8 @@ def _parser():
     n.add_argument("--filler", default=None, help="filler text file (default: the shared KJV corpus)")
     _common(n)
     c = sub.add_parser("continual", help="sequential training on segments; loss matrix, forgetting, BWT")
-    c.add_argument("--configs", nargs="+", default=["configs/smoke.yaml", "configs/titan_smoke.yaml",
-                                                    "configs/transformer_smoke.yaml"])
-    c.add_argument("--data", default="configs/data/continual_embedded.yaml")
+    c.add_argument("--configs", nargs="+", default=["smoke", "titan_smoke", "transformer_smoke"])
+    c.add_argument("--data", default="continual_embedded")
     c.add_argument("--segments", default=None, help="comma list of segment (source) names; default all")
     c.add_argument("--steps-per-segment", type=int, default=100)
     c.add_argument("--seq-len", type=int, default=128)
@@ -75,37 +101,84 @@ def _write(out_dir: Path, suite: str, result: dict, run_dir, no_wandb: bool) -> 
             if isinstance(v, dict):
                 flat.update({f"{k}/{m}": x for m, x in v.items() if isinstance(x, (int, float))})
         result["wandb"] = log_results(run_dir or out_dir, suite, flat)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(result, indent=2))
-    os.replace(tmp, path)  # atomic: a killed eval never leaves a half-written JSON
+    _write_atomic(path, json.dumps(result, indent=2))
     print(f"wrote {path}")
     return path
 
 
+def _write_atomic(path: Path, text: str) -> None:
+    """A killed eval never leaves a half-written file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
 def run_zeroshot(a) -> dict:
     from hope.eval.loading import load_for_eval
-    from hope.eval.tasks import embedded_task_names, load_task
+    from hope.eval.tasks import load_spec, parse_tasks, prompt_format
     from hope.eval.zeroshot import evaluate_items
 
+    if a.limit is not None and a.limit < 1:
+        raise ValueError(f"--limit must be >= 1, got {a.limit}")
+    specs = parse_tasks(a.tasks, a.task_dir)
     model, tok, state, run_dir = load_for_eval(a.checkpoint, a.tokenizer, a.device)
-    names = embedded_task_names() if a.tasks == "all" else [t for t in a.tasks.split(",") if t]
-    metrics = {}
-    for spec in names:
-        name, _, path = spec.partition("=")
-        items = load_task(name, path or None)
+    metrics, samples_dir = {}, None
+    for spec in specs:
+        items = load_spec(spec, a.task_dir)
         if a.limit:
             items = items[:a.limit]
         t0 = time.time()
-        metrics[name] = evaluate_items(model, tok, items, batch_size=a.batch_size, memorize=a.memorize,
-                                       memorize_paths=_paths(a.memorize_paths), memorize_steps=a.memorize_steps,
-                                       desc=name)
-        metrics[name]["seconds"] = round(time.time() - t0, 2)
-        print(name, {k: round(v, 4) for k, v in metrics[name].items()}, flush=True)
-    keys = [k for k in ("acc", "acc_norm", "acc_memorize", "acc_norm_memorize") if k in next(iter(metrics.values()))]
+        m = evaluate_items(model, tok, items, batch_size=a.batch_size, max_length=a.max_length, memorize=a.memorize,
+                           memorize_paths=_paths(a.memorize_paths), memorize_steps=a.memorize_steps, desc=spec.name,
+                           samples=a.log_samples)
+        if a.log_samples:
+            samples_dir = Path(a.out or Path(run_dir) / "eval") / "zeroshot_samples"
+            lines = "".join(json.dumps(r) + "\n" for r in m.pop("samples"))
+            _write_atomic(samples_dir / f"{spec.name}.jsonl", lines)
+        m.update(limit=a.limit, seconds=round(time.time() - t0, 2), prompt_format=prompt_format(spec, a.task_dir))
+        metrics[spec.name] = m
+        shown = {k: round(v, 4) for k, v in m.items() if k in ("acc", "acc_norm", "acc_memorize", "acc_norm_memorize")}
+        note = f" ({m['truncated']} of {m['n']} items truncated to {m['max_length']} tokens)" if m["truncated"] else ""
+        print(spec.name, shown, note, flush=True)
+    first = next(iter(metrics.values()))
+    keys = [k for k in ("acc", "acc_norm", "acc_bytes", "acc_memorize", "acc_norm_memorize", "acc_bytes_memorize")
+            if k in first]
     metrics["average"] = {k: sum(m[k] for m in metrics.values()) / len(metrics) for k in keys}
     return {"suite": "zeroshot", "arch": model.config.arch, "step": state.get("step"), "checkpoint": str(a.checkpoint),
+            "tokenizer_sha256": tok.sha256, "scoring": "lm-evaluation-harness conventions (docs/evaluation.md)",
             "memorize": {"enabled": a.memorize, "paths": a.memorize_paths, "steps": a.memorize_steps},
-            "metrics": metrics, "_run_dir": run_dir}
+            "samples": str(samples_dir) if samples_dir else None, "metrics": metrics, "_run_dir": run_dir}
+
+
+def run_harness(argv: list[str]) -> int:
+    """lm-evaluation-harness's CLI with the model ``hope`` registered (the default model here) and
+    ``--device`` defaulting to cuda when available, else cpu."""
+    try:
+        from lm_eval.__main__ import cli_evaluate
+    except ImportError:
+        print("error: python -m hope.eval harness needs lm-evaluation-harness: pip install 'hope[eval]'",
+              file=sys.stderr)
+        return 2
+    import hope.eval.lm_eval_adapter  # noqa: F401  (registers the model name "hope")
+
+    args = list(argv)
+    commands = ("run", "ls", "validate")
+    runs = not args or args[0] == "run" or args[0] not in commands
+    given = {x.split("=", 1)[0] for x in args}
+    if runs and args and "--model" not in given:
+        args += ["--model", "hope"]
+    if runs and args and "--device" not in given:
+        args += ["--device", "cuda" if torch.cuda.is_available() else "cpu"]
+    saved = sys.argv
+    sys.argv = ["lm-eval", *args]
+    try:
+        cli_evaluate()
+    except SystemExit as e:
+        return int(e.code or 0) if not isinstance(e.code, str) else 2
+    finally:
+        sys.argv = saved
+    return 0
 
 
 def run_niah(a) -> dict:
@@ -157,12 +230,16 @@ def run_continual(a) -> dict:
 
 
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["harness"]:
+        return run_harness(argv[1:])
     a = _parser().parse_args(argv)
     torch.manual_seed(a.seed)
     random.seed(a.seed)
     try:
+        a.device = resolve_device(a.device)
         result = {"zeroshot": run_zeroshot, "niah": run_niah, "continual": run_continual}[a.suite](a)
-    except ValueError as e:
+    except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     run_dir = result.pop("_run_dir")

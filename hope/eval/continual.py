@@ -77,7 +77,7 @@ def train_sequentially(model, train_segments: list[torch.Tensor], val_segments: 
             x = data[idx].to(dev)
             labels = torch.full_like(x, -100)
             labels[:, :-1] = x[:, 1:]
-            out = model(x, labels=labels)
+            out = model(x, labels=labels, teach_scale=teach)
             for o in opts:
                 o.zero_grad(set_to_none=True)
             if not torch.isfinite(out.loss):
@@ -93,9 +93,6 @@ def train_sequentially(model, train_segments: list[torch.Tensor], val_segments: 
                 continue
             for o in opts:
                 o.step()
-            if train_cfg.mode == "parallel" and model.config.arch != "transformer":
-                from hope.models.online import apply_parallel_inner_updates
-                apply_parallel_inner_updates(model, out, teach)
         row = [segment_loss(model, v, eval_batch_size) for v in val_segments]
         matrix.append(row)
         if progress:

@@ -10,13 +10,13 @@ from pathlib import Path
 
 import torch
 
-from hope.eval.scoring import score_choices_memorized, score_continuations
+from hope.eval.scoring import encode_pair, prefix_ids, score_choices_memorized, score_continuations
 
 NEEDLE_KINDS = ("passkey", "number", "uuid")
 _TEMPLATES = {
-    "passkey": ("The pass key is {v}. Remember it. {v} is the pass key. ", "What is the pass key? The pass key is"),
-    "number": ("The special magic number is {v}. ", "What is the special magic number? The special magic number is"),
-    "uuid": ("The special magic uuid is {v}. ", "What is the special magic uuid? The special magic uuid is"),
+    "passkey": ("The pass key is {v}. Remember it. {v} is the pass key.", "What is the pass key? The pass key is"),
+    "number": ("The special magic number is {v}.", "What is the special magic number? The special magic number is"),
+    "uuid": ("The special magic uuid is {v}.", "What is the special magic uuid? The special magic uuid is"),
 }
 
 
@@ -35,8 +35,8 @@ def default_filler_path() -> Path:
 
 
 def build_example(tok, filler_ids: list[int], *, length: int, depth: float, kind: str, seed: int) -> dict:
-    """One haystack of exactly ``length`` tokens (filler + needle + question) with the needle starting at
-    ``depth`` (0..1) of the filler; the answer (" " + value) is not part of the prompt."""
+    """One haystack of exactly ``length`` tokens (document start + filler + needle + question) with the needle
+    starting at ``depth`` (0..1) of the filler; the answer (" " + value) is not part of the prompt."""
     if not 0.0 <= depth <= 1.0:
         raise ValueError(f"depth must be in [0, 1], got {depth}")
     if kind not in NEEDLE_KINDS:
@@ -47,22 +47,25 @@ def build_example(tok, filler_ids: list[int], *, length: int, depth: float, kind
     while distractor == value:
         distractor = needle_value(kind, rng)
     needle_t, question_t = _TEMPLATES[kind]
-    needle = tok.encode(" " + needle_t.format(v=value))
-    question = tok.encode(" " + question_t)
-    bos = [tok.bos_id] if tok.bos_id is not None and tok.bos_id >= 0 else []
-    n_filler = length - len(bos) - len(needle) - len(question)
+    # each piece starts a word as in running text (SentencePiece marks a word start without a leading space)
+    needle = tok.encode(needle_t.format(v=value))
+    question = tok.encode(question_t)
+    doc_start = prefix_ids(tok)
+    n_filler = length - len(doc_start) - len(needle) - len(question)
     if n_filler < 1:
         raise ValueError(f"length {length} is too short for the {kind} needle and question "
-                         f"({len(bos) + len(needle) + len(question)} tokens)")
+                         f"({len(doc_start) + len(needle) + len(question)} tokens)")
     if len(filler_ids) < n_filler:
         raise ValueError(f"filler text holds {len(filler_ids)} tokens, need {n_filler} for length {length}")
     start = rng.randint(0, len(filler_ids) - n_filler)
     hay = filler_ids[start:start + n_filler]
     at = round(depth * n_filler)
-    ids = bos + hay[:at] + needle + hay[at:] + question
+    ids = doc_start + hay[:at] + needle + hay[at:] + question
     assert len(ids) == length
-    return {"input_ids": ids, "answer": tok.encode(" " + value), "distractor": tok.encode(" " + distractor),
-            "value": value, "needle_pos": len(bos) + at, "depth": depth, "length": length, "kind": kind}
+    # the answer's tokens as they follow the question in running text (joint encoding, hope.eval.scoring)
+    return {"input_ids": ids, "answer": encode_pair(tok, question_t, " " + value)[1],
+            "distractor": encode_pair(tok, question_t, " " + distractor)[1],
+            "value": value, "needle_pos": len(doc_start) + at, "depth": depth, "length": length, "kind": kind}
 
 
 @torch.no_grad()

@@ -21,11 +21,12 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return torch.stack((y1, y2), dim=-1).flatten(-2)
 
 
-def sliding_window_mask(T: int, window: int, device) -> torch.Tensor:
-    """Boolean [T, T] mask, True where query t may attend key s: t - window < s <= t."""
+def sliding_window_mask(T: int, window: int, device, prefix: int = 0) -> torch.Tensor:
+    """Boolean [T, T] mask, True where query t may attend key s: t - window < s <= t, or s < ``prefix`` (persistent
+    tokens, attended by every query: Titans sec. 3.3 / 4.2)."""
     i = torch.arange(T, device=device)
     diff = i[:, None] - i[None, :]
-    return (diff >= 0) & (diff < window)
+    return (diff >= 0) & ((diff < window) | (i[None, :] < prefix))
 
 
 class Attention(nn.Module):
@@ -41,7 +42,8 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(dim, 3 * dim, bias=False)
         self.out = nn.Linear(dim, dim, bias=False) if out_proj else nn.Identity()
 
-    def forward(self, x: torch.Tensor, pos_offset: int = 0) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, pos_offset: int = 0, prefix: int = 0) -> torch.Tensor:
+        """``prefix``: leading positions every query may attend whatever the window (persistent tokens)."""
         B, T, D = x.shape
         q, k, v = self.qkv(x).view(B, T, 3, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         positions = torch.arange(pos_offset, pos_offset + T, device=x.device)
@@ -50,6 +52,6 @@ class Attention(nn.Module):
         if self.window is None or self.window >= T:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         else:
-            mask = sliding_window_mask(T, self.window, x.device)
+            mask = sliding_window_mask(T, self.window, x.device, prefix)
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         return self.out(y.transpose(1, 2).reshape(B, T, D))

@@ -1,16 +1,26 @@
-"""Continuum Memory System (NL sec. 7, eq. 70-71; F2): a chain of MLP levels, level l updated every
-``period_l`` tokens from the teach signal.
+"""Continuum Memory System (NL sec. 7, eq. 70-71; F2): a chain of MLP levels, level l updated in context every
+``period_l`` tokens from its teach signal.
 
-Level f(x) = x + W2 gelu(W1 rmsnorm(x)) (``hope_kernels.cms_update.cms_forward``). Slow weights are
-nn.Parameters (trained by the outer optimizer); each stream carries a per-sample *offset* (fast
-weights = slow + offset, the offset detached), so the outer loss always reaches the slow weights.
-Each level buffers its inputs and teach-signal deltas; when the buffer holds ``period`` tokens it
-fires one ``cms_update`` and clears the buffer.
+Level f(x) = x + W2 gelu(W1 rmsnorm(x)) (``hope_kernels.cms_update.cms_forward``). Slow weights are nn.Parameters
+(trained by the outer optimizer as the initial state of every sequence); a stream carries a per-sample fast state:
+an offset (fast weights = slow + offset, the offset detached: first-order, the outer gradient reaches the slow
+weights through every token's forward), the update's momentum and the (input, error) pairs of the block not yet
+complete. Block m of a level holds the tokens between its m-th and (m+1)-th boundary; an update fires at every
+boundary (NL eq. 71: momentum SGD on the error of the block's tokens, ``cms_update``).
+
+Two ways to run a level over a segment (docs/equations.md, "Continual CMS"):
+- ``continual``: chunk-parallel. All of the segment's updates take their gradients at the weights the segment
+  starts with (as Titans takes its gradients at the chunk-start state), so the weights of block m are
+  W(m) = W_0 - lr (c_m M + sum_{j<m} C(m-j) g_j), and the output is read in the dual form without materialising
+  a weight per block (one [T, S] score matrix per weight, no Python loop over tokens or blocks).
+- ``forward`` + ``push``: the weights held fixed over a segment that ends at or before the next boundary, then the
+  block's update fired from the weights current at the boundary (the exact, sequential form).
 """
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -20,25 +30,45 @@ from hope.layers.norms import check_input
 from hope_kernels.cms_update import CMSParams, cms_forward, rmsnorm
 
 
+def gelu_grad(h: torch.Tensor) -> torch.Tensor:
+    """d gelu(h) / dh of the exact (erf) GELU."""
+    return 0.5 * (1.0 + torch.erf(h / math.sqrt(2.0))) + h * torch.exp(-0.5 * h * h) / math.sqrt(2.0 * math.pi)
+
+
 @dataclass
 class CMSLevelState:
-    """Per-stream state of one level: fast-weight offset, momenta, token buffer, telemetry."""
+    """Per-stream state of one level: fast-weight offset, momenta, the open block's tokens, telemetry."""
 
     off1: torch.Tensor  # [B, E, D] fast W1 - slow W1
     off2: torch.Tensor  # [B, D, E]
     mom1: torch.Tensor  # [B, E, D]
     mom2: torch.Tensor  # [B, D, E]
-    buf_x: torch.Tensor  # [B, period, D] buffered level inputs
-    buf_delta: torch.Tensor  # [B, period, D] buffered errors at the level output
+    buf_x: torch.Tensor  # [B, period, D] inputs of the open block's tokens
+    buf_delta: torch.Tensor  # [B, period, D] their errors at the level output
     fill: int = 0
     update_count: int = 0
     update_norm: float = 0.0  # L2 norm of the last update (W1 and W2 together, mean over samples)
-    teach_signal_norm: float = 0.0  # norm of the deltas fed in the last push
+    teach_signal_norm: float = 0.0  # norm of the errors fed in the last call
 
     def detach_copy(self) -> "CMSLevelState":
         return CMSLevelState(self.off1.detach(), self.off2.detach(), self.mom1.detach(), self.mom2.detach(),
                              self.buf_x.detach().clone(), self.buf_delta.detach().clone(), self.fill,
                              self.update_count, self.update_norm, self.teach_signal_norm)
+
+    @property
+    def is_fresh(self) -> bool:
+        """No update ever fired: the fast weights are the slow weights, the momenta zero."""
+        return self.update_count == 0
+
+
+def block_coefficients(beta: float, n: int, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Momentum-SGD over blocks in closed form (m_j = beta m_{j-1} + g_j, W(j+1) = W(j) - lr m_j):
+    W(m) = W(0) - lr (c[m] M + sum_{j<m} C[m - j] g_j), momentum after n updates beta^n M + sum_j P[n-1-j] g_j.
+    Returns C [n + 1] (C[d] = sum_{i<d} beta^i, C[0] = 0), c [n + 1] (c[m] = beta C[m]), P [n + 1] (beta^d)."""
+    d = torch.arange(n + 1, dtype=torch.float64, device=device)
+    powers = beta ** d
+    C = d.clone() if beta == 1.0 else (1.0 - powers) / (1.0 - beta)
+    return C.float(), (beta * C).float(), powers.float()
 
 
 class CMSLevel(nn.Module):
@@ -47,9 +77,6 @@ class CMSLevel(nn.Module):
         self.period = period
         self.w1 = nn.Parameter(torch.randn(hidden, dim) / math.sqrt(dim))
         self.w2 = nn.Parameter(torch.randn(dim, hidden) * init_std * out_scale)
-        # momenta of the slow-weight inner updates (apply_parallel_inner_updates); checkpointed
-        self.register_buffer("mom1", torch.zeros(hidden, dim))
-        self.register_buffer("mom2", torch.zeros(dim, hidden))
 
     def fresh_state(self, batch_size: int, device) -> CMSLevelState:
         E, D = self.w1.shape
@@ -66,28 +93,118 @@ class CMSLevel(nn.Module):
             w1, w2 = w1 + state.off1, w2 + state.off2
         return w1, w2
 
-    def forward(self, x: torch.Tensor, state: CMSLevelState | None = None) -> torch.Tensor:
+    def _check(self, x, state):
         check_input("x", x, self.w1.shape[1])
         if state is not None and not isinstance(state, CMSLevelState):
             raise TypeError(f"state must be a CMSLevelState or None, got {type(state).__name__}")
-        if state is None:  # shared slow weights: plain matmuls (same math as cms_forward, autocast-friendly)
+
+    def forward(self, x: torch.Tensor, state: CMSLevelState | None = None) -> torch.Tensor:
+        """The level with the stream's current weights (the slow ones when ``state`` is None or fresh)."""
+        self._check(x, state)
+        if state is None or state.is_fresh:  # shared slow weights: plain matmuls (same math as cms_forward)
             h = F.linear(rmsnorm(x.float()).to(x.dtype), self.w1.to(x.dtype))
             return x + F.linear(F.gelu(h), self.w2.to(x.dtype))
         w1, w2 = self.weights(x.shape[0], state)
         return cms_forward(w1, w2, x)
 
+    # ------------------------------------------------------------------------------- chunk-parallel form
+    def continual(self, x: torch.Tensor, teach_x: torch.Tensor, teach_delta: torch.Tensor,
+                  state: CMSLevelState | None, *, lr: float, beta: float, backend: str = "auto"):
+        """Read ``x`` [B, T, D] with the weights of each token's block while the updates of the segment fire at its
+        boundaries, every gradient taken at the segment-start weights W_0 (chunk-parallel form, NL eq. 71 with
+        Titans' chunk-start gradients). ``teach_x``, ``teach_delta`` [B, T, D]: the level's inputs and the errors
+        at its output for the same tokens, from the teach pass. Returns ``(y, new_state)``.
+
+        y_t = x_t + W2(m) gelu(W1(m) n_t), n = rmsnorm(x), with W(m) = W_0 - lr (c_m M + sum_{j<m} C(m-j) g_j),
+        g1_j = sum_{s in j} dh_s n'_s^T, g2_j = sum_{s in j} delta_s a'_s^T (n', a', dh of the teach inputs at W_0),
+        so W1(m) n_t = W1_0 n_t - lr c_m M1 n_t - lr sum_s C(m - j_s) (n'_s . n_t) dh_s (and alike for W2)."""
+        self._check(x, state)
+        B, T, D = x.shape
+        P = self.period
+        st = state if state is not None else self.fresh_state(B, x.device)
+        fresh = st.is_fresh
+        S = st.fill + T
+        n_fire = S // P
+        with torch.no_grad():  # the update: first-order, its factors are constants of the outer graph
+            X1 = torch.cat([st.buf_x[:, :st.fill], teach_x.detach().float()], 1)  # [B, S, D]
+            D1 = torch.cat([st.buf_delta[:, :st.fill], teach_delta.detach().float()], 1)
+            w1_0, w2_0 = (t.detach() for t in self.weights(B, None if fresh else st))
+            n1 = rmsnorm(X1)
+            h1 = torch.einsum("bed,bsd->bse", w1_0, n1)
+            a1 = F.gelu(h1)
+            dh = torch.einsum("bde,bsd->bse", w2_0, D1) * gelu_grad(h1)
+            C, c, powers = block_coefficients(beta, n_fire, x.device)
+            s_block = torch.arange(S, device=x.device) // P  # block of each teach token
+            t_block = (st.fill + torch.arange(T, device=x.device)) // P  # block of each query token
+            gap = t_block[:, None] - s_block[None, :]
+            K = torch.where(gap > 0, C[gap.clamp(0, n_fire)], torch.zeros((), device=x.device))  # [T, S]
+            c_t = c[t_block]  # momentum carried into this segment, weight per query token
+        n = rmsnorm(x.float())
+        h = F.linear(n, self.w1.float())
+        if not fresh:
+            h = h + torch.einsum("bed,btd->bte", st.off1, n) - lr * c_t[None, :, None] * torch.einsum(
+                "bed,btd->bte", st.mom1, n)
+        if n_fire > 0:
+            h = h - lr * (K * torch.einsum("btd,bsd->bts", n, n1)) @ dh
+        a = F.gelu(h)
+        y = x.float() + F.linear(a, self.w2.float())
+        if not fresh:
+            y = y + torch.einsum("bde,bte->btd", st.off2, a) - lr * c_t[None, :, None] * torch.einsum(
+                "bde,bte->btd", st.mom2, a)
+        if n_fire > 0:
+            y = y - lr * (K * torch.einsum("bte,bse->bts", a, a1)) @ D1
+        return y.to(x.dtype), self._advance(st, X1, D1, n_fire, w1_0, w2_0, C, c, powers, lr=lr, beta=beta,
+                                            backend=backend)
+
+    @torch.no_grad()
+    def _advance(self, st, X1, D1, n_fire, w1_0, w2_0, C, c, powers, *, lr, beta, backend) -> CMSLevelState:
+        """The state after the segment: its n_fire updates summed with ``cms_update`` (one call: the gradient sums
+        weighted for the end weights and for the end momentum, stacked along the batch), the open block's tokens."""
+        from hope_kernels import cms_update
+
+        B, S, D = X1.shape
+        P = self.period
+        new = st.detach_copy()
+        new.teach_signal_norm = float(D1[:, st.fill:].norm())
+        if n_fire > 0:
+            blk = torch.arange(n_fire * P, device=X1.device) // P
+            w_end, w_mom = C[n_fire - blk], powers[n_fire - 1 - blk]  # weight of each fired token's gradient
+            x_f, d_f = X1[:, :n_fire * P], D1[:, :n_fire * P]
+            stacked_d = torch.cat([d_f * w_end[None, :, None], d_f * w_mom[None, :, None]], 0)
+            zeros = CMSParams(torch.zeros_like(w1_0).repeat(2, 1, 1), torch.zeros_like(w2_0).repeat(2, 1, 1))
+            # lr 0, beta 0, zero momenta: the returned momenta are the weighted gradient sums themselves
+            _, sums, _ = cms_update(CMSParams(w1_0.repeat(2, 1, 1).contiguous(), w2_0.repeat(2, 1, 1).contiguous()),
+                                    zeros, x_f.repeat(2, 1, 1).contiguous(), stacked_d.contiguous(), lr=0.0, beta=0.0,
+                                    backend=backend)
+            G1, G1m, G2, G2m = sums.w1[:B], sums.w1[B:], sums.w2[:B], sums.w2[B:]
+            new.off1 = st.off1 - lr * (c[n_fire] * st.mom1 + G1)
+            new.off2 = st.off2 - lr * (c[n_fire] * st.mom2 + G2)
+            new.mom1 = powers[n_fire] * st.mom1 + G1m
+            new.mom2 = powers[n_fire] * st.mom2 + G2m
+            new.update_count = st.update_count + n_fire
+            # the last update is -lr times the momentum it leaves
+            new.update_norm = float(lr * (new.mom1.flatten(1).norm(dim=1).pow(2)
+                                          + new.mom2.flatten(1).norm(dim=1).pow(2)).sqrt().mean())
+        tail = S - n_fire * P
+        new.buf_x = torch.zeros_like(st.buf_x)
+        new.buf_delta = torch.zeros_like(st.buf_delta)
+        new.buf_x[:, :tail] = X1[:, n_fire * P:]
+        new.buf_delta[:, :tail] = D1[:, n_fire * P:]
+        new.fill = tail
+        return new
+
+    # ------------------------------------------------------------------------------------ sequential form
     @torch.no_grad()
     def push(self, state: CMSLevelState, x: torch.Tensor, delta: torch.Tensor, *, lr: float, beta: float,
              precond: bool, backend: str = "auto", flush: bool = False) -> CMSLevelState:
-        """Append tokens x, delta [B, S, D] to the buffer; fire ``cms_update`` each time it fills.
-
-        ``flush=True`` also fires on a partly filled buffer at the end (test-time memorisation).
-        Returns the new state (the given one is not modified).
-        """
+        """Append tokens x, delta [B, S, D] to the open block; fire ``cms_update`` at the weights current then, each
+        time the block fills. ``flush=True`` also fires on a partly filled block at the end (test-time
+        memorisation). Returns the new state (the given one is not modified)."""
         st = state.detach_copy()
         B, S, D = x.shape
         C = self.period
-        st.teach_signal_norm = float(delta.float().norm())
+        if S > 0:
+            st.teach_signal_norm = float(delta.float().norm())
         i = 0
         while i < S:
             take = min(C - st.fill, S - i)
@@ -103,7 +220,7 @@ class CMSLevel(nn.Module):
 
     @torch.no_grad()
     def _fire(self, st: CMSLevelState, lr: float, beta: float, precond: bool, backend: str) -> None:
-        """One cms_update on the buffered tokens, then clear the buffer (NL eq. 70-71)."""
+        """One cms_update on the open block's tokens, then clear it (NL eq. 70-71)."""
         from hope_kernels import cms_update
 
         n = st.fill
@@ -117,19 +234,20 @@ class CMSLevel(nn.Module):
         st.update_count += 1
         st.update_norm = float((stats.w1_update_norm.pow(2) + stats.w2_update_norm.pow(2)).sqrt().mean())
         st.fill = 0
-        st.buf_x.zero_()
-        st.buf_delta.zero_()
+        st.buf_x = torch.zeros_like(st.buf_x)
+        st.buf_delta = torch.zeros_like(st.buf_delta)
 
 
 class CMSChain(nn.Module):
     """Levels applied in sequence, fastest first: x -> f_1(x) -> f_2(...)."""
 
-    def __init__(self, dim: int, hidden: int, periods, init_std: float = 0.02, out_scale: float = 1.0):
+    def __init__(self, dim: int, hidden: int, periods: Sequence[int], init_std: float = 0.02, out_scale: float = 1.0):
         super().__init__()
         self.levels = nn.ModuleList(CMSLevel(dim, hidden, p, init_std, out_scale) for p in periods)
 
     def forward(self, x: torch.Tensor, states=None, collect: bool = False):
-        """Returns (y, level inputs, level outputs) (the lists empty unless ``collect``)."""
+        """Static read with each stream's current weights. Returns (y, level inputs, level outputs) (the lists
+        empty unless ``collect``)."""
         inputs, outputs = [], []
         for j, level in enumerate(self.levels):
             if collect:
@@ -138,3 +256,18 @@ class CMSChain(nn.Module):
             if collect:
                 outputs.append(x)
         return x, inputs, outputs
+
+    def continual(self, x: torch.Tensor, teach, states, *, lr: float, beta: float, backend: str = "auto",
+                  collect: bool = False):
+        """Chunk-parallel continual read (``CMSLevel.continual``); ``teach``: per level (inputs, errors) of the teach
+        pass. Returns (y, new states, level inputs, level outputs)."""
+        new_states, inputs, outputs = [], [], []
+        for j, level in enumerate(self.levels):
+            if collect:
+                inputs.append(x.detach())
+            x, st = level.continual(x, teach[j][0], teach[j][1], None if states is None else states[j], lr=lr,
+                                    beta=beta, backend=backend)
+            new_states.append(st)
+            if collect:
+                outputs.append(x)
+        return x, new_states, inputs, outputs

@@ -1,6 +1,7 @@
 """Titans neural long-term memory layer (Titans sec. 3.1-3.2) over ``hope_kernels.titan_memory_update``.
 
-x -> q, k, v projections -> causal depthwise conv -> SiLU -> per head; q, k L2-normalised.
+x -> q, k, v projections -> causal depthwise conv -> SiLU -> per head; q, k L2-normalised (Titans sec. 4.4), v too
+with ``normalize_v`` (our addition, docs/equations.md).
 Data-dependent gates per token and head: lr theta_t, momentum eta_t, decay (forget) alpha_t, each
 sigmoid(W x + b) (Titans eq. 13-14). The memory (linear or 2-layer residual MLP per head) starts
 from learnable weights expanded over the batch, so the outer loss meta-learns its initial state.
@@ -16,7 +17,7 @@ from torch import nn
 
 from hope.layers.conv import CausalDepthwiseConv
 from hope.layers.norms import RMSNorm, check_input, l2_normalize
-from hope_kernels.titan_memory_update.state import LinearMemoryState, MLPMemoryState
+from hope_kernels.titan_memory_update import LinearMemoryState, MLPMemoryState
 
 
 def init_memory_params(module: nn.Module, prefix: str, n: int, head_dim: int, hidden: int, memory: str):
@@ -44,17 +45,27 @@ def initial_memory_state(module: nn.Module, prefix: str, memory: str, batch_size
     return LinearMemoryState(W, torch.zeros_like(W))
 
 
-def clip_memory_update(old, new, max_ratio: float):
-    """Bound one in-context update per (sample, head): ||W_new - W_old|| <= max_ratio * ||W_old|| over the
-    weights (W / W1, W2), the momenta's change scaled by the same factor. Differentiable (a rescaling, not a
-    clamp of values); a no-op for updates inside the bound. Keeps a self-referential memory whose targets
-    and gates it generates itself from running away on an outlier chunk (the smoke run's NaN gates)."""
+def memory_update_scale(old, new, max_ratio: float) -> torch.Tensor:
+    """Per (sample, head) factor in (0, 1] that bounds one in-context update: ||W_new - W_old|| <= max_ratio *
+    ||W_old|| over the weights (W / W1, W2). [B, H, 1, 1]; 1 for updates inside the bound."""
     half = len(new) // 2  # NamedTuple layout: weights first, then their momenta
     d2 = sum((n.float() - o.float()).pow(2).sum(dim=(-2, -1)) for n, o in zip(new[:half], old[:half]))
     w2 = sum(o.float().pow(2).sum(dim=(-2, -1)) for o in old[:half])
     limit = max_ratio * w2.clamp_min(1e-12).sqrt()
-    scale = (limit / d2.clamp_min(1e-24).sqrt()).clamp(max=1.0)[..., None, None]  # [B, H, 1, 1]
+    return (limit / d2.clamp_min(1e-24).sqrt()).clamp(max=1.0)[..., None, None]
+
+
+def apply_update_scale(old, new, scale: torch.Tensor):
+    """old + scale * (new - old) for every weight and momentum (differentiable: a rescaling, not a clamp)."""
     return type(new)(*(o + scale * (n - o) for n, o in zip(new, old)))
+
+
+def clip_memory_update(old, new, max_ratio: float):
+    """Bound one in-context update per (sample, head): ||W_new - W_old|| <= max_ratio * ||W_old|| over the
+    weights (W / W1, W2), the momenta's change scaled by the same factor. Differentiable (a rescaling, not a
+    clamp of values); a no-op for updates inside the bound. Not in the papers: a named option of the layers
+    (``gen_update_clip`` / ``mem_update_clip``), off by default (docs/equations.md)."""
+    return apply_update_scale(old, new, memory_update_scale(old, new, max_ratio))
 
 
 def memory_delta_norm(new, old) -> torch.Tensor:
@@ -72,10 +83,12 @@ class TitanMemory(nn.Module):
     """Titans memory as a sequence mixer (the LMM layer); ``forward(x, state) -> (y, state, metrics)``."""
 
     def __init__(self, dim: int, n_heads: int, *, memory: str = "mlp", expansion: int = 2, chunk_size: int = 64,
-                 rule: str = "titans", conv_window: int = 4, backend: str = "auto"):
+                 rule: str = "titans", conv_window: int = 4, normalize_v: bool = False, update_clip: float = 0.0,
+                 backend: str = "auto"):
         super().__init__()
         self.dim, self.n_heads, self.head_dim = dim, n_heads, dim // n_heads
         self.memory, self.chunk_size, self.rule, self.backend = memory, chunk_size, rule, backend
+        self.normalize_v, self.update_clip = normalize_v, update_clip
         self.qkv = nn.Linear(dim, 3 * dim, bias=False)
         self.conv = CausalDepthwiseConv(3 * dim, conv_window)
         self.gates = nn.Linear(dim, 3 * n_heads, bias=True)
@@ -98,16 +111,32 @@ class TitanMemory(nn.Module):
         state = state or {}
         qkv, conv_cache = self.conv(self.qkv(x), state.get("conv"))
         qkv = F.silu(qkv).view(B, T, 3, H, Dh).permute(2, 0, 3, 1, 4)  # [3, B, H, T, Dh]
-        q, k, v = l2_normalize(qkv[0]), l2_normalize(qkv[1]), qkv[2]
+        q, k = l2_normalize(qkv[0]), l2_normalize(qkv[1])
+        v = l2_normalize(qkv[2]) if self.normalize_v else qkv[2]
         gates = torch.sigmoid(self.gates(x).float()).view(B, T, 3, H).permute(2, 0, 3, 1)  # [3, B, H, T]
         mem0 = state.get("mem")
         if mem0 is None:
             mem0 = initial_memory_state(self, "mem", self.memory, B)
         from hope_kernels import titan_memory_update
 
-        y, mem = titan_memory_update(q, k, v, gates[0], gates[1], gates[2], chunk_size=self.chunk_size,
-                                     memory=self.memory, rule=self.rule, state=mem0, backend=self.backend)
+        # with a bound, one call per chunk so each chunk's update is rescaled to it (same result when none is)
+        step = self.chunk_size if self.update_clip > 0 else T
+        ys, mem = [], mem0
+        clipped, chunks = x.new_zeros((), dtype=torch.float32), 0
+        for c0 in range(0, T, step):
+            sl = slice(c0, min(T, c0 + step))
+            y_c, mem_new = titan_memory_update(q[:, :, sl], k[:, :, sl], v[:, :, sl], gates[0][..., sl],
+                                               gates[1][..., sl], gates[2][..., sl], chunk_size=self.chunk_size,
+                                               memory=self.memory, rule=self.rule, state=mem, backend=self.backend)
+            if self.update_clip > 0:
+                scale = memory_update_scale(mem, mem_new, self.update_clip)
+                mem_new = apply_update_scale(mem, mem_new, scale)
+                clipped, chunks = clipped + (scale.detach() < 1).float().mean(), chunks + 1
+            mem = mem_new
+            ys.append(y_c)
+        y = torch.cat(ys, 2)
         y = self.out_norm(y).transpose(1, 2).reshape(B, T, D).to(x.dtype)
         y = self.out(y * F.silu(self.gate(x)))
-        metrics = {"memory_update_norm": memory_delta_norm(mem, mem0), "memory_lr_mean": gates[0].detach().mean()}
+        metrics = {"memory_update_norm": memory_delta_norm(mem, mem0), "memory_lr_mean": gates[0].detach().mean(),
+                   "memory_clip_fraction": clipped / max(1, chunks)}
         return y, {"conv": conv_cache, "mem": mem}, metrics

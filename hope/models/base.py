@@ -31,6 +31,26 @@ class ModelOutput:
 
 
 @dataclass
+class TeachContext:
+    """What an architecture that learns in context needs besides the embedded tokens: the next-token labels it is
+    taught with (-100: no signal) and the teach-signal scale."""
+
+    labels: torch.Tensor
+    scale: float = 1.0
+
+
+def teach_labels(input_ids: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
+    """The labels in-context learning reads: each token's successor in ``input_ids`` (causal: the label of token t
+    is token t + 1, an input of the same call); for the last token, ``labels[:, -1]`` when labels are given (the
+    stream's next token, -100 when unknown)."""
+    out = torch.full_like(input_ids, -100)
+    out[:, :-1] = input_ids[:, 1:]
+    if labels is not None:
+        out[:, -1] = labels[:, -1]
+    return out
+
+
+@dataclass
 class ModelState:
     """Fast state carried between segments of one stream.
 
@@ -118,7 +138,7 @@ class LanguageModel(nn.Module):
         self.final_norm = RMSNorm(config.d_model, config.norm_eps)
 
     # ------------------------------------------------------------------ to override
-    def backbone(self, x: torch.Tensor, state: ModelState | None, collect: bool):
+    def backbone(self, x: torch.Tensor, state: ModelState | None, collect: bool, teach: TeachContext):
         """x [B, T, D] -> (h [B, T, D], new layer states or None, metrics, aux)."""
         raise NotImplementedError
 
@@ -155,8 +175,9 @@ class LanguageModel(nn.Module):
             raise ValueError(f"state was made for batch size {state.batch_size}, but input_ids has batch size {batch_size}")
 
     def forward(self, input_ids, labels=None, state=None, return_logits: bool = False,
-                return_state: bool = False, *, collect: bool = False) -> ModelOutput:
-        """See docs/architecture.md. ``collect=True`` keeps CMS level inputs/outputs in ``out.aux``."""
+                return_state: bool = False, *, collect: bool = False, teach_scale: float = 1.0) -> ModelOutput:
+        """See docs/architecture.md. ``collect=True`` keeps CMS level inputs/outputs in ``out.aux``;
+        ``teach_scale`` scales the teach signal of HOPE's in-context CMS updates (0: none)."""
         cfg = self.config
         check_ids("input_ids", input_ids, cfg.vocab_size)
         B, T = input_ids.shape
@@ -171,6 +192,8 @@ class LanguageModel(nn.Module):
         for name, v in (("return_logits", return_logits), ("return_state", return_state)):
             if not isinstance(v, bool):
                 raise TypeError(f"{name} must be a bool, got {type(v).__name__}")
+        if isinstance(teach_scale, bool) or not isinstance(teach_scale, (int, float)) or not teach_scale >= 0:
+            raise ValueError(f"teach_scale must be a float >= 0, got {teach_scale!r}")
         self._check_state(state, B)
         if torch.jit.is_tracing() is False and not torch.compiler.is_compiling():
             lo, hi = int(input_ids.min()), int(input_ids.max())
@@ -178,7 +201,8 @@ class LanguageModel(nn.Module):
                 raise ValueError(f"input_ids must lie in [0, {cfg.vocab_size}), got values in [{lo}, {hi}]")
 
         x = self.embed(input_ids)
-        h, layer_states, metrics, aux = self.backbone(x, state, collect or (labels is not None and self.training))
+        teach = TeachContext(teach_labels(input_ids, labels), float(teach_scale))
+        h, layer_states, metrics, aux = self.backbone(x, state, collect, teach)
         h = self.final_norm(h)
         out = ModelOutput(hidden=h, metrics=_to_floats(metrics), aux=aux)
         if return_state and layer_states is not None:

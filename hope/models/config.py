@@ -6,11 +6,24 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, fields
+from typing import Any
 
 ARCHS = ("hope", "titan", "transformer")
 TITAN_VARIANTS = ("lmm", "mag")
 RULES = ("titans", "dgd")
 TEACH_SIGNALS = ("shared", "exact")
+MEM_READOUTS = ("before_update", "after_update")
+CMS_MODES = ("chunk_parallel", "sequential", "static")
+#: persistent tokens of TITAN MAG when ``persistent_tokens`` is unset (Titans sec. 3.3 leaves N_p a hyper-parameter)
+PAPER_PERSISTENT_TOKENS = 4
+#: the inner rule each architecture's paper uses when ``rule`` is left unset: HOPE DGD (NL sec. 8.1, eq. 88),
+#: TITAN Titans' momentum rule (Titans eq. 13-14)
+PAPER_RULES = {"hope": "dgd", "titan": "titans", "transformer": "titans"}
+#: per-architecture values of the fields left unset (None); each a measured deviation (docs/equations.md, "HOPE: paper
+#: vs flags" and TITAN): HOPE's paper-like unnormalised v ran its generators to NaN, TITAN's did not matter; TITAN's
+#: memory without a per-chunk bound ran away (NaN gates at step 16 of its smoke run), HOPE's does not
+ARCH_DEFAULTS = {"normalize_v": {"hope": True, "titan": False, "transformer": False},
+                 "mem_update_clip": {"hope": 0.0, "titan": 0.5, "transformer": 0.0}}
 MEMORIES = ("linear", "mlp")
 BACKENDS = ("auto", "cuda", "triton", "cpp", "reference")
 
@@ -27,20 +40,29 @@ class ModelConfig:
     TITAN: ``titan_variant`` ``"lmm"`` (memory is the mixer) or ``"mag"`` (sliding-window attention
     gated by the memory), ``memory`` (``"linear"``/``"mlp"``), ``memory_expansion`` (hidden width
     of the mlp memory per head, as a multiple of the head dim), ``chunk_size`` (memory update
-    chunk), ``window`` (mag attention window), ``persistent_tokens`` (learnable tokens prepended).
+    chunk), ``window`` (mag attention window), ``persistent_tokens`` (learnable tokens prepended and
+    attended by every query; None: ``PAPER_PERSISTENT_TOKENS`` for mag, 0 for lmm).
 
-    HOPE: ``selfmod`` (self-modifying Titans on; off = generators k/v/q/eta/alpha are static),
-    ``adaptive_q`` (M_q is a self-modified memory too), ``mem_chunk_size`` (M_mem, default 64),
-    ``gen_chunk_size`` (the generator memories, default 8), ``gen_update_clip`` / ``mem_update_clip``
-    (bound on one chunk's update of the generators / M_mem, ||dW|| <= clip * ||W|| per sample and head;
-    0 = off), ``conv_window`` (causal depthwise conv
-    on the q/k/v inputs), ``cms_periods`` (update period of each CMS level, fastest first),
-    ``cms_levels`` (how many of them are used: the CMS depth ablation; 0 = no CMS),
+    HOPE: ``selfmod`` (self-modifying Titans on; off = generators k/v/eta/alpha are static),
+    ``mem_chunk_size`` (M_mem, default 64), ``gen_chunk_size`` (the generator memories, default 8),
+    ``conv_window`` (causal depthwise conv on the q/k/v inputs), ``cms_periods`` (update period of each CMS
+    level, fastest first), ``cms_levels`` (how many of them are used: the CMS depth ablation; 0 = no CMS),
     ``cms_hidden`` (hidden width of each level), ``cms_lr``, ``cms_beta``, ``cms_precond``
-    (nl_l2_precond, NL eq. 27-29), ``teach_signal`` (``"shared"`` head delta to every level, or
-    ``"exact"`` d loss / d level output).
+    (nl_l2_precond, NL eq. 27-29; sequential mode only), ``teach_signal`` (``"exact"``: the error at each level's
+    own output; ``"shared"``: the head's delta for every level), ``cms_mode`` (how the levels learn within the
+    sequence: ``"chunk_parallel"`` teach signals at the segment-start weights, the default; ``"sequential"``
+    the exact form, a boundary at a time; ``"static"`` no in-context update, an ablation; hope/models/hope.py).
+    Named deviations from the paper, docs/equations.md "HOPE: paper vs flags", each off (paper behaviour) by
+    default except where measured unstable (``ARCH_DEFAULTS``, taken when the field is left None):
+    ``adaptive_q`` (q from a self-modified M_q; NL eq. 83 keeps q non-adaptive), ``normalize_v`` (v_t
+    l2-normalised; on for HOPE, off for TITAN), ``mem_readout`` (``"before_update"``: o_t = M_{t-1}(q_t) as NL eq. 83 / 94;
+    ``"after_update"``: M_t), ``selfmod_momentum`` (Titans-style momentum in the self-modifying memories;
+    NL eq. 88 has none), ``gen_update_clip`` / ``mem_update_clip`` (bound on one chunk's update of the
+    generators / M_mem (TITAN: its memory), ||dW|| <= clip * ||W|| per sample and head; 0 = off; unset
+    ``mem_update_clip``: 0 for HOPE, 0.5 for TITAN).
 
-    Both memory archs: ``rule`` (``"titans"`` Titans eq. 13-14 or ``"dgd"`` NL eq. 56-57).
+    Both memory archs: ``rule`` (``"titans"`` Titans eq. 13-14 or ``"dgd"`` NL eq. 56-57); None (default)
+    takes the architecture's paper rule (``PAPER_RULES``: dgd for HOPE, titans for TITAN).
     """
 
     arch: str = "hope"
@@ -54,23 +76,24 @@ class ModelConfig:
     norm_eps: float = 1e-6
     init_std: float = 0.02
     backend: str = "auto"
-    rule: str = "titans"
+    rule: str | None = None
     # TITAN
     titan_variant: str = "lmm"
     memory: str = "mlp"
     memory_expansion: int = 2
     chunk_size: int = 64
     window: int = 512
-    persistent_tokens: int = 0
+    persistent_tokens: int | None = None
     # HOPE
     selfmod: bool = True
-    adaptive_q: bool = True
+    adaptive_q: bool = False
+    normalize_v: bool | None = None
+    mem_readout: str = "before_update"
+    selfmod_momentum: bool = False
     mem_chunk_size: int = 64
     gen_chunk_size: int = 8
-    # measured at init on the smoke model: per-chunk update / weight norm ~0.03 (generators), ~0.08 (M_mem);
-    # without a bound, outlier chunks ran away (M_mem update norms 1e10, then NaN gates)
-    gen_update_clip: float = 0.1
-    mem_update_clip: float = 0.5
+    gen_update_clip: float = 0.0
+    mem_update_clip: float | None = None
     conv_window: int = 4
     cms_periods: tuple = (16, 64, 256)
     cms_levels: int = 3
@@ -78,11 +101,19 @@ class ModelConfig:
     cms_lr: float = 1e-3
     cms_beta: float = 0.9
     cms_precond: bool = False
-    teach_signal: str = "shared"
+    teach_signal: str = "exact"
+    cms_mode: str = "chunk_parallel"
 
     def __post_init__(self):
         if isinstance(self.cms_periods, list):
             self.cms_periods = tuple(self.cms_periods)
+        if self.rule is None and self.arch in PAPER_RULES:
+            self.rule = PAPER_RULES[self.arch]
+        for name, per_arch in ARCH_DEFAULTS.items():
+            if getattr(self, name) is None and self.arch in per_arch:
+                setattr(self, name, per_arch[self.arch])
+        if self.persistent_tokens is None:  # Titans MAG prepends persistent memory (sec. 3.3, 4.2)
+            self.persistent_tokens = PAPER_PERSISTENT_TOKENS if (self.arch, self.titan_variant) == ("titan", "mag") else 0
         self.validate()
 
     # ---------------------------------------------------------------- validation
@@ -115,6 +146,8 @@ class ModelConfig:
         choice("titan_variant", TITAN_VARIANTS)
         choice("rule", RULES)
         choice("teach_signal", TEACH_SIGNALS)
+        choice("mem_readout", MEM_READOUTS)
+        choice("cms_mode", CMS_MODES)
         choice("memory", MEMORIES)
         choice("backend", BACKENDS)
         for name in ("vocab_size", "d_model", "n_layers", "n_heads", "max_seq_len", "ffn_hidden",
@@ -130,7 +163,7 @@ class ModelConfig:
         pos_float("gen_update_clip", allow_zero=True)
         pos_float("mem_update_clip", allow_zero=True)
         pos_float("cms_beta", allow_zero=True, high=1.0)
-        for name in ("selfmod", "adaptive_q", "cms_precond"):
+        for name in ("selfmod", "adaptive_q", "normalize_v", "selfmod_momentum", "cms_precond"):
             boolean(name)
         if self.d_model % self.n_heads != 0:
             raise ValueError(
@@ -143,6 +176,9 @@ class ModelConfig:
             isinstance(p, int) and not isinstance(p, bool) and p > 0 for p in self.cms_periods
         ):
             raise ValueError(f"ModelConfig.cms_periods must be a tuple of positive ints, got {self.cms_periods!r}")
+        if self.cms_precond and self.cms_mode == "chunk_parallel":
+            raise ValueError("ModelConfig.cms_precond needs cms_mode='sequential': the preconditioned update is "
+                             "multiplicative, which the chunk-parallel form does not sum")
         if self.cms_levels > len(self.cms_periods):
             raise ValueError(
                 f"ModelConfig.cms_levels ({self.cms_levels}) must be <= len(cms_periods) ({len(self.cms_periods)})"
@@ -203,10 +239,11 @@ _PRESETS: dict[str, dict] = {
 
 
 def preset_names() -> list[str]:
+    """The names :func:`preset` accepts, sorted."""
     return sorted(_PRESETS)
 
 
-def preset(name: str, **overrides) -> ModelConfig:
+def preset(name: str, **overrides: Any) -> ModelConfig:
     """A named config (``smoke-*``: CPU minutes; ``pilot-*``: 160M; ``mid-*``), with field overrides."""
     if not isinstance(name, str):
         raise TypeError(f"name must be a str, got {type(name).__name__}")
@@ -219,4 +256,5 @@ def preset(name: str, **overrides) -> ModelConfig:
     return ModelConfig(**{**_PRESETS[name], **overrides})
 
 
-__all__ = ["ModelConfig", "preset", "preset_names", "ARCHS", "TITAN_VARIANTS", "RULES", "TEACH_SIGNALS"]
+__all__ = ["ModelConfig", "preset", "preset_names", "ARCHS", "TITAN_VARIANTS", "RULES", "TEACH_SIGNALS", "MEM_READOUTS",
+           "CMS_MODES", "PAPER_RULES", "ARCH_DEFAULTS"]

@@ -1,5 +1,6 @@
 """TITAN baseline (Titans arXiv 2501.00663): LMM (memory as the sequence mixer) and MAG (memory as a
-gate on sliding-window attention, Titans sec. 4.2), with optional persistent tokens (sec. 3.3)."""
+gate on sliding-window attention, Titans sec. 4.2) with persistent tokens (sec. 3.3): ``persistent_tokens``
+learnable tokens prepended to a stream, attended by every query of the sliding window (SW-Attn*)."""
 from __future__ import annotations
 
 import torch
@@ -23,7 +24,7 @@ class TitanBlock(nn.Module):
         self.norm1 = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.memory = TitanMemory(cfg.d_model, cfg.n_heads, memory=cfg.memory, expansion=cfg.memory_expansion,
                                   chunk_size=cfg.chunk_size, rule=cfg.rule, conv_window=cfg.conv_window,
-                                  backend=cfg.backend)
+                                  normalize_v=cfg.normalize_v, update_clip=cfg.mem_update_clip, backend=cfg.backend)
         if self.variant == "mag":
             self.attn = Attention(cfg.d_model, cfg.n_heads, cfg.rope_theta, window=cfg.window, out_proj=False)
             self.attn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
@@ -32,11 +33,11 @@ class TitanBlock(nn.Module):
         self.norm2 = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.ffn = SwiGLU(cfg.d_model, cfg.ffn_hidden)
 
-    def forward(self, x, state, pos_offset: int):
+    def forward(self, x, state, pos_offset: int, prefix: int = 0):
         xn = self.norm1(x)
         y_mem, new_state, metrics = self.memory(xn, state)
         if self.variant == "mag":
-            y_attn = self.attn(xn, pos_offset)
+            y_attn = self.attn(xn, pos_offset, prefix)
             y = self.out(self.attn_norm(y_attn) * torch.sigmoid(self.mem_norm(y_mem)))
         else:
             y = y_mem
@@ -54,7 +55,7 @@ class TitanLM(LanguageModel):
         for block in self.blocks:
             block.memory.reset_gate_bias()
 
-    def backbone(self, x, state, collect):
+    def backbone(self, x, state, collect, teach):
         B, T, _ = x.shape
         P = self.config.persistent_tokens
         # persistent tokens open a stream (state None): chaining segments equals one call on the whole
@@ -63,15 +64,17 @@ class TitanLM(LanguageModel):
             x = torch.cat([self.persistent.to(x.dtype).unsqueeze(0).expand(B, P, -1), x], dim=1)
         pos = 0 if state is None else state.pos + (P if P > 0 else 0)
         new_states, metrics = [], {}
-        mem_norm, lr_mean = 0.0, 0.0
+        mem_norm, lr_mean, clip_frac = 0.0, 0.0, 0.0
         for i, block in enumerate(self.blocks):
             layer_state = None if state is None else state.layers[i]
-            x, s, m = block(x, layer_state, pos)
+            x, s, m = block(x, layer_state, pos, P if prepend else 0)
             new_states.append(s)
             mem_norm = mem_norm + m["memory_update_norm"]
             lr_mean = lr_mean + m["memory_lr_mean"]
+            clip_frac = clip_frac + m["memory_clip_fraction"]
         metrics["memory_update_norm"] = mem_norm / len(self.blocks)
         metrics["memory_lr_mean"] = lr_mean / len(self.blocks)
+        metrics["memory_clip_fraction"] = clip_frac / len(self.blocks)
         if prepend:
             x = x[:, P:]
         return x, new_states, metrics, {}

@@ -34,7 +34,7 @@ class TransformerLM(LanguageModel):
     def _check_state(self, state, batch_size):
         return  # nothing to carry: any state is ignored
 
-    def backbone(self, x, state, collect):
+    def backbone(self, x, state, collect, teach):
         for block in self.blocks:
             x = block(x)
         return x, None, {}, {}

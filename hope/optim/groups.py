@@ -4,8 +4,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-# memory and CMS-level parameters: clipped as their own level (optim.clip_memory)
-_MEMORY_KEYS = ("cms.", "mem_w", "gen_w", "memory.")
+# memory and CMS-level parameters: clipped as their own level (optim.clip_memory). The same groups for every
+# architecture: the memories' learnable initial weights (mem_w*, gen_w*) and the CMS levels; the projections and
+# gates that feed a memory (TITAN's memory.qkv / gates / out, HOPE's titans.inp / gate_readout / out) are outer
+_MEMORY_KEYS = ("cms.", "mem_w", "gen_w")
 
 
 def memory_parameter_names(model: nn.Module) -> set[str]:

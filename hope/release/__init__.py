@@ -58,8 +58,8 @@ def _best_step_dir(run_dir: Path) -> Path:
     if best.is_file():
         candidate = run_dir / "checkpoints" / best.read_text().strip()
         if candidate.is_dir():
-            return resolve_step_dir(candidate)
-    return resolve_step_dir(run_dir)
+            return resolve_step_dir(candidate, files=None)
+    return resolve_step_dir(run_dir, files=None)
 
 
 def _shard_hashes(data_dir) -> dict:
@@ -83,7 +83,7 @@ def release(run_dir) -> Path:
     if tmp.exists():
         shutil.rmtree(tmp)
     (tmp / "checkpoint").mkdir(parents=True)
-    for name in ("model.safetensors", "train_state.pt", "state.json"):
+    for name in [*state["files"], "state.json"]:  # the checkpoint's files (verified), as state.json lists them
         shutil.copy2(step_dir / name, tmp / "checkpoint" / name)
     for name in ("config.yaml", "log.jsonl"):
         if (run_dir / name).is_file():

@@ -5,9 +5,12 @@ Unknown keys and bad values raise ValueError naming the dotted key (``optim.oute
 from __future__ import annotations
 
 import dataclasses
+import math
+import os
 from dataclasses import dataclass, field, fields
-from pathlib import Path
 from typing import Any
+
+import yaml
 
 from hope.yamlio import load_yaml
 
@@ -20,7 +23,7 @@ WANDB_MODES = ("auto", "offline", "online", "disabled")
 
 @dataclass
 class DataConfig:
-    manifest: str = "configs/data/embedded.yaml"  # prepared (idempotently) before training
+    manifest: str = "embedded"  # a packaged manifest name or a YAML file; prepared (idempotently) before training
     overrides: list = field(default_factory=list)  # key=value overrides for the manifest
     weights: Any = None                             # per-source weights (None: manifest weights)
 
@@ -56,7 +59,9 @@ class OptimConfig:
 
 @dataclass
 class GuardConfig:
-    max_bad_steps: int = 3         # consecutive non-finite steps before rolling back to the last checkpoint
+    max_bad_steps: int = 3         # consecutive bad steps before rolling back to the last checkpoint
+    max_rollbacks: int = 3         # rollbacks without a newer checkpoint in between before the run stops (rc != 0)
+    loss_spike: float = 3.0        # a loss above loss_spike x the running loss is a bad step (0: off)
     max_teach_norm: float = 1e6    # a teach-signal norm above this counts as divergence
 
 
@@ -89,6 +94,9 @@ class LogConfig:
 
 @dataclass
 class TrainConfig:
+    """A training run: every key of a run config with its default (sections as nested dataclasses);
+    :func:`load_config` builds and validates one from a file or a packaged name plus ``key=value`` overrides."""
+
     name: str = "run"
     seed: int = 0
     out_dir: str = "runs"
@@ -136,12 +144,16 @@ class TrainConfig:
         for key in ("steps", "batch_size", "seq_len", "segment_len", "eval_batches", "keep_checkpoints", "log.every"):
             pos_int(key, self._get(key))
         for key in ("eval_every", "ckpt_every", "threads", "optim.outer.warmup_steps", "optim.teach.warmup_steps",
-                    "guard.max_bad_steps"):
+                    "guard.max_rollbacks"):
             pos_int(key, self._get(key), zero=True)
+        pos_int("guard.max_bad_steps", self.guard.max_bad_steps)
+        _check_finite(self.to_dict(), "")
         for key in ("optim.outer.lr", "optim.outer.muon_lr", "optim.outer.weight_decay", "optim.outer.eps",
                     "optim.outer.min_lr_ratio", "optim.teach.scale", "optim.teach.decay_to", "optim.clip_outer",
-                    "optim.clip_memory", "guard.max_teach_norm"):
+                    "optim.clip_memory", "guard.max_teach_norm", "guard.loss_spike"):
             nonneg(key, self._get(key))
+        if 0 < self.guard.loss_spike <= 1:
+            raise ValueError(f"guard.loss_spike: expected 0 (off) or a factor > 1, got {self.guard.loss_spike!r}")
         for key in ("optim.outer.beta1", "optim.outer.beta2"):
             v = self._get(key)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v < 1:
@@ -167,6 +179,18 @@ class TrainConfig:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+
+def _check_finite(tree, key: str) -> None:
+    """Every float of the config (its sections, the model mapping, data weights) must be finite."""
+    if isinstance(tree, dict):
+        for k, v in tree.items():
+            _check_finite(v, f"{key}.{k}" if key else str(k))
+    elif isinstance(tree, (list, tuple)):
+        for i, v in enumerate(tree):
+            _check_finite(v, f"{key}[{i}]")
+    elif isinstance(tree, float) and not math.isfinite(tree):
+        raise ValueError(f"{key}: expected a finite number, got {tree!r}")
 
 
 def _build(cls, data: dict, prefix: str):
@@ -210,7 +234,11 @@ def parse_overrides(overrides) -> dict:
         if not isinstance(item, str) or "=" not in item:
             raise ValueError(f"override {item!r}: expected key=value")
         key, raw = item.split("=", 1)
-        _set_dotted(tree, key.strip(), load_yaml(raw) if raw != "" else None)
+        try:
+            value = load_yaml(raw) if raw != "" else None
+        except yaml.YAMLError as e:
+            raise ValueError(f"{key.strip()}: the value {raw!r} is not valid YAML ({str(e).splitlines()[0]})") from None
+        _set_dotted(tree, key.strip(), value)
     return tree
 
 
@@ -224,14 +252,18 @@ def _merge(base: dict, extra: dict) -> dict:
     return out
 
 
-def load_config(path=None, overrides=None) -> TrainConfig:
-    """A validated :class:`TrainConfig` from a YAML file (or defaults) plus ``key=value`` overrides."""
+def load_config(path: str | os.PathLike | None = None, overrides: list[str] | None = None) -> TrainConfig:
+    """A validated :class:`TrainConfig` from a YAML file or packaged config name (or defaults) plus ``key=value``
+    overrides."""
     data: dict = {}
     if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ValueError(f"config: no such file {str(path)!r}")
-        data = load_yaml(path.read_text()) or {}
+        from hope.configs import resolve_config
+
+        path = resolve_config(path, "run")  # a file, or a packaged config's name (``pilot``)
+        try:
+            data = load_yaml(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ValueError(f"config: {path} is not valid YAML ({' '.join(str(e).split())})") from None
         if not isinstance(data, dict):
             raise ValueError(f"config: {path} must hold a mapping")
     data = _merge(data, parse_overrides(overrides))

@@ -1,9 +1,8 @@
 """Process group setup for ``torchrun`` (backend auto: nccl on GPU, gloo on CPU), the data-parallel
-collectives the trainer uses (gradient averaging, re-synchronising weights changed by inner updates, the
-divergence guard's agreement) and FSDP2 (``dist.fsdp``): sharding, full state dicts, gathered slow weights."""
+collectives the trainer uses (gradient averaging, the divergence guard's agreement) and FSDP2 (``dist.fsdp``):
+sharding and full state dicts."""
 from __future__ import annotations
 
-import contextlib
 import os
 from dataclasses import dataclass
 
@@ -83,22 +82,6 @@ def average_gradients(model: torch.nn.Module, info: DistInfo) -> None:
         offset += n
 
 
-@torch.no_grad()
-def average_tensors(tensors: list[torch.Tensor], info: DistInfo) -> None:
-    """Mean over ranks of tensors changed outside autograd (CMS inner updates of the slow weights and their
-    momentum): every rank starts from the same values, so the mean is the update of the global batch."""
-    if not info.enabled or not tensors:
-        return
-    flat = torch.cat([t.reshape(-1).float() for t in tensors])
-    dist.all_reduce(flat)
-    flat /= info.world_size
-    offset = 0
-    for t in tensors:
-        n = t.numel()
-        t.copy_(flat[offset:offset + n].view_as(t))
-        offset += n
-
-
 def any_flag(flag: bool, info: DistInfo) -> bool:
     """True on every rank when ``flag`` is true on any rank (the divergence guard skips together)."""
     if not info.enabled:
@@ -119,6 +102,25 @@ def bad_ranks(reason, info: DistInfo) -> list[tuple[int, object]]:
     gathered: list = [None] * info.world_size
     dist.all_gather_object(gathered, reason)
     return [(r, g) for r, g in enumerate(gathered) if g is not None]
+
+
+def from_main(value, error: BaseException | None, info: DistInfo):
+    """Collective: rank 0's ``value`` on every rank. When rank 0 failed (``error``), rank 0 re-raises it and
+    every other rank raises a RunError with its message, so no rank waits in a collective the others skip."""
+    if not info.enabled:
+        if error is not None:
+            raise error
+        return value
+    obj = [(value, None if error is None else str(error))]
+    dist.broadcast_object_list(obj, src=0)
+    value, message = obj[0]
+    if message is not None:
+        if error is not None:
+            raise error
+        from hope.train.errors import RunError
+
+        raise RunError(f"rank 0: {message}")
+    return value
 
 
 def mean_scalar(value: float, info: DistInfo) -> float:
@@ -213,36 +215,3 @@ def load_full_optimizer_state_dict(model: torch.nn.Module, opt: torch.optim.Opti
     set_optimizer_state_dict(model, opt, full, options=_full_options())
     for group, saved in zip(opt.param_groups, state["param_groups"], strict=True):  # exactly as saved (the
         group.update({k: v for k, v in saved.items() if k != "params"})  # round trip turns tuples into lists)
-
-
-@contextlib.contextmanager
-def gathered_parameters(model: torch.nn.Module, names: list[str]):
-    """FSDP2: the named parameters as full plain tensors for code that changes them in place outside autograd
-    (the parallel mode's CMS inner updates). Inside the block each is all-gathered and put on its module in
-    place of the sharded parameter; on a normal exit each rank copies its own shard of the (changed) full value
-    back, and the sharded parameters return in any case, so the optimizer and FSDP keep the objects they hold.
-    Every rank must change the full values identically (average them over ranks inside the block). Parameters
-    that are not DTensors are left alone."""
-    from torch.distributed.tensor import DTensor, distribute_tensor
-
-    reshard(model)  # a unit left unsharded would hold plain parameters whose in-place changes get lost
-    swapped = []
-    try:
-        for name in names:
-            owner_name, _, attr = name.rpartition(".")
-            owner = model.get_submodule(owner_name)
-            sharded = owner._parameters[attr]
-            if not isinstance(sharded, DTensor):
-                continue
-            full = torch.nn.Parameter(sharded.detach().full_tensor(), requires_grad=False)
-            owner._parameters[attr] = full
-            swapped.append((owner, attr, sharded, full))
-        yield
-        with torch.no_grad():
-            for _, _, sharded, full in swapped:
-                local = distribute_tensor(full.data.to(sharded.dtype), sharded.device_mesh, sharded.placements,
-                                          src_data_rank=None)  # this rank's slice, no communication
-                sharded.copy_(local)
-    finally:
-        for owner, attr, sharded, _ in swapped:
-            owner._parameters[attr] = sharded

@@ -17,17 +17,49 @@ def _clean(value):
     return value
 
 
-class RunLogger:
-    """Writes ``log.jsonl`` (main rank only), mirrors scalars to W&B, drives the progress bar."""
+def count_records(path) -> int:
+    """Records (non-empty lines) of a log.jsonl; 0 when there is none."""
+    if not Path(path).is_file():
+        return 0
+    with open(path) as f:
+        return sum(1 for line in f if line.strip())
 
-    def __init__(self, run_dir: Path, cfg, total_steps: int, start_step: int, enabled: bool = True):
+
+def _keep_first_records(path: Path, n: int) -> None:
+    """Cut ``path`` to its first ``n`` records (atomically): the records a resumed run writes again go."""
+    if not path.is_file():
+        return
+    with open(path) as f:
+        lines = [line for line in f if line.strip()]
+    if len(lines) <= n:
+        return
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "w") as f:
+        f.writelines(lines[:n])
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+class RunLogger:
+    """Writes ``log.jsonl`` (main rank only), mirrors scalars to W&B, drives the progress bar.
+
+    ``keep_records``: how many records of an earlier life of the run to keep (those written up to the checkpoint
+    a resume starts from, so the log holds one record per step; None: keep all)."""
+
+    def __init__(self, run_dir: Path, cfg, total_steps: int, start_step: int, enabled: bool = True,
+                 keep_records: int | None = None):
         self.run_dir = Path(run_dir)
         self.enabled = enabled
         self.path = self.run_dir / "log.jsonl"
         self.wandb_run = None
         self.bar = None
+        self.records = 0
         if not enabled:
             return
+        if keep_records is not None:
+            _keep_first_records(self.path, keep_records)
+        self.records = count_records(self.path)
         self._file = open(self.path, "a")
         self._init_wandb(cfg)
         if cfg.log.progress:
@@ -56,6 +88,7 @@ class RunLogger:
         line = {k: _clean(v) for k, v in record.items()}
         self._file.write(json.dumps(line, sort_keys=True) + "\n")
         self._file.flush()
+        self.records += 1
         if self.wandb_run is not None:
             scalars = {k: v for k, v in record.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
             self.wandb_run.log(scalars, step=int(record.get("step", 0)))

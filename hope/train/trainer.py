@@ -1,8 +1,11 @@
 """The trainer: one loop for the CPU smoke run and multi-GPU runs (``python -m hope.train <config>``).
 
-Read top to bottom: setup (distributed, seed, data, model, optimizers, resume) -> step loop (schedules,
-forward in ``online`` or ``parallel`` mode, divergence guard, backward, gradient averaging, per-level
-clipping, outer step, inner updates) -> eval / checkpoint / log.
+Read top to bottom: setup (distributed, seed, run folder and its lock, data, model, optimizers, resume) -> the
+loop (step, rollback, eval, checkpoint, log) -> one step (schedules, forward, guard, backward, gradient
+averaging, per-level clipping, outer step). The step delegates to small components: the divergence guard
+(guard.py) and checkpointing (checkpointer.py; the files: checkpoint.py); the run folder and its lock are
+run_folder.py. What a run promises and how
+each promise is tested: docs/runs.md.
 
 Data parallelism is replicated (gradients all-reduced by ``distributed.average_gradients``) or, with
 ``dist.fsdp=true``, FSDP2 (``fully_shard`` per block, then the root; checkpoints gathered to the same
@@ -11,9 +14,11 @@ unsharded files as the replicated path).
 from __future__ import annotations
 
 import contextlib
-import os
+import hashlib
+import json
+import math
 import random
-import re
+import sys
 import time
 import warnings
 from datetime import datetime, timezone
@@ -23,51 +28,17 @@ import numpy as np
 import torch
 import yaml
 
+from hope.models.base import LanguageModel
 from hope.optim import build_optimizers, lr_at, memory_parameter_names, teach_scale_at
 from hope.train import checkpoint as ckpt
 from hope.train import distributed as D
+from hope.train.checkpointer import Checkpointer, set_rng_state
 from hope.train.config import TrainConfig, check_fsdp
+from hope.train.errors import RunError
+from hope.train.guard import DivergenceGuard, Verdict
 from hope.train.logging import RunLogger
-from hope_kernels._checks import value_checks_off
-
-# test hook: comma-separated 0-based step attempts (calls of train_step, skipped ones included) whose loss is
-# replaced by NaN, to exercise the divergence guard
-NAN_STEPS_ENV = "HOPE_TEST_NAN_STEPS"
-# test hook: comma-separated step attempts before whose forward every parameter is multiplied by NaN (the model
-# has gone bad: the forward's gate checks raise "... contains NaN", and every later step is bad too until the
-# guard rolls back to the last checkpoint)
-NAN_PARAMS_ENV = "HOPE_TEST_NAN_PARAM_STEPS"
-# test hook: comma-separated ranks the two hooks above act on (unset: every rank)
-NAN_RANKS_ENV = "HOPE_TEST_NAN_RANKS"
-
-# a value check's message about NaN / inf values, e.g. hope_kernels check_range's "lr contains NaN; expected
-# values in [0.0, 1.0]" or check_float's "lr must not be NaN" (words, so "info" or "inference" do not match)
-_NONFINITE_MESSAGE = re.compile(r"\bnan\b|\binf(inity)?\b|non-?finite|not finite", re.IGNORECASE)
-
-
-def nonfinite_forward_error(exc: BaseException) -> str | None:
-    """The message of ``exc`` when it reports non-finite values met in the forward (a diverged model: the
-    divergence guard skips the step), else None (a programming error: the caller re-raises). Only ValueError,
-    RuntimeError and FloatingPointError whose message names NaN / inf / non-finite values count; TypeErrors and
-    shape, device or range errors about finite values never do."""
-    if isinstance(exc, (ValueError, RuntimeError, FloatingPointError)) and _NONFINITE_MESSAGE.search(str(exc)):
-        return f"{type(exc).__name__}: {exc}"
-    return None
-
-
-def _int_set(name: str) -> set[int]:
-    return {int(s) for s in os.environ.get(name, "").split(",") if s.strip()}
-
-
-class _StateDictView:
-    """What ``checkpoint.save_checkpoint`` needs of a model (``state_dict()``), for an FSDP model's gathered
-    full state dict: the safetensors file is then the one the unsharded model writes."""
-
-    def __init__(self, state: dict):
-        self._state = state
-
-    def state_dict(self) -> dict:
-        return dict(self._state)
+from hope.train.run_folder import RunFolder, RunLock, open_run_folder
+from hope_kernels._checks import NonFiniteError, value_checks_off
 
 
 # ----------------------------------------------------------------------------------------------- setup
@@ -77,62 +48,27 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def rng_state() -> dict:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
+def data_fingerprint(prepared) -> str:
+    """sha256 of what the loader's stream depends on: each source's content, tokenisation and weight."""
+    sources = {name: {"fingerprint": src["fingerprint"], "weight": src["weight"]}
+               for name, src in prepared.index["sources"].items()}
+    return hashlib.sha256(json.dumps(sources, sort_keys=True).encode()).hexdigest()
 
 
-def set_rng_state(state: dict) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def make_run_dir(cfg: TrainConfig, info: D.DistInfo) -> Path:
-    previous = sorted(Path(cfg.out_dir).glob(f"{cfg.name}-*")) if cfg.resume == "auto" and not cfg.run_dir else []
-    previous = [p for p in previous if ckpt.find_latest(p) is not None]
-    if cfg.run_dir:
-        run_dir = Path(cfg.run_dir)
-    elif previous:  # resume=auto without run_dir: the newest run of this name that has a checkpoint
-        run_dir = previous[-1]
-    else:
-        stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
-        run_dir = Path(cfg.out_dir) / f"{cfg.name}-{stamp}"
-        if info.enabled:  # every rank must agree on the folder: rank 0's timestamp wins
-            import torch.distributed as dist
-
-            obj = [str(run_dir)]
-            dist.broadcast_object_list(obj, src=0)
-            run_dir = Path(obj[0])
-    if info.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-    D.barrier(info)
-    return run_dir
-
-
-def maybe_compile(model, enabled: bool):
+def maybe_compile(model, enabled: bool) -> bool:
+    """``model.compile()`` in place when ``enabled``; False (one warning) when torch.compile is unavailable."""
     if not enabled:
-        return model
+        return False
     try:
         model.compile()
     except Exception as e:  # noqa: BLE001 - any compile failure falls back to eager
         warnings.warn(f"compile: torch.compile unavailable ({type(e).__name__}: {e}); running eager", stacklevel=2)
-    return model
-
-
-def _uncompile(model) -> None:
-    model._compiled_call_impl = None
+        return False
+    return True
 
 
 class Trainer:
     def __init__(self, cfg: TrainConfig):
-        from hope.data import prepare
-        from hope.models import build_model, model_config_for
-
         self.cfg = cfg
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
@@ -143,7 +79,35 @@ class Trainer:
                              "use dist.fsdp=false for a single process")
         self.device = self.info.device
         seed_everything(cfg.seed)
+        self.folder = self._open_run_folder()
+        self.run_dir = self.folder.path
+        try:
+            self._setup()
+        except BaseException:
+            self._release_folder()
+            raise
 
+    def _open_run_folder(self) -> RunFolder:
+        """Rank 0 picks, locks and checks the folder; every rank gets its path and the checkpoint to resume from."""
+        stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
+        folder, error = None, None
+        if self.info.is_main:
+            try:
+                folder = open_run_folder(self.cfg, stamp)
+            except Exception as e:  # noqa: BLE001 - every rank raises it (from_main), none waits
+                error = e
+        shared = None if folder is None else (folder.path, folder.resume_from, folder.skipped)
+        path, resume_from, skipped = D.from_main(shared, error, self.info)
+        if folder is None:  # another rank: the folder without its lock
+            folder = RunFolder(path, None, resume_from, skipped)
+        D.barrier(self.info)
+        return folder
+
+    def _setup(self) -> None:
+        from hope.data import prepare
+        from hope.models import build_model, model_config_for
+
+        cfg = self.cfg
         # data: the manifest is prepared idempotently (rank 0 first, the others then only verify)
         if self.info.is_main:
             self.prepared = prepare(cfg.data.manifest, list(cfg.data.overrides), progress=False)
@@ -152,14 +116,16 @@ class Trainer:
             self.prepared = prepare(cfg.data.manifest, list(cfg.data.overrides), progress=False)
         tok_vocab = int(self.prepared.index["tokenizer"]["vocab_size"])
 
-        self.model_config = model_config_for(cfg.model, tok_vocab, seq_len=cfg.seq_len)
-        check_fsdp(cfg, self.model_config.teach_signal)
-        if cfg.mode == "parallel" and self.model_config.arch == "hope" and self.model_config.teach_signal == "shared":
-            # measured: configs/smoke.yaml with teach_signal=shared reached slow CMS weight norms ~3000 in 100 steps
-            warnings.warn("model.teach_signal=shared in mode=parallel: the CMS levels' slow weights are updated with the "
-                          "head's delta, which is not their gradient, and drift without bound (smoke: val loss 6.04 vs "
-                          "5.18 without inner updates); use model.teach_signal=exact", stacklevel=2)
-        self.model = build_model(self.model_config).to(self.device)
+        if "hf" in cfg.model:  # a frozen Hugging Face LM with HOPE memory blocks: only they train and are saved
+            from hope.integrations.hf import build_for_run
+
+            self.model_config, model = build_for_run(cfg.model, self.prepared.index["tokenizer"], fsdp=self.fsdp,
+                                                     mode=cfg.mode)
+            self.model = model.to(self.device)
+        else:
+            self.model_config = model_config_for(cfg.model, tok_vocab, seq_len=cfg.seq_len)
+            check_fsdp(cfg, self.model_config.teach_signal)
+            self.model = build_model(self.model_config).to(self.device)
         if self.fsdp:  # before the optimizers: they must hold the sharded parameters
             # online mode: the CMS levels read their blocks' slow weights between the segment forwards (outside
             # FSDP's hooks), so the blocks keep them gathered from forward to backward (weights unsharded during
@@ -167,20 +133,42 @@ class Trainer:
             D.fully_shard_model(self.model, self.info, reshard_after_forward=cfg.mode != "online")
         self.memory_names = memory_parameter_names(self.model)
         self.optimizers = build_optimizers(self.model, cfg.optim.outer, self.device)
-        self.run_dir = make_run_dir(cfg, self.info)
+        self.guard = DivergenceGuard(cfg.guard, self.info)
+        self.checkpointer = Checkpointer(self.run_dir, self.model, self.optimizers, self.info, self.fsdp,
+                                         cfg.keep_checkpoints)
         self.step, self.tokens_seen, self.best_val = 0, 0, float("inf")
         self.train_loader = self._train_loader(None)
 
-        start = self._resume_source()
+        log_records = 0  # a fresh run keeps no records of an earlier life of its folder
+        start = self.folder.resume_from
         if start is not None:
-            self.restore(start)
-        self.model = maybe_compile(self.model, cfg.compile)
-        self._compile_checked = not cfg.compile
+            log_records = self.restore(start)
+            if start.parent.parent.resolve() != self.run_dir.resolve():
+                log_records = None  # another run's checkpoint: this folder's log is not its log
+        self._compile = "unchecked" if maybe_compile(self.model, cfg.compile) else "off"
         if self.info.is_main:
+            from hope.train.run_tokenizer import copy_tokenizer_into_run  # eval finds it beside the checkpoints
+            copy_tokenizer_into_run(self.run_dir, self.prepared.tokenizer_path, self.prepared.tokenizer_sha256)
             resolved = cfg.to_dict()
             resolved["model_resolved"] = self.model_config.to_dict()
             (self.run_dir / "config.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False))
-        self.logger = RunLogger(self.run_dir, cfg, cfg.steps, self.step, enabled=self.info.is_main)
+        self.logger = RunLogger(self.run_dir, cfg, cfg.steps, self.step, enabled=self.info.is_main,
+                                keep_records=log_records)
+        if start is not None:
+            self._announce_resume(start)
+
+    def _announce_resume(self, start: Path) -> None:
+        """A ``resume`` log record and one line on stderr: which checkpoint, and why newer ones were skipped."""
+        skipped = self.folder.skipped
+        self.logger.log({"event": "resume", "step": self.step, "checkpoint": start.name, "path": str(start),
+                         "skipped": skipped})
+        if self.info.is_main:
+            print(f"[hope.train] resume from {start} (step {self.step})" +
+                  "".join(f"; skipped {k}: {v}" for k, v in skipped.items()), file=sys.stderr)
+
+    def _release_folder(self) -> None:
+        if self.folder.lock is not None:
+            self.folder.lock.release()
 
     # --------------------------------------------------------------------------------- data / resume
     def _train_loader(self, position):
@@ -189,68 +177,60 @@ class Trainer:
                                           world_size=self.info.world_size, weights=c.data.weights,
                                           start_position=position)
 
-    def _resume_source(self) -> Path | None:
-        r = self.cfg.resume
-        if r == "none":
-            return None
-        if r == "auto":
-            return ckpt.find_latest(self.run_dir)  # None: a fresh run
-        return ckpt.resolve_step_dir(r)
+    def _check_same_data(self, step_dir: Path, meta: dict) -> None:
+        """Refuse a checkpoint trained on another tokenizer or other data than this run's prepared data."""
+        recorded = meta.get("tokenizer", {}).get("sha256")
+        if recorded and recorded != self.prepared.tokenizer_sha256:
+            raise RunError(f"resume: checkpoint {step_dir} was trained with tokenizer sha256 {recorded} "
+                           f"({meta['tokenizer'].get('path')}), the prepared data has tokenizer sha256 "
+                           f"{self.prepared.tokenizer_sha256} ({self.prepared.tokenizer_path}); resume with the "
+                           "checkpoint's data manifest (data.manifest, data.overrides)")
+        recorded = meta.get("data", {}).get("fingerprint")
+        now = data_fingerprint(self.prepared)
+        if recorded and recorded != now:
+            raise RunError(f"resume: checkpoint {step_dir} was trained on data fingerprint {recorded} "
+                           f"({meta['data'].get('dir')}), the prepared data {self.prepared.dir} has fingerprint {now} "
+                           "(its sources, tokenisation or weights differ); resume with the checkpoint's data manifest")
 
-    def restore(self, step_dir: Path) -> None:
-        """Weights (with CMS momentum buffers), optimizer moments, RNG, data position: exact continuation.
-        Under FSDP collective: every rank reads the full files and keeps its shards."""
-        state = ckpt.load_train_state(step_dir)
-        if self.fsdp:
-            from safetensors.torch import load_file
-
-            D.load_full_model_state_dict(self.model, load_file(str(Path(step_dir) / "model.safetensors")))
-            for opt, sd in zip(self.optimizers, state["optimizers"], strict=True):
-                D.load_full_optimizer_state_dict(self.model, opt, sd)
-        else:
-            ckpt.load_weights(self.model, step_dir, device=self.device)
-            for opt, sd in zip(self.optimizers, state["optimizers"], strict=True):
-                opt.load_state_dict(sd)
+    def restore(self, step_dir: Path) -> int | None:
+        """Weights (with CMS momentum buffers), optimizer moments, RNG, data position, guard: exact continuation.
+        Collective. Returns the number of log records the run had written at that checkpoint."""
+        step_dir = Path(step_dir)
+        self._check_same_data(step_dir, json.loads((step_dir / "state.json").read_text()))
+        state, data_position, rng = self.checkpointer.load(step_dir)
         self.step, self.tokens_seen = state["step"], state["tokens_seen"]
         self.best_val = state.get("best_val", float("inf"))
-        self.train_loader = self._train_loader(state["data"][self.info.rank])
-        set_rng_state(state["rng"][self.info.rank])
+        self.guard.load_state_dict(state.get("guard", {}))
+        self.train_loader = self._train_loader(data_position)
+        set_rng_state(rng)
+        return state.get("log_records")
 
     def save(self, val_loss: float | None) -> Path:
-        """Collective (every rank contributes its data position and RNG); rank 0 writes."""
-        data_state, rng = self.train_loader.state_dict(), rng_state()
-        if self.info.enabled:
-            import torch.distributed as dist
-
-            gathered = [None] * self.info.world_size
-            dist.all_gather_object(gathered, (data_state, rng))
-            datas, rngs = [g[0] for g in gathered], [g[1] for g in gathered]
-        else:
-            datas, rngs = [data_state], [rng]
-        path = self.run_dir / "checkpoints" / f"step_{self.step}"
-        if self.fsdp:  # collective: the full (unsharded) weights and optimizer states, on rank 0's CPU
-            weights = _StateDictView(D.full_model_state_dict(self.model))
-            optimizers = [D.full_optimizer_state_dict(self.model, o) for o in self.optimizers]
-        else:
-            weights, optimizers = self.model, None
-        if self.info.is_main:
-            if optimizers is None:
-                optimizers = [o.state_dict() for o in self.optimizers]
-            train_state = {"step": self.step, "tokens_seen": self.tokens_seen, "best_val": self.best_val,
-                           "optimizers": optimizers, "data": datas, "rng": rngs,
-                           "fast_state": None}  # each batch starts a fresh stream: no fast state between steps
-            state_json = {"tokens_seen": self.tokens_seen, "model_config": self.model_config.to_dict(),
-                          "tokenizer": {"path": str(self.prepared.tokenizer_path),
-                                        "sha256": self.prepared.tokenizer_sha256},
-                          "data_dir": str(self.prepared.dir), "config": self.cfg.to_dict(), "val_loss": val_loss,
-                          "world_size": self.info.world_size}
-            path = ckpt.save_checkpoint(self.run_dir, self.step, weights, train_state, state_json,
-                                        keep=self.cfg.keep_checkpoints)
-            if val_loss is not None and val_loss <= self.best_val:
-                self.best_val = val_loss
-                ckpt.mark_best(self.run_dir, self.step)
-        D.barrier(self.info)
+        """Collective: a checkpoint of the current step (``best`` too when ``val_loss`` is the lowest yet)."""
+        best = val_loss is not None and val_loss <= self.best_val
+        if best:
+            self.best_val = val_loss
+        train_state = {"step": self.step, "tokens_seen": self.tokens_seen, "best_val": self.best_val,
+                       "guard": self.guard.state_dict(), "log_records": self.logger.records if self.info.is_main else 0}
+        metadata = {"tokens_seen": self.tokens_seen, "model_config": self.model_config.to_dict(),
+                    "tokenizer": {"path": str(self.prepared.tokenizer_path), "sha256": self.prepared.tokenizer_sha256},
+                    "data_dir": str(self.prepared.dir),
+                    "data": {"dir": str(self.prepared.dir), "manifest": self.prepared.index.get("manifest"),
+                             "fingerprint": data_fingerprint(self.prepared)},
+                    "config": self.cfg.to_dict(), "val_loss": val_loss, "world_size": self.info.world_size}
+        path = self.checkpointer.save(self.step, train_state, self.train_loader.state_dict(), metadata)
+        if best and self.info.is_main:
+            ckpt.mark_best(self.run_dir, self.step)
+        self.guard.checkpoint_written()
         return path
+
+    def roll_back(self) -> None:
+        """Back to the newest checkpoint that verifies, or DivergenceError when the guard's budget is spent."""
+        target = self.checkpointer.newest()
+        self.guard.check_rollback(self.step, target)
+        from_step = self.step
+        self.restore(target)
+        self.logger.log({"event": "rollback", "step": self.step, "from_step": from_step, "checkpoint": str(target)})
 
     # ----------------------------------------------------------------------------------------- steps
     def autocast(self):
@@ -258,52 +238,58 @@ class Trainer:
             return torch.autocast(self.device.type, dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
+    def _eager_if_compile_failed(self):
+        """After a failed compiled forward every forward runs the model's eager code (torch.compiler stance)."""
+        return torch.compiler.set_stance("force_eager") if self._compile == "failed" else contextlib.nullcontext()
+
     def forward(self, batch: dict, teach_scale: float):
         """Loss and telemetry of one batch in the configured mode."""
         from hope.models.online import online_forward
 
         x = batch["input_ids"].to(self.device)
         y = batch["labels"].to(self.device)
-        with self.autocast():
+        with self.autocast(), self._eager_if_compile_failed():
             if self.cfg.mode == "online":
                 res = online_forward(self.model, x, y, segment_len=self.cfg.segment_len, teach_scale=teach_scale)
                 return res.loss, dict(res.metrics), None
-            out = self.model(x, labels=y)
+            out = self.model(x, labels=y, **self._teach_kwargs(teach_scale))
             return out.loss, dict(out.metrics), out
 
-    def _forward_guarded(self, batch: dict, teach_scale: float):
-        """``forward`` with the compile fallback; ``(loss, metrics, out, None)``, or ``(None, {}, None, detail)``
-        when the forward stopped on non-finite values (``nonfinite_forward_error``): a bad step for the guard.
+    def _teach_kwargs(self, teach_scale: float) -> dict:
+        # our models scale the CMS levels' in-context teach signal; a wrapped Hugging Face base has no such input
+        return {"teach_scale": teach_scale} if isinstance(self.model, LanguageModel) else {}
+
+    def _forward_or_eager(self, batch: dict, teach_scale: float):
+        """``forward``; when the first compiled forward fails (for any reason but non-finite values): one warning,
+        and this and every later forward run eagerly."""
+        if self._compile != "unchecked":
+            return self.forward(batch, teach_scale)
+        try:
+            res = self.forward(batch, teach_scale)
+        except NonFiniteError:
+            raise
+        except Exception as e:  # noqa: BLE001 - a failing compiled graph falls back to eager once
+            warnings.warn(f"compile: compiled forward failed ({type(e).__name__}: {e}); running eager", stacklevel=4)
+            self._compile = "failed"
+            return self.forward(batch, teach_scale)
+        self._compile = "compiled"
+        return res
+
+    def _forward_checked(self, batch: dict, teach_scale: float):
+        """``(loss, metrics, out, None)``, or ``(None, {}, None, error)`` when a value check met non-finite values
+        (NonFiniteError: a bad step for the guard).
 
         Under FSDP the forward is collective (each block all-gathers its weights), so a rank cannot leave it
         half-way while the others go on: hope_kernels' raising value checks are off there and non-finite values
-        reach the loss, which every rank checks after the forward."""
+        reach the loss, which the guard checks on every rank."""
         checks = value_checks_off() if self.fsdp else contextlib.nullcontext()
         try:
             with checks:
-                try:
-                    res = self.forward(batch, teach_scale)
-                except Exception as e:  # noqa: BLE001 - a failing compiled graph falls back to eager once
-                    if self._compile_checked or nonfinite_forward_error(e) is not None:
-                        raise
-                    warnings.warn(f"compile: compiled forward failed ({type(e).__name__}: {e}); running eager",
-                                  stacklevel=3)
-                    _uncompile(self.model)
-                    res = self.forward(batch, teach_scale)
-        except (ValueError, RuntimeError, FloatingPointError) as e:
-            detail = nonfinite_forward_error(e)
-            if detail is None:
-                raise
+                return (*self._forward_or_eager(batch, teach_scale), None)
+        except NonFiniteError as e:
             if self.fsdp:  # a half-run forward may leave units unsharded
                 D.reshard(self.model)
-            return None, {}, None, detail
-        self._compile_checked = True
-        return (*res, None)
-
-    @torch.no_grad()
-    def _poison_parameters(self) -> None:
-        for p in self.model.parameters():
-            p.mul_(float("nan"))
+            return None, {}, None, f"{type(e).__name__}: {e}"
 
     def clip(self) -> dict:
         """Per-level gradient clipping: memory/CMS parameters and the other slow weights separately."""
@@ -320,29 +306,21 @@ class Trainer:
             norms[key] = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
         return norms
 
-    def _cms_tensors(self) -> list[torch.Tensor]:
-        out = []
-        for n, t in list(self.model.named_parameters()) + list(self.model.named_buffers()):
-            if "cms." in n:
-                out.append(t.data)
-        return out
-
-    def _skip(self, bad: list, **record) -> dict:
+    def _skip(self, verdict: Verdict, **record) -> dict:
         """A skipped step's record: ``reason`` (the first bad rank's), its ``detail``, the bad ranks."""
         for opt in self.optimizers:
             opt.zero_grad(set_to_none=True)
-        reason, detail = bad[0][1]
-        out = {"skipped": True, "reason": reason, **record}
-        if detail:
-            out["detail"] = detail
+        self.guard.reject(verdict)
+        out = {"skipped": True, "reason": verdict.reason, "loss": verdict.loss, **record}
+        if verdict.detail:
+            out["detail"] = verdict.detail
         if self.info.enabled:
-            out["bad_ranks"] = [r for r, _ in bad]
+            out["bad_ranks"] = list(verdict.ranks)
         return out
 
-    def train_step(self, batch: dict, hooks: dict) -> dict:
-        """One outer step; a record with ``skipped`` (and ``reason``) when the divergence guard skipped it:
-        the forward stopped on non-finite values, the loss or teach-signal norm is non-finite (or the latter
-        above ``guard.max_teach_norm``), or the clipped gradient norm is non-finite. Every rank skips together."""
+    def train_step(self, batch: dict) -> dict:
+        """One outer step; a record with ``skipped`` (and ``reason``) when the divergence guard skipped it.
+        Every rank skips together."""
         c = self.cfg
         lr_mult = lr_at(self.step, c.steps, c.optim.outer.warmup_steps, c.optim.outer.min_lr_ratio)
         teach = teach_scale_at(self.step, c.steps, c.optim.teach.scale, c.optim.teach.warmup_steps,
@@ -350,53 +328,26 @@ class Trainer:
         for opt in self.optimizers:
             for g in opt.param_groups:
                 g["lr"] = g["base_lr"] * lr_mult
-        hooked = hooks["ranks"] is None or self.info.rank in hooks["ranks"]
-        if hooked and self._attempts in hooks["nan_params"]:
-            self._poison_parameters()
-        loss, metrics, out, detail = self._forward_guarded(batch, teach)
-        if hooked and loss is not None and self._attempts in hooks["nan_loss"]:
-            loss = loss * float("nan")
-        self._attempts += 1
+        loss, metrics, out, error = self._forward_checked(batch, teach)
         teach_norm = float(metrics.get("teach_signal_norm", 0.0))
-        if detail is not None:
-            reason = ("nonfinite_forward", detail)
-        elif not torch.isfinite(loss.detach()).item():
-            reason = ("nonfinite_loss", None)
-        elif not np.isfinite(teach_norm):
-            reason = ("nonfinite_teach_signal_norm", None)
-        elif teach_norm > c.guard.max_teach_norm:
-            reason = ("teach_signal_norm_above_max", None)
-        else:
-            reason = None
-        bad = D.bad_ranks(reason, self.info)
-        if bad:
-            return self._skip(bad, loss=float("nan") if loss is None else float(loss.detach()),
-                              teach_signal_norm=teach_norm)
+        verdict, mean_loss = self.guard.decide(loss, teach_norm, error)
+        if verdict is not None:
+            return self._skip(verdict, teach_signal_norm=teach_norm)
 
         loss.backward()
         if not self.fsdp:  # FSDP reduce-scatters (and averages) the gradients in the backward
             D.average_gradients(self.model, self.info)
         record = self.clip()
-        if not all(np.isfinite(v) for v in record.values()):  # inf/NaN gradients: skip, never step on them
+        if not all(math.isfinite(v) for v in record.values()):  # inf/NaN gradients: skip, never step on them
             # the norms are of the averaged gradients: the same on every rank, no agreement needed
-            every = [(r, ("nonfinite_grad_norm", None)) for r in range(self.info.world_size)]
-            return self._skip(every, loss=float(loss.detach()),
-                              teach_signal_norm=teach_norm, **record)
+            return self._skip(self.guard.every_rank("nonfinite_grad_norm", mean_loss), teach_signal_norm=teach_norm,
+                              **record)
         for opt in self.optimizers:
             opt.step()
             opt.zero_grad(set_to_none=True)
-        if c.mode == "parallel" and out is not None:
-            from hope.models.online import apply_parallel_inner_updates
-
-            # under FSDP the CMS slow weights are gathered whole for the in-place inner updates, then resharded
-            gathered = (D.gathered_parameters(self.model, sorted(n for n, _ in self.model.named_parameters()
-                                                                 if "cms." in n))
-                        if self.fsdp else contextlib.nullcontext())
-            with gathered:
-                metrics.update(apply_parallel_inner_updates(self.model, out, teach))
-                D.average_tensors(self._cms_tensors(), self.info)
-        record.update({"loss": D.mean_scalar(float(loss.detach()), self.info), "lr": c.optim.outer.lr * lr_mult,
-                       "teach_scale": teach, "teach_signal_norm": teach_norm})
+        self.guard.accept(mean_loss)
+        record.update({"loss": mean_loss, "lr": c.optim.outer.lr * lr_mult, "teach_scale": teach,
+                       "teach_signal_norm": teach_norm})
         for k, v in metrics.items():
             if k not in record and isinstance(v, (int, float)):
                 record[k] = float(v)
@@ -406,6 +357,7 @@ class Trainer:
     def evaluate(self) -> float:
         """Mean validation loss over the first ``eval_batches`` batches (the same batches every time)."""
         c = self.cfg
+        teach = teach_scale_at(self.step, c.steps, c.optim.teach.scale, c.optim.teach.warmup_steps, c.optim.teach.decay_to)
         self.model.eval()
         val = self.prepared.build_loader("val", c.batch_size, c.seq_len, seed=c.seed, rank=self.info.rank,
                                          world_size=self.info.world_size)
@@ -413,8 +365,9 @@ class Trainer:
         for i, batch in enumerate(val):
             if i >= c.eval_batches:
                 break
-            with self.autocast():
-                out = self.model(batch["input_ids"].to(self.device), labels=batch["labels"].to(self.device))
+            with self.autocast(), self._eager_if_compile_failed():
+                out = self.model(batch["input_ids"].to(self.device), labels=batch["labels"].to(self.device),
+                                 **self._teach_kwargs(teach))
             total += float(out.loss)
             count += 1
         if self.fsdp:  # no backward follows to reshard the units that keep their weights after forward
@@ -424,32 +377,30 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------------ loop
     def train(self) -> dict:
+        """Train to ``cfg.steps``; the run folder stays locked until this returns or raises."""
+        if self.info.is_main and not (self.folder.lock and self.folder.lock.held):
+            self.folder.lock = RunLock.acquire(self.run_dir)
+        try:
+            return self._loop()
+        finally:
+            self._release_folder()
+
+    def _loop(self) -> dict:
         c = self.cfg
-        hooks = {"nan_loss": _int_set(NAN_STEPS_ENV), "nan_params": _int_set(NAN_PARAMS_ENV),
-                 "ranks": _int_set(NAN_RANKS_ENV) if os.environ.get(NAN_RANKS_ENV, "").strip() else None}
         self.model.train()
-        bad_in_row, val_loss, self._attempts = 0, None, 0
-        if self.step == 0 and c.ckpt_every and c.guard.max_bad_steps:
+        val_loss = None
+        if self.step == 0 and c.ckpt_every and c.guard.max_rollbacks:
             self.save(None)  # a step-0 checkpoint gives the divergence guard something to roll back to
         t0, tokens_at_t0 = time.perf_counter(), self.tokens_seen
         while self.step < c.steps:
             t_step = time.perf_counter()
             batch = next(self.train_loader)
-            record = self.train_step(batch, hooks)
+            record = self.train_step(batch)
             if record.get("skipped"):
-                bad_in_row += 1
-                self.logger.log({**record, "event": "skipped", "step": self.step, "bad_in_row": bad_in_row})
-                if c.guard.max_bad_steps and bad_in_row >= c.guard.max_bad_steps:
-                    last = ckpt.find_latest(self.run_dir)
-                    if last is None:
-                        raise RuntimeError(f"divergence: {bad_in_row} bad steps in a row and no checkpoint")
-                    from_step = self.step
-                    self.restore(last)
-                    self.logger.log({"event": "rollback", "step": self.step, "from_step": from_step,
-                                     "checkpoint": str(last)})
-                    bad_in_row = 0
+                self.logger.log({**record, "event": "skipped", "step": self.step, "bad_in_row": self.guard.bad_in_row})
+                if self.guard.wants_rollback:
+                    self.roll_back()
                 continue
-            bad_in_row = 0
             self.step += 1
             n_tokens = int(batch["input_ids"].numel()) * self.info.world_size
             self.tokens_seen += n_tokens

@@ -1,31 +1,10 @@
-"""Registers the csrc/ cms_update kernels: "cuda" (CUDA extension) and "cpp" (C++ CPU extension)."""
+"""The CUDA cms_update kernel (csrc/cms_update.cu) as the "cuda" backend."""
 from __future__ import annotations
 
-import torch
+from hope_kernels import _ext
+from hope_kernels.backends import Backend, on_cuda
 
-from hope_kernels import _ext, dispatch
-from hope_kernels.cms_update.reference import CMSParams, finish_update
+if _ext.cuda is None:
+    raise ImportError(_ext.why_unavailable("_C_cuda"))
 
-OP = "cms_update"
-
-
-def _wrap(ext_fn):
-    """Adapts an extension's cms_update(w1, w2, m1, m2, x, delta, lr, beta, precond) to the reference signature."""
-
-    @torch.no_grad()
-    def cms_update_ext(params, momenta, x, delta, lr, beta, precond, inplace=False):
-        w1, w2 = params.w1.contiguous(), params.w2.contiguous()
-        w1_new, w2_new, m1_new, m2_new = ext_fn(
-            w1, w2, momenta.w1.contiguous(), momenta.w2.contiguous(),
-            x.float().contiguous(), delta.float().contiguous(), float(lr), float(beta), bool(precond),
-        )
-        return finish_update(params, momenta, CMSParams(w1_new, w2_new), CMSParams(m1_new, m2_new), inplace)
-
-    return cms_update_ext
-
-
-if _ext.cuda is not None:
-    dispatch.register(OP, "cuda", _wrap(_ext.cuda.cms_update), lambda device: device.type == "cuda")
-if _ext.cpu is not None:
-    # registered for the CPU: measured faster than the reference on this machine (docs/kernels/csrc.md)
-    dispatch.register(OP, "cpp", _wrap(_ext.cpu.cms_update), lambda device: device.type == "cpu")
+BACKEND = Backend("cms_update", "cuda", priority=30, kernel=_ext.cuda.cms_update, runs_on=on_cuda, env="HOPE_USE_CUDA")

@@ -4,7 +4,7 @@
 saved, ...) -> input gradients`` take and return tensor lists whose order is written once, here
 (``INPUT_ROLES``, ``OUTPUT_ROLES``; csrc/self_modifying_titans_cpu.cpp's ``In`` / ``Out`` enums mirror them).
 Their fakes give ``torch.compile(fullgraph=True)`` the shapes; ``register_autograd`` composes them into one
-differentiable op. Which kernel runs is the ``backend`` argument: the record of that name (``backends.py``).
+differentiable op. Which kernel runs is the ``backend`` argument: the record of that name (``hope_kernels.backends``).
 
 The forward saves for the backward only the inputs, the tokens the generators produced (k, v, q and the gates:
 the memory pass's inputs) and the chunk-start states of M_mem and of every ``checkpoint_every``-th generator
@@ -18,8 +18,10 @@ from dataclasses import astuple, dataclass
 
 import torch
 
-from hope_kernels.titan_memory_update.state import MLPMemoryState
+from hope_kernels import backends
+from hope_kernels.titan_memory_update.naive import MLPMemoryState
 
+OP = "self_modifying_titans"
 #: the forward's input list (and the backward's gradient list), in order
 INPUT_ROLES = ("xq", "xk", "xv", "gen_W1", "gen_W2", "gen_S1", "gen_S2", "mem_W1", "mem_W2", "mem_S1", "mem_S2",
                "gate_readout", "gate_bias", "momentum")
@@ -133,9 +135,7 @@ def _counts(T: int, gen_chunk: int, mem_chunk: int, checkpoint_every: int) -> tu
 
 
 def _kernel(backend: str):
-    from hope_kernels.self_modifying_titans.backends import get
-
-    return get(backend).kernel
+    return backends.get(OP, backend).kernel
 
 
 @torch.library.custom_op("hope::self_modifying_titans_fwd", mutates_args=())
@@ -199,5 +199,5 @@ def _backward(ctx, grads):
 
 self_modifying_titans_fwd.register_autograd(_backward, setup_context=_setup_context)
 
-__all__ = ["LayerTensors", "LayerSettings", "SelfModifyingTitansCall", "supports_layer_call", "RULES", "INPUT_ROLES", "OUTPUT_ROLES", "N_DIFFERENTIABLE", "MAX_CHECKPOINTS",
+__all__ = ["OP", "LayerTensors", "LayerSettings", "SelfModifyingTitansCall", "supports_layer_call", "RULES", "INPUT_ROLES", "OUTPUT_ROLES", "N_DIFFERENTIABLE", "MAX_CHECKPOINTS",
            "default_checkpoint_every", "self_modifying_titans_fwd", "self_modifying_titans_bwd"]

@@ -6,11 +6,13 @@ from __future__ import annotations
 import torch
 
 from hope_kernels import _ext
-from hope_kernels.self_modifying_titans.backends import Backend
-from hope_kernels.self_modifying_titans.chunk import supports_layer_call
+from hope_kernels.backends import Backend, on_cpu
+from hope_kernels.self_modifying_titans.chunk import OP, supports_layer_call
 
-#: the loaded extension registers the operators (an older build of _C_cpu lacks them)
-AVAILABLE = _ext.cpu is not None and hasattr(torch.ops.hope_cpu, "self_modifying_titans_fwd")
+if _ext.cpu is None:
+    raise ImportError(_ext.why_unavailable("_C_cpu"))
+if not hasattr(torch.ops.hope_cpu, "self_modifying_titans_fwd"):
+    raise ImportError("the loaded hope_kernels._C_cpu was built without csrc/self_modifying_titans_cpu.cpp")
 
 
 class CppKernel:
@@ -23,12 +25,5 @@ class CppKernel:
         return torch.ops.hope_cpu.self_modifying_titans_bwd(grads, inputs, *saved, *settings.as_args())
 
 
-def supports(call) -> tuple[bool, str]:
-    if not AVAILABLE:
-        why = _ext.why_unavailable("_C_cpu") or "the loaded hope_kernels._C_cpu was built without it"
-        return False, f"the C++ kernels are not built ({why})"
-    return supports_layer_call(call)
-
-
-BACKEND = Backend("cpp", priority=10, kernel=CppKernel, runs_on=lambda device: device.type == "cpu",
-                  supports=supports, env="HOPE_SELFMOD_CPP")
+BACKEND = Backend(OP, "cpp", priority=10, kernel=CppKernel, runs_on=on_cpu, supports=supports_layer_call,
+                  env="HOPE_USE_CPP")

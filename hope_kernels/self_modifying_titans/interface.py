@@ -5,15 +5,14 @@ autograd). Kernel backends run through chunk.py's custom ops; see docs/kernels/s
 """
 from __future__ import annotations
 
-import importlib
 from typing import NamedTuple
 
 import torch
 
+from hope_kernels import backends
 from hope_kernels._checks import check_choice, check_positive_int, check_range, check_shape, check_tensor
-from hope_kernels.self_modifying_titans import backends
-from hope_kernels.self_modifying_titans.backends import Backend
 from hope_kernels.self_modifying_titans.chunk import (
+    OP,
     RULES,
     LayerSettings,
     LayerTensors,
@@ -22,14 +21,9 @@ from hope_kernels.self_modifying_titans.chunk import (
     self_modifying_titans_fwd,
 )
 from hope_kernels.self_modifying_titans.naive import self_modifying_titans_naive
-from hope_kernels.titan_memory_update.state import MLPMemoryState
+from hope_kernels.titan_memory_update.naive import MLPMemoryState
 
-backends.register(Backend("reference", priority=0))
-for _module in ("cpp", "triton"):
-    try:
-        backends.register(importlib.import_module(f"hope_kernels.self_modifying_titans.{_module}").BACKEND)
-    except ImportError:  # triton not installed
-        pass
+backends.register_modules(OP, "hope_kernels.self_modifying_titans", ("naive", "triton", "cpp"))
 
 
 class SelfModifyingTitansOutput(NamedTuple):
@@ -46,13 +40,23 @@ class SelfModifyingTitansOutput(NamedTuple):
 
 
 def kernel_backend(call: SelfModifyingTitansCall, backend: str = "auto") -> tuple[str | None, str]:
-    """The kernel backend that runs ``call`` (None: none does, or ``backend`` names the reference) and why the faster
-    ones did not. For callers with a loop of their own to fall back on (the layer)."""
+    """The kernel backend that runs ``call`` (None: none does, or ``backend`` names the reference) and why none did.
+    For callers with a loop of their own to fall back on (the layer): a named backend this op lacks or that declines
+    the call is a reason here, not an error."""
     try:
-        rec, why = backends.resolve(call, backend)
-    except ValueError as err:  # a named backend this op lacks or that declines the call
+        rec = backends.resolve_backend(OP, call.device, backend, call)
+    except (ValueError, RuntimeError) as err:
         return None, str(err)
-    return (None, why or "reference requested") if rec.name == "reference" else (rec.name, why)
+    if rec.name != "reference":
+        return rec.name, ""
+    if backend == "reference" or backends.forced_backend() == "reference":
+        return None, "reference requested"
+    why = [f"{name}: {err}" for (op, name), err in backends.MISSING.items() if op == OP]
+    for r in backends.records(OP):
+        if r.name != "reference" and r.runs_on(call.device):
+            why.append(f"{r.name}: " + (f"switched off by ${r.env}=0" if r.switched_off() else r.supports(call)[1]
+                                          or "not picked by auto on this device"))
+    return None, "; ".join(why) or f"no kernel backend runs on {call.device}"
 
 
 def _check(xq, xk, xv, gen, mem, gate_readout, gate_bias, momentum):
@@ -138,7 +142,7 @@ def self_modifying_titans(
     call = SelfModifyingTitansCall(xq.device, torch.float32, B, H, T, D, E, G, rule, gen_chunk_size, mem_chunk_size,
                                    float(gen_update_clip), float(mem_update_clip), bool(normalize_v),
                                    bool(readout_before))
-    rec, _ = backends.resolve(call, backend)
+    rec = backends.resolve_backend(OP, xq.device, backend, call)
     if rec.name == "reference":
         y, gen_T, mem_T, eta = self_modifying_titans_naive(
             xq, xk, xv, gen, mem, gate_readout, gate_bias, momentum, gen_chunk_size=gen_chunk_size,

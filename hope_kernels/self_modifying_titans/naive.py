@@ -30,7 +30,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from hope_kernels.titan_memory_update.state import MLPMemoryState
+from hope_kernels.backends import Backend
+from hope_kernels.titan_memory_update.naive import MLPMemoryState
 
 GENERATORS = ("k", "v", "eta", "alpha", "q")
 #: which input each generator reads (xq, xk, xv index)
@@ -139,5 +140,7 @@ def self_modifying_titans_naive(xq, xk, xv, gen: MLPMemoryState, mem: MLPMemoryS
     gen = MLPMemoryState(*(s.reshape(B, G * H, *s.shape[-2:]) for s in gen))
     return torch.cat(ys, 2), gen, mem, eta
 
+
+BACKEND = Backend("self_modifying_titans", "reference", priority=0, kernel=self_modifying_titans_naive)
 
 __all__ = ["self_modifying_titans_naive", "GENERATORS", "chunk_step", "bound_update", "generate", "read"]

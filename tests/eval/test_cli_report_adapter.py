@@ -1,5 +1,7 @@
-"""Checkpoint loading errors, the zeroshot/niah CLI end to end, report rendering, the lm-eval adapter."""
+"""Checkpoint loading errors, the zeroshot/niah CLI end to end, report rendering, the lm-eval adapter's methods
+(its agreement with the harness itself: test_run_folder_and_cli.py)."""
 import json
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -58,7 +60,7 @@ def test_tokenizer_mismatch_stops_with_message(run_dir, tokenizer, tmp_path, fil
 
 def test_zeroshot_and_niah_cli_then_report(run_dir, tmp_path, capsys):
     out = tmp_path / "eval"
-    rc = eval_main(["zeroshot", "--checkpoint", str(run_dir), "--tasks", "social_iqa,navigate", "--limit", "4",
+    rc = eval_main(["zeroshot", "--checkpoint", str(run_dir), "--tasks", "social_iqa,navigate", "--limit", "2",
                     "--memorize", "--memorize-paths", "titan,cms", "--memorize-steps", "2", "--out", str(out),
                     "--no-wandb", "--batch-size", "4"])
     assert rc == 0
@@ -66,17 +68,17 @@ def test_zeroshot_and_niah_cli_then_report(run_dir, tmp_path, capsys):
     for t in ("social_iqa", "navigate", "average"):
         for m in ("acc", "acc_norm", "acc_memorize", "acc_norm_memorize"):
             assert 0.0 <= res["metrics"][t][m] <= 1.0
-    assert res["metrics"]["social_iqa"]["n"] == 4 and res["arch"] == "hope"
+    assert res["metrics"]["social_iqa"]["n"] == 2 and res["arch"] == "hope"
     assert eval_main(["zeroshot", "--checkpoint", str(run_dir), "--tasks", "nope", "--no-wandb", "--out", str(out)]) == 2
-    assert "known embedded tasks" in capsys.readouterr().err
-    rc = eval_main(["niah", "--checkpoint", str(run_dir), "--lengths", "128,256", "--depths", "0,0.5,1",
+    assert "tasks in" in capsys.readouterr().err
+    rc = eval_main(["niah", "--checkpoint", str(run_dir), "--lengths", "128,256", "--depths", "0,1",
                     "--kinds", "passkey", "--seeds", "1", "--memorize", "--out", str(out), "--no-wandb"])
     assert rc == 0
     niah = json.loads((out / "niah.json").read_text())
-    assert [r["length"] for r in niah["rows"]] == [128] * 3 + [256] * 3
+    assert [(r["length"], r["depth"]) for r in niah["rows"]] == [(128, 0.0), (128, 1.0), (256, 0.0), (256, 1.0)]
     # a second "run" (a Transformer baseline JSON) so the report shows deltas
     base = dict(res, arch="transformer")
-    base["metrics"] = {t: {k: (v * 0.5 if k != "n" and k != "seconds" else v) for k, v in m.items()}
+    base["metrics"] = {t: {k: (v * 0.5 if isinstance(v, float) and k != "seconds" else v) for k, v in m.items()}
                        for t, m in res["metrics"].items()}
     bdir = tmp_path / "transformer-run" / "eval"
     bdir.mkdir(parents=True)
@@ -99,55 +101,41 @@ def test_zeroshot_and_niah_cli_then_report(run_dir, tmp_path, capsys):
     assert report_main([str(tmp_path / "missing")]) == 2
 
 
+def _req(*args):
+    """A request as the harness passes them (an Instance's ``args``)."""
+    return SimpleNamespace(args=args)
+
+
 def test_lm_eval_adapter_methods(tokenizer):
-    from hope.eval.lm_eval_adapter import HopeLM
-    from hope.eval.scoring import score_continuations
+    from hope.eval.lm_eval_adapter import HarnessLM
+    from hope.eval.scoring import rolling_windows, score_continuations
 
     torch.manual_seed(0)
     model = build_model(tiny("transformer", vocab_size=tokenizer.vocab_size, max_seq_len=64)).eval()
-    lm = HopeLM(model=model, tokenizer=tokenizer, batch_size=2)
-    reqs = [("In the beginning God created", " the heaven"), ("And the earth was ", "without form")]
+    lm = HarnessLM(model=model, tokenizer=tokenizer, batch_size=2)
+    reqs = [_req("In the beginning God created", " the heaven"), _req("And the earth was ", "without form")]
     got = lm.loglikelihood(reqs)
-    ctx = [tokenizer.bos_id] + tokenizer.encode("In the beginning God created")
-    want = score_continuations(model, [(ctx, tokenizer.encode(" the heaven"))])[0].logprob
+    ctx = tokenizer.encode("In the beginning God created")
+    cont = tokenizer.encode("In the beginning God created the heaven")[len(ctx):]  # joint encoding
+    want = score_continuations(model, [([tokenizer.eos_id] + ctx, cont)])[0].logprob
     assert got[0][0] == pytest.approx(want, abs=1e-5) and isinstance(got[1][1], bool)
     # trailing context space moves onto the continuation, as the harness does
-    assert got[1][0] == pytest.approx(lm.loglikelihood([("And the earth was", " without form")])[0][0], abs=1e-5)
+    assert got[1][0] == pytest.approx(lm.loglikelihood([_req("And the earth was", " without form")])[0][0], abs=1e-5)
     text = "And God said, Let there be light: and there was light. " * 6
-    rolled = lm.loglikelihood_rolling([(text,)])[0]
-    ids = [tokenizer.bos_id] + tokenizer.encode(text)
+    rolled = lm.loglikelihood_rolling([_req(text)])[0]
+    ids = tokenizer.encode(text)
     assert len(ids) > 64  # exercises the windowing
-    assert rolled < 0 and torch.isfinite(torch.tensor(rolled))
-    gen = lm.generate_until([("And God said", {"until": ["\n"], "max_gen_toks": 5})])
+    # every token predicted once: the sum over the windows equals scoring each window directly
+    windows = rolling_windows(ids, tokenizer.eos_id, 64)
+    assert [t for _, pred in windows for t in pred] == ids and all(len(c) + len(p) <= 65 for c, p in windows)
+    try:  # the harness's own windows, where it is installed
+        from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
+    except ImportError:
+        pass
+    else:
+        theirs = [make_disjoint_window(w) for w in get_rolling_token_windows(ids, tokenizer.eos_id, 64, 1)]
+        assert windows == theirs
+    direct = sum(s.logprob for s in score_continuations(model, windows, batch_size=1))
+    assert rolled == pytest.approx(direct, abs=1e-4) and rolled < 0
+    gen = lm.generate_until([_req("And God said", {"until": ["\n"], "max_gen_toks": 5})])
     assert isinstance(gen[0], str) and "\n" not in gen[0]
-
-
-def test_lm_eval_harness_on_local_jsonl_task(tokenizer, tmp_path):
-    lm_eval = pytest.importorskip("lm_eval")
-    from lm_eval.tasks import TaskManager
-
-    from hope.eval.lm_eval_adapter import HopeLM
-
-    data = tmp_path / "toy.jsonl"
-    rows = [{"q": "In the beginning God created the", "choices": ["heaven", "sea"], "label": 0},
-            {"q": "And God said, Let there be", "choices": ["light", "dark"], "label": 0}]
-    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    (tmp_path / "hope_toy.yaml").write_text(
-        "task: hope_toy\ndataset_path: json\n"
-        f"dataset_kwargs:\n  data_files:\n    test: {data}\n"
-        "test_split: test\noutput_type: multiple_choice\ndoc_to_text: '{{q}}'\n"
-        "doc_to_choice: '{{choices}}'\ndoc_to_target: label\n"
-        "metric_list:\n  - metric: acc\n  - metric: acc_norm\n")
-    torch.manual_seed(0)
-    model = build_model(tiny("transformer", vocab_size=tokenizer.vocab_size, max_seq_len=64)).eval()
-    lm = HopeLM(model=model, tokenizer=tokenizer, batch_size=2)
-    out = lm_eval.simple_evaluate(model=lm, tasks=["hope_toy"], task_manager=TaskManager(include_path=str(tmp_path)))
-    r = out["results"]["hope_toy"]
-    assert 0.0 <= r["acc,none"] <= 1.0 and 0.0 <= r["acc_norm,none"] <= 1.0
-    # the harness's acc equals ours on the same requests
-    from hope.eval.scoring import choice_metrics
-    ours = []
-    for row in rows:
-        lls = [x for x, _ in lm.loglikelihood([(row["q"], " " + c) for c in row["choices"]])]
-        ours.append(choice_metrics(lls, [" " + c for c in row["choices"]], row["label"])["acc"])
-    assert r["acc,none"] == pytest.approx(sum(ours) / len(ours))

@@ -1,14 +1,12 @@
 """cms_update: the reference against an independent autograd computation, then every backend against it."""
 from __future__ import annotations
 
-import importlib
-
 import pytest
 import torch
 
-from hope_kernels import dispatch
+from hope_kernels import _ext, backends
 from hope_kernels.cms_update import OP, CMSParams, cms_forward, cms_update
-from hope_kernels.testing import assert_rel_close, triton_interpret_enabled
+from tests.kernels.helpers import assert_rel_close, triton_interpret_enabled
 
 HAS_CUDA = torch.cuda.is_available()
 DEV = torch.device("cuda" if HAS_CUDA else "cpu")
@@ -40,7 +38,7 @@ def _all_outputs(out):
 
 
 def _backends(device):
-    names = list(dispatch.available_backends(OP, device))
+    names = list(backends.available_backends(OP, device))
     if device.type == "cpu" and triton_interpret_enabled() and "triton" not in names:
         names.append("triton")
     return [b for b in names if b != "reference"]
@@ -157,18 +155,17 @@ def test_triton_backend_registered_where_triton_runs():
     pytest.importorskip("triton")
     if not (HAS_CUDA or triton_interpret_enabled()):
         pytest.skip("triton needs CUDA or TRITON_INTERPRET=1")
-    assert "triton" in dispatch.available_backends(OP, DEV)
+    assert "triton" in backends.available_backends(OP, DEV)
 
 
 def test_custom_op_traces_under_compile_fullgraph():
     pytest.importorskip("triton")
     if not (HAS_CUDA or triton_interpret_enabled()):
         pytest.skip("triton needs CUDA or TRITON_INTERPRET=1")
-    cms_triton = importlib.import_module("hope_kernels.cms_update.triton")
     params, momenta, x, delta = _inputs(2, 5, 16, 64)
 
     def step(p, m, x, delta):
-        new_p, new_m, stats = cms_triton.cms_update_triton(p, m, x, delta, 0.05, 0.9, True, False)
+        new_p, new_m, stats = cms_update(p, m, x, delta, lr=0.05, beta=0.9, precond=True, backend="triton")
         return new_p.w1, new_p.w2, new_m.w1, new_m.w2, stats.w1_update_norm, stats.w2_update_norm
 
     torch._dynamo.reset()
@@ -194,14 +191,60 @@ def _bad(params, momenta, x, delta, **kw):
         (lambda p, m, x, d: (CMSParams(p.w1, p.w2.double()), m, x, d, {}), TypeError, "params.w2"),
         (lambda p, m, x, d: (p, CMSParams(m.w1, m.w2[:1]), x, d, {}), ValueError, "momenta.w2"),
         (lambda p, m, x, d: (p, m, x, d, {"lr": -1.0}), ValueError, "lr"),
+        (lambda p, m, x, d: (p, m, x, d, {"lr": float("inf")}), ValueError, "lr must be a finite float"),
+        (lambda p, m, x, d: (p, m, x, d, {"lr": float("nan")}), ValueError, "lr must be a finite float"),
         (lambda p, m, x, d: (p, m, x, d, {"beta": 1.5}), ValueError, "beta"),
         (lambda p, m, x, d: (p, m, x, d, {"precond": 1}), TypeError, "precond"),
         (lambda p, m, x, d: (p, m, x, d, {"backend": "nope"}), ValueError, "backend"),
     ],
-    ids=["params-type", "x-ndim", "delta-shape", "w1-shape", "w2-dtype", "m2-shape", "lr", "beta", "precond", "backend"],
+    ids=["params-type", "x-ndim", "delta-shape", "w1-shape", "w2-dtype", "m2-shape", "lr", "lr-inf", "lr-nan", "beta",
+         "precond", "backend"],
 )
 def test_bad_input_names_the_argument(mutate, exc, word):
     params, momenta, x, delta = _inputs(2, 3, 8, 32, device="cpu")
     *args, kw = mutate(params, momenta, x, delta)
     with pytest.raises(exc, match=word):
         _bad(*args, **kw)
+
+
+@pytest.mark.parametrize("backend", _backends(DEV) + ["reference"])
+def test_non_finite_lr_never_reaches_the_weights(backend):
+    """lr = inf would write inf / NaN weights on every backend: the call is refused before any kernel runs."""
+    params, momenta, x, delta = _inputs(2, 3, 8, 32)
+    before = params.w1.clone()
+    for lr in (float("inf"), float("-inf"), float("nan")):
+        with pytest.raises(ValueError, match="lr must be a finite float"):
+            cms_update(params, momenta, x, delta, lr=lr, beta=0.9, inplace=True, backend=backend)
+    assert torch.equal(params.w1, before)
+
+
+@pytest.mark.gpu
+def test_cuda_bf16_tokens_match_reference():
+    params, momenta, x, delta = _inputs(2, 9, 40, 72, device="cuda")
+    x, delta = x.bfloat16(), delta.bfloat16()
+    ref_p, _, _ = cms_update(params, momenta, x, delta, lr=0.05, beta=0.9, backend="reference")
+    out_p, _, _ = cms_update(params, momenta, x, delta, lr=0.05, beta=0.9, backend="cuda")
+    assert_rel_close("w1 bf16 tokens", out_p.w1, ref_p.w1, 1e-4)
+
+
+EXTENSIONS = [pytest.param("cpp", "cpu", id="cpp"), pytest.param("cuda", "cuda", id="cuda", marks=pytest.mark.gpu)]
+
+
+@pytest.mark.parametrize("backend,device", EXTENSIONS)
+@pytest.mark.parametrize(
+    "bad_arg,make_bad",
+    [
+        ("delta", lambda t: dict(t, delta=t["delta"][:, :-1].contiguous())),
+        ("w1", lambda t: dict(t, w1=t["w1"].double())),
+        ("m2", lambda t: dict(t, m2=t["m2"][..., :-1].contiguous())),
+        ("x", lambda t: dict(t, x=t["x"][0])),
+    ],
+)
+def test_raw_extension_checks_name_the_argument(backend, device, bad_arg, make_bad):
+    module = {"cpp": _ext.cpu, "cuda": _ext.cuda}[backend]
+    if module is None:
+        pytest.skip(f"{backend} extension not loaded: {_ext.why_unavailable('_C_cpu' if backend == 'cpp' else '_C_cuda')}")
+    params, momenta, x, delta = _inputs(2, 3, 8, 6, device=torch.device(device))
+    good = dict(w1=params.w1, w2=params.w2, m1=momenta.w1, m2=momenta.w2, x=x, delta=delta)
+    with pytest.raises(RuntimeError, match=rf"\b{bad_arg}\b"):
+        module.cms_update(**make_bad(good), lr=0.1, beta=0.9, precond=False)

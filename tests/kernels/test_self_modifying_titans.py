@@ -16,15 +16,19 @@ from hope_kernels.self_modifying_titans import (
     self_modifying_titans,
     self_modifying_titans_naive,
 )
-from hope_kernels.self_modifying_titans import backends as smt_backends
-from hope_kernels.self_modifying_titans import cpp as smt_cpp
-from hope_kernels.titan_memory_update.state import MLPMemoryState
+from hope_kernels import backends
+from hope_kernels.self_modifying_titans.chunk import OP
+from hope_kernels.titan_memory_update import MLPMemoryState
 
 RULES = ("titans", "dgd")
-CPP = pytest.param("cpp", marks=pytest.mark.skipif(not smt_cpp.AVAILABLE, reason="C++ kernels not built"))
+HAS_CPP = "cpp" in backends.available_backends(OP, "cpu")
+CPP = pytest.param("cpp", marks=pytest.mark.skipif(not HAS_CPP, reason="C++ kernels not built"))
 KERNEL_BACKENDS = [CPP, "triton"]
-#: relative error bound of the fused fp32 paths against the fp32 reference (issue of the op: 1e-5)
+#: relative error bound of the fused fp32 paths against the fp32 reference
 REL = 1e-5
+#: every metric the layer reports, on either path
+METRIC_KEYS = {"memory_update_norm", "generator_update_norm", "memory_lr_mean", "memory_clip_fraction",
+               "generator_clip_fraction"}
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -36,7 +40,7 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 def _backend_available(backend: str):
     if backend == "triton":
         pytest.importorskip("triton")
-        if "triton" not in {r.name for r in smt_backends.records()}:
+        if "triton" not in {r.name for r in backends.records(OP)}:
             pytest.skip("the triton backend did not register")
 
 
@@ -62,28 +66,68 @@ def _loss_and_grads(layer, x):
     return loss.detach(), {n: p.grad.clone() for n, p in layer.named_parameters()}, metrics
 
 
-# (backend, rule, layer sizes): the C++ kernels at a larger odd size, the Triton interpreter (slow) at a small one
-LAYER_CASES = [pytest.param(CPP.values[0], rule, (2, 37, 36, 3, 5, 11), marks=CPP.marks, id=f"cpp-{rule}")
-               for rule in RULES] + [pytest.param("triton", rule, (1, 11, 12, 2, 4, 5), id=f"triton-{rule}")
-                                     for rule in RULES]
+#: the layer's settings besides its defaults (dgd / titans, 4 generators, normalize_v, read-out before the update,
+#: no momentum, no bound): every other flag the fused op computes, the bounds biting on some chunks
+LAYER_FLAGS = {
+    "defaults": {},
+    "flags": dict(adaptive_q=True, momentum=True, mem_readout="after_update", gen_update_clip=0.2,
+                  mem_update_clip=0.2),
+    "paper-v": dict(normalize_v=False, gen_update_clip=0.2),
+}
+# (backend, rule, flags, layer sizes B, T, dim, heads, gen chunk, mem chunk): the C++ kernels at a larger odd size,
+# the Triton interpreter (slow) at a small one
+LAYER_CASES = [pytest.param(CPP.values[0], rule, f, (2, 37, 36, 3, 5, 11), marks=CPP.marks, id=f"cpp-{rule}-{f}")
+               for rule in RULES for f in LAYER_FLAGS] + [
+    pytest.param("triton", rule, f, (1, 11, 12, 2, 4, 5), id=f"triton-{rule}-{f}")
+    for rule, f in (("dgd", "defaults"), ("titans", "defaults"), ("dgd", "flags"))]
 
 
-@pytest.mark.parametrize("backend, rule, sizes", LAYER_CASES)
-def test_layer_matches_reference_layer(backend, rule, sizes):
-    """Loss and every parameter gradient of the layer on the fused op vs the reference layer, rel <= 1e-5
-    (T a multiple of neither chunk)."""
+@pytest.mark.parametrize("backend, rule, flags, sizes", LAYER_CASES)
+def test_layer_matches_reference_layer(backend, rule, flags, sizes):
+    """Loss, every parameter gradient and every metric of the layer on the fused op vs the layer's own loop, fp32,
+    rel <= 1e-5 (T a multiple of neither chunk)."""
     _backend_available(backend)
     B, T, dim, heads, gen_chunk, mem_chunk = sizes
-    ref, fused = _layer_pair(rule, backend, dim=dim, heads=heads, gen_chunk=gen_chunk, mem_chunk=mem_chunk)
+    ref, fused = _layer_pair(rule, backend, dim=dim, heads=heads, gen_chunk=gen_chunk, mem_chunk=mem_chunk,
+                             **LAYER_FLAGS[flags])
     x = torch.randn(B, T, dim, generator=torch.Generator().manual_seed(1))
     loss_r, grads_r, met_r = _loss_and_grads(ref, x)
     loss_f, grads_f, met_f = _loss_and_grads(fused, x)
-    assert fused.fused_path == backend, fused.fused_reason
+    assert ref.fused_path is None and fused.fused_path == backend, fused.fused_reason
     assert rel_err(loss_f, loss_r) <= REL
+    assert set(grads_f) == set(grads_r)
     for name, g in grads_r.items():
         assert rel_err(grads_f[name], g) <= REL, name
-    for key in ("memory_update_norm", "generator_update_norm", "memory_lr_mean"):
-        assert abs(float(met_f[key]) - float(met_r[key])) <= REL * (1 + abs(float(met_r[key])))
+    assert set(met_f) == set(met_r) == METRIC_KEYS
+    for key in METRIC_KEYS:
+        assert abs(float(met_f[key]) - float(met_r[key])) <= REL * (1 + abs(float(met_r[key]))), key
+    if flags == "flags":  # the bounds were active (so the clip fractions above compared something)
+        assert 0 < float(met_r["generator_clip_fraction"]) < 1 and float(met_r["memory_clip_fraction"]) > 0
+
+
+@pytest.mark.parametrize("backend, adaptive_q", [pytest.param(CPP.values[0], a, marks=CPP.marks, id=f"cpp-q{a:d}")
+                                                for a in (False, True)] + [pytest.param("triton", False, id="triton")])
+def test_layer_local_grad_matches_reference_layer(backend, adaptive_q):
+    """``local_grad=True`` (the CMS teach pass) on the fused op: the same outputs as the loop's and the same
+    same-token gradient of the input (and of the parameters the output reaches), rel <= 1e-5."""
+    _backend_available(backend)
+    sizes = dict(dim=12, heads=2, gen_chunk=4, mem_chunk=5) if backend == "triton" else {}
+    ref, fused = _layer_pair("dgd", backend, adaptive_q=adaptive_q, **sizes)
+    x0 = torch.randn(1, 11, ref.dim, generator=torch.Generator().manual_seed(4))
+    results = []
+    for layer in (ref, fused):
+        layer.zero_grad(set_to_none=True)
+        x = x0.clone().requires_grad_()
+        y, _, _ = layer(x, local_grad=True)
+        y.square().sum().backward()
+        results.append((y.detach(), x.grad, {n: p.grad for n, p in layer.named_parameters()}))
+    assert fused.fused_path == backend, fused.fused_reason
+    (y_r, dx_r, g_r), (y_f, dx_f, g_f) = results
+    assert rel_err(y_f, y_r) <= REL and rel_err(dx_f, dx_r) <= REL
+    for name, g in g_r.items():
+        assert (g is None) == (g_f[name] is None), name
+        if g is not None:
+            assert rel_err(g_f[name], g) <= REL, name
 
 
 def _op_inputs(B=2, H=3, T=23, D=6, E=10, G=5, seed=1, dtype=torch.float64, lr_shift=0.0):
@@ -199,7 +243,7 @@ def test_nan_propagates(backend):
 
 def test_custom_ops_opcheck():
     """The custom ops' fake, schema and autograd registrations (torch.library.opcheck) on the C++ backend."""
-    if not smt_cpp.AVAILABLE:
+    if not HAS_CPP:
         pytest.skip("C++ kernels not built")
     from hope_kernels.self_modifying_titans.chunk import LayerSettings, LayerTensors
 
@@ -213,7 +257,7 @@ def test_custom_ops_opcheck():
 
 def test_compile_fullgraph_traces_the_op():
     """torch.compile(fullgraph=True) traces the layer on the fused op (no graph break) and matches eager."""
-    if not smt_cpp.AVAILABLE:
+    if not HAS_CPP:
         pytest.skip("C++ kernels not built")
     ref, fused = _layer_pair("dgd", "cpp", dim=24, heads=2, gen_chunk=4, mem_chunk=8)
     x = torch.randn(1, 13, 24, generator=torch.Generator().manual_seed(3))
@@ -229,7 +273,7 @@ def test_compile_fullgraph_traces_the_op():
 
 def test_bad_arguments_name_the_argument():
     ins = [t.detach().float() for t in _op_inputs()]
-    kw = dict(gen_chunk_size=4, mem_chunk_size=7, backend="cpp" if smt_cpp.AVAILABLE else "reference")
+    kw = dict(gen_chunk_size=4, mem_chunk_size=7, backend="cpp" if HAS_CPP else "reference")
     with pytest.raises(ValueError, match="xk"):
         _run_op(self_modifying_titans, [ins[0], ins[1][:, :, :5], *ins[2:]], **kw)
     with pytest.raises(ValueError, match="gen.W1"):
@@ -255,18 +299,31 @@ def _call(**over):
 def test_backend_choice_and_reasons():
     """auto takes the C++ kernels on the CPU; declined calls say why, and the layer then runs its own loop."""
     name, _ = kernel_backend(_call())
-    assert name == ("cpp" if smt_cpp.AVAILABLE else None)
-    for over, reason in ((dict(selfmod=False), "selfmod"), (dict(other_flags=("adaptive_q=False",)), "adaptive_q"),
+    assert name == ("cpp" if HAS_CPP else None)
+    for over, reason in ((dict(selfmod=False), "selfmod"), (dict(other_flags=("new_flag=1",)), "new_flag"),
                          (dict(dtype=torch.float64), "float32"),
                          (dict(readout_before=True, mem_update_clip=0.5), "mem_update_clip")):
         name, why = kernel_backend(_call(**over))
         assert name is None and reason in why
     assert kernel_backend(_call(), "reference")[0] is None
-    with pytest.raises(ValueError, match="selfmod"):
-        smt_backends.resolve(_call(selfmod=False), "cpp")
+    if HAS_CPP:
+        with pytest.raises(ValueError, match="selfmod"):
+            backends.resolve_backend(OP, "cpu", "cpp", _call(selfmod=False))
 
 
 def test_layer_falls_back_to_its_loop_when_declined():
-    ref = SelfModifyingTitans(16, 2, gen_chunk_size=4, mem_chunk_size=8, adaptive_q=False)
-    ref(torch.randn(1, 9, 16))
-    assert ref.fused_path is None and "adaptive_q" in ref.fused_reason
+    """Settings the fused op does not compute run the layer's loop, with the same metrics, and say why."""
+    layer = SelfModifyingTitans(16, 2, gen_chunk_size=4, mem_chunk_size=8)
+    x = torch.randn(1, 9, 16)
+    _, _, metrics = layer(x)
+    assert layer.fused_path == ("cpp" if HAS_CPP else None)
+    assert set(metrics) == METRIC_KEYS
+    layer.fused = False
+    _, _, metrics = layer(x)
+    assert layer.fused_path is None and layer.fused_reason == "fused=False" and set(metrics) == METRIC_KEYS
+    static = SelfModifyingTitans(16, 2, gen_chunk_size=4, mem_chunk_size=8, selfmod=False)
+    static(x)
+    assert static.fused_path is None and "selfmod" in static.fused_reason
+    clipped = SelfModifyingTitans(16, 2, gen_chunk_size=4, mem_chunk_size=8, mem_update_clip=0.5)
+    clipped(x)
+    assert clipped.fused_path is None and "mem_update_clip" in clipped.fused_reason

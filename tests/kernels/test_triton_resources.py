@@ -1,5 +1,5 @@
 """Every Triton launch of our kernels at the largest shapes the dispatcher lets them take fits an H100: compiled
-for sm_90 here, without a GPU (hope_kernels.triton_resources), each needs at most 227 KiB of shared memory. A kernel
+for sm_90 here, without a GPU (bench/triton_resources.py), each needs at most 227 KiB of shared memory. A kernel
 that would fail at launch there with OutOfResources fails here first."""
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -26,9 +27,11 @@ def _has_cuda_backend() -> bool:
 @pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU the launches themselves run (and device minutes count)")
 def test_every_triton_launch_fits_an_h100(tmp_path):
     out = tmp_path / "resources.json"
-    env = {**os.environ, "TRITON_INTERPRET": "0"}  # interpreted kernels cannot be compiled
-    proc = subprocess.run([sys.executable, "-m", "hope_kernels.triton_resources", "--json", str(out)],
-                          capture_output=True, text=True, env=env, timeout=1200)
+    root = Path(__file__).resolve().parents[2]
+    env = {**os.environ, "TRITON_INTERPRET": "0",  # interpreted kernels cannot be compiled
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")]))}
+    proc = subprocess.run([sys.executable, str(root / "bench" / "triton_resources.py"), "--json", str(out)],
+                          capture_output=True, text=True, env=env, timeout=1200, cwd=root)
     assert out.exists(), f"the report did not run:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
     rows = json.loads(out.read_text())["rows"]
     kernels = {r["kernel"] for r in rows}

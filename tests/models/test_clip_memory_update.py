@@ -54,3 +54,22 @@ def test_chunked_mem_path_equals_one_call_when_nothing_is_clipped():
     torch.testing.assert_close(outs[0][0], outs[1][0], rtol=1e-5, atol=1e-6)
     for a, b in zip(outs[0][1], outs[1][1]):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_titan_memory_bound_chunks_equal_one_call_and_bound_a_large_update():
+    """TitanMemory with update_clip > 0 runs its memory chunk by chunk: with a bound never reached it equals the
+    single call; with a tight one every chunk's update is rescaled, and the fraction is reported."""
+    from hope.layers import TitanMemory
+
+    x = torch.randn(2, 21, 16, generator=torch.Generator().manual_seed(0))
+    outs = []
+    for clip in (0.0, 1e9, 1e-3):
+        torch.manual_seed(1)
+        layer = TitanMemory(16, 2, chunk_size=8, update_clip=clip)
+        y, state, metrics = layer(x)
+        outs.append((y, state["mem"], metrics["memory_clip_fraction"]))
+    torch.testing.assert_close(outs[0][0], outs[1][0], rtol=1e-5, atol=1e-6)
+    for a, b in zip(outs[0][1], outs[1][1]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    assert float(outs[1][2]) == 0.0 and float(outs[2][2]) == 1.0
+    assert not torch.allclose(outs[2][0], outs[0][0])

@@ -124,3 +124,37 @@ def test_triton_backend_matches_reference_through_the_model(name, T):
     for n, g in grads_ref.items():
         err = ((grads_tri[n] - g).norm() / g.norm().clamp_min(1e-12)).item()
         assert err < 1e-4, f"{name}: grad of {n} rel err {err:.2e}"
+
+
+@pytest.mark.parametrize("name", ["titan-lmm", "titan-mag", "hope"])
+def test_clip_groups_are_the_same_for_every_architecture(name):
+    """The memory clip group holds the memories' learnable initial weights and the CMS levels only; the projections
+    and gates feeding a memory are outer parameters in TITAN as in HOPE."""
+    from hope.optim import memory_parameter_names
+
+    model = build_model(tiny(name))
+    mem = memory_parameter_names(model)
+    leaf = {n.rsplit(".", 1)[-1] for n in mem}
+    assert mem and leaf <= {"mem_w", "mem_w1", "mem_w2", "gen_w1", "gen_w2", "w1", "w2"}, leaf
+    assert all(".cms." in n for n in mem if n.rsplit(".", 1)[-1] in ("w1", "w2"))
+    outer = {n for n, _ in model.named_parameters()} - mem
+    for part in ("qkv", "gates", "inp", "gate_readout", "out.weight", "gate.weight"):
+        assert all(n in outer for n, _ in model.named_parameters() if part in n), part
+
+
+def test_titan_mag_has_persistent_tokens_every_query_attends():
+    from hope.layers.attention import sliding_window_mask
+    from hope.models import preset
+
+    for name in ("smoke-titan", "pilot-titan", "mid-titan"):
+        assert preset(name).persistent_tokens > 0
+    assert preset("smoke-titan-lmm").persistent_tokens == 0
+    mask = sliding_window_mask(10, 3, "cpu", prefix=2)
+    assert mask[9, :2].all() and not mask[9, 2:7].any() and mask[9, 7:].all() and not mask[1, 2:].any()
+    torch.manual_seed(0)
+    model = build_model(tiny("titan-mag", window=4)).eval()
+    ids, _ = batch(model.config, T=16)
+    ref = model(ids, return_logits=True).logits
+    with torch.no_grad():
+        model.persistent[0].add_(1.0)
+    assert not torch.allclose(model(ids, return_logits=True).logits[:, -1], ref[:, -1])  # the last query sees them

@@ -21,10 +21,11 @@ def test_online_one_segment_equals_parallel(name):
 
 @pytest.mark.parametrize("name", ["titan-lmm", "titan-mag", "hope"])
 def test_chained_segments_equal_one_pass(name):
-    """Segments aligned with the memory chunks, CMS updates off: carrying the state (memories, conv
-    cache, RoPE offset, persistent tokens once) reproduces the single forward exactly."""
+    """Segments aligned with the memory chunks, CMS without in-context updates (the sequential form's chaining:
+    tests/models/test_continual_cms.py): carrying the state (memories, conv cache, RoPE offset, persistent tokens
+    once) reproduces the single forward exactly."""
     torch.manual_seed(0)
-    model = build_model(tiny(name, window=64))  # mag: window >= T so attention needs no cross-segment cache
+    model = build_model(tiny(name, window=64, **({"cms_mode": "static"} if name == "hope" else {})))  # mag: window >= T
     ids, labels = batch(model.config, T=16)
     full = model(ids, return_logits=True)
     st, parts = None, []
@@ -35,7 +36,7 @@ def test_chained_segments_equal_one_pass(name):
         torch.testing.assert_close(parts[0], full.logits[:, :8], rtol=1e-5, atol=1e-5)
     else:
         torch.testing.assert_close(torch.cat(parts, 1), full.logits, rtol=1e-4, atol=1e-5)
-    res = online_forward(model, ids, labels, segment_len=8, update_cms=False)
+    res = online_forward(model, ids, labels, segment_len=8)
     if name != "titan-mag":
         torch.testing.assert_close(res.loss, model(ids, labels=labels).loss, rtol=1e-5, atol=1e-6)
 

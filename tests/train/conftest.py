@@ -9,7 +9,7 @@ import pytest
 from hope.data.sources import find_shared_data_dir
 
 REPO = Path(__file__).resolve().parents[2]
-MANIFEST = REPO / "configs" / "data" / "embedded.yaml"
+MANIFEST = REPO / "hope" / "configs" / "data" / "embedded.yaml"
 PREPARED = REPO / "data" / "prepared" / "embedded"
 # a model small enough that a training step takes tens of milliseconds on 2 CPU cores
 DEFAULT_ARCH = "hope"

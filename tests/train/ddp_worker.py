@@ -1,4 +1,6 @@
-"""Run under torchrun by test_ddp: trains the real Trainer, then each rank writes what it saw and its weights."""
+"""Run under torchrun by the DDP tests: ``ddp_worker.py [--nan-loss=..] [--nan-params=..] [--nan-ranks=..] <config>
+<out> [key=value ...]`` trains the real Trainer (with those faults: tests/train/faults.py), then each rank writes
+what it saw and its weights."""
 import hashlib
 import json
 import sys
@@ -6,13 +8,15 @@ from pathlib import Path
 
 import torch
 
-from hope.train import Trainer, load_config
+from hope.train import load_config
+from tests.train.faults import FaultyTrainer, parse_fault_args
 
 
 def main():
-    config, out = sys.argv[1], Path(sys.argv[2])
-    cfg = load_config(config, sys.argv[3:])
-    trainer = Trainer(cfg)
+    faults, argv = parse_fault_args(sys.argv[1:])
+    config, out = argv[0], Path(argv[1])
+    cfg = load_config(config, argv[2:])
+    trainer = FaultyTrainer(cfg, **faults)
     rank = trainer.info.rank
     first = trainer.prepared.build_loader("train", cfg.batch_size, cfg.seq_len, seed=cfg.seed, rank=rank,
                                           world_size=trainer.info.world_size)

@@ -12,39 +12,42 @@ from pathlib import Path
 
 import pytest
 
-from hope.train import Trainer, load_config, train
+from hope.train import Trainer, load_config
 from hope.train.logging import read_log
-from hope.train.trainer import nonfinite_forward_error
 from tests.train.conftest import REPO, tiny_overrides
+from tests.train.faults import FaultyTrainer
 
-SMOKE = REPO / "configs" / "smoke.yaml"
+SMOKE = REPO / "hope" / "configs" / "smoke.yaml"
 
 
 def _records(run_dir) -> list[dict]:
     return read_log(Path(run_dir) / "log.jsonl")
 
 
-def test_nonfinite_forward_error_classifies_messages():
-    assert nonfinite_forward_error(ValueError("lr contains NaN; expected values in [0.0, 1.0]"))
-    assert nonfinite_forward_error(ValueError("lr must not be NaN"))
-    assert nonfinite_forward_error(ValueError("decay must lie in [0.0, 1.0], got values in [-inf, 0.5]"))
-    assert nonfinite_forward_error(RuntimeError("the input contains non-finite values"))
-    # programming errors: shapes, dtypes, finite out-of-range values, wrong exception types
-    assert nonfinite_forward_error(ValueError("k must have shape (2, 2, 64, 32) (like q), got (2, 2, 64, 16)")) is None
-    assert nonfinite_forward_error(ValueError("lr must lie in [0.0, 1.0], got values in [-0.5, 1.2]")) is None
-    assert nonfinite_forward_error(ValueError("input_ids must be on the model's device cpu, got meta")) is None
-    assert nonfinite_forward_error(TypeError("lr contains NaN")) is None
-    assert nonfinite_forward_error(KeyError("nan")) is None
+def test_value_checks_raise_a_typed_nonfinite_error():
+    """NaN / inf values raise NonFiniteError (a bad step for the guard); wrong calls raise other errors."""
+    import torch
+
+    from hope_kernels._checks import NonFiniteError, check_float, check_range
+
+    for bad in (float("nan"), float("inf"), float("-inf")):
+        with pytest.raises(NonFiniteError, match="lr contains"):
+            check_range("lr", torch.tensor([0.5, bad]), 0.0, 1.0)
+    with pytest.raises(NonFiniteError, match="lr must be a finite float"):
+        check_float("lr", float("nan"))
+    with pytest.raises(ValueError, match="must lie in") as finite:
+        check_range("lr", torch.tensor([-0.5, 1.2]), 0.0, 1.0)
+    assert not isinstance(finite.value, NonFiniteError)
 
 
 @pytest.mark.parametrize("mode", ["parallel", "online"])
-def test_nan_parameters_skip_then_roll_back(tmp_path, prepared_corpus, monkeypatch, mode):
+def test_nan_parameters_skip_then_roll_back(tmp_path, prepared_corpus, mode):
     """Attempt 3 poisons every parameter with NaN: the gate check raises "lr contains NaN" in the forward of
     attempts 3 and 4 (the weights stay bad), two bad steps in a row roll back to the step-2 checkpoint, and
     the run finishes with finite weights."""
-    monkeypatch.setenv("HOPE_TEST_NAN_PARAM_STEPS", "3")
-    summary = train(load_config(SMOKE, tiny_overrides(tmp_path / "r", steps=5, ckpt_every=2, eval_every=0,
-                                                      batch_size=2, mode=mode, **{"guard.max_bad_steps": 2})))
+    cfg = load_config(SMOKE, tiny_overrides(tmp_path / "r", steps=5, ckpt_every=2, eval_every=0, batch_size=2,
+                                            mode=mode, **{"guard.max_bad_steps": 2}))
+    summary = FaultyTrainer(cfg, nan_params={3}).train()
     records = _records(summary["run_dir"])
     skipped = [r for r in records if r["event"] == "skipped"]
     rollbacks = [r for r in records if r["event"] == "rollback"]
@@ -57,10 +60,9 @@ def test_nan_parameters_skip_then_roll_back(tmp_path, prepared_corpus, monkeypat
     assert all(math.isfinite(r["loss"]) for r in records if r["event"] == "train")
 
 
-def test_nan_loss_reason_is_logged(tmp_path, prepared_corpus, monkeypatch):
-    monkeypatch.setenv("HOPE_TEST_NAN_STEPS", "1")
-    summary = train(load_config(SMOKE, tiny_overrides(tmp_path / "r", steps=3, ckpt_every=0, eval_every=0,
-                                                      batch_size=2)))
+def test_nan_loss_reason_is_logged(tmp_path, prepared_corpus):
+    cfg = load_config(SMOKE, tiny_overrides(tmp_path / "r", steps=3, ckpt_every=0, eval_every=0, batch_size=2))
+    summary = FaultyTrainer(cfg, nan_loss={1}).train()
     skipped = [r for r in _records(summary["run_dir"]) if r["event"] == "skipped"]
     assert len(skipped) == 1 and skipped[0]["reason"] == "nonfinite_loss" and "detail" not in skipped[0]
 
@@ -88,9 +90,9 @@ def test_ddp_ranks_skip_together_when_one_forward_fails(tmp_path, prepared_corpu
     args = tiny_overrides(tmp_path / "ddp", steps=6, ckpt_every=2, eval_every=0, threads=1,
                           **{"guard.max_bad_steps": 2})
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           str(REPO / "tests" / "train" / "ddp_worker.py"), str(SMOKE), str(out), *args]
-    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", HOPE_TEST_NAN_PARAM_STEPS="3",
-               HOPE_TEST_NAN_RANKS="1")
+           str(REPO / "tests" / "train" / "ddp_worker.py"), "--nan-params=3", "--nan-ranks=1", str(SMOKE), str(out),
+           *args]
+    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
     res = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
     assert res.returncode == 0, res.stderr[-3000:]
     r0, r1 = (json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1))

@@ -1,7 +1,8 @@
 """FSDP2 (``dist.fsdp=true``) on 2 CPU processes with gloo: sharded training, checkpoints in the unsharded format,
 resume and rollback under FSDP, and the config-time refusals.
 
-Also the torchrun worker: ``python -m torch.distributed.run ... tests/train/test_fsdp.py <config> <out> [k=v ...]``
+Also the torchrun worker: ``python -m torch.distributed.run ... tests/train/test_fsdp.py [--nan-params=..] <config>
+<out> [k=v ...]``
 trains the real Trainer and writes what each rank saw to ``<out>/rank<r>.json``.
 """
 from __future__ import annotations
@@ -18,11 +19,13 @@ import pytest
 def _worker(argv: list[str]) -> None:
     from torch.distributed.tensor import DTensor
 
-    from hope.train import Trainer, load_config
+    from hope.train import load_config
+    from tests.train.faults import FaultyTrainer, parse_fault_args
 
+    faults, argv = parse_fault_args(argv)
     config, out = argv[0], Path(argv[1])
     cfg = load_config(config, argv[2:])
-    trainer = Trainer(cfg)
+    trainer = FaultyTrainer(cfg, **faults)
     params = dict(trainer.model.named_parameters())
     embed = params["embed.weight"]
     seen = {"backend": trainer.info.backend, "world_size": trainer.info.world_size,
@@ -43,19 +46,20 @@ import torch  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 
 from hope.train import Trainer, load_config  # noqa: E402
+from hope.train.checkpoint import load_train_state  # noqa: E402
 from hope.train.logging import read_log  # noqa: E402
 from tests.train.conftest import REPO, tiny_overrides  # noqa: E402
 
-SMOKE = REPO / "configs" / "smoke.yaml"
+SMOKE = REPO / "hope" / "configs" / "smoke.yaml"
 WORKER = Path(__file__).resolve()
 
 
-def _torchrun(out: Path, args: list[str], **env) -> list[dict]:
+def _torchrun(out: Path, args: list[str], faults: tuple = ()) -> list[dict]:
     out.mkdir(parents=True, exist_ok=True)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(WORKER),
-           str(SMOKE), str(out), *args]
+           *faults, str(SMOKE), str(out), *args]
     res = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=240,
-                         env=dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", **env))
+                         env=dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1"))
     assert res.returncode == 0, res.stderr[-4000:]
     return [json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)]
 
@@ -85,7 +89,7 @@ def test_fsdp_two_cpu_processes_match_ddp_and_resume(tmp_path, prepared_corpus):
         assert r["embed_placements"] == ["Shard(dim=0)"] and r["embed_local_rows"] * 2 == r["embed_rows"]
     _torchrun(tmp_path / "o2", tiny_overrides(tmp_path / "fsdp", steps=4, resume="auto", **common,
                                               **{"dist.fsdp": "true", "guard.max_bad_steps": 1}),
-              HOPE_TEST_NAN_PARAM_STEPS="0")
+              faults=("--nan-params=0",))
     _torchrun(tmp_path / "o3", tiny_overrides(tmp_path / "ddp", steps=4, **common))
 
     skipped = _events(tmp_path / "fsdp", "skipped")
@@ -106,7 +110,7 @@ def test_fsdp_two_cpu_processes_match_ddp_and_resume(tmp_path, prepared_corpus):
     for name in wd:
         assert wf[name].dtype == wd[name].dtype and wf[name].shape == wd[name].shape, name
         torch.testing.assert_close(wf[name], wd[name], rtol=1e-4, atol=1e-5, msg=name)
-    sf, sd = (torch.load(p / "train_state.pt", weights_only=False) for p in (step_f, step_d))
+    sf, sd = (load_train_state(p) for p in (step_f, step_d))
     for of, od in zip(sf["optimizers"], sd["optimizers"], strict=True):
         assert of["param_groups"] == od["param_groups"] and of["state"].keys() == od["state"].keys()
         for i, state in od["state"].items():

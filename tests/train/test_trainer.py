@@ -17,8 +17,9 @@ from hope.train import Trainer, load_config, train
 from hope.train.checkpoint import find_latest, load_model, read_state_json
 from hope.train.logging import TIMING_KEYS, read_log
 from tests.train.conftest import DEFAULT_ARCH, REPO, tiny_overrides
+from tests.train.faults import FaultyTrainer
 
-SMOKE = REPO / "configs" / "smoke.yaml"
+SMOKE = REPO / "hope" / "configs" / "smoke.yaml"
 
 
 def run(tmp_path, name="run", arch=DEFAULT_ARCH, **extra) -> dict:
@@ -50,13 +51,13 @@ def test_config_unknown_key_and_bad_values_name_the_key():
 
 
 def test_every_shipped_config_loads():
-    names = sorted(p.name for p in (REPO / "configs").glob("*.yaml"))
+    names = sorted(p.name for p in (REPO / "hope" / "configs").glob("*.yaml"))
     for required in ("smoke.yaml", "pilot.yaml", "mid.yaml", "titan_smoke.yaml", "transformer_smoke.yaml",
                      "titan_pilot.yaml", "transformer_pilot.yaml", "titan_mid.yaml", "transformer_mid.yaml",
                      "hope_selfmod_off.yaml", "hope_cms_depth1.yaml", "hope_dgd.yaml"):
         assert required in names
     for name in names:
-        load_config(REPO / "configs" / name)
+        load_config(REPO / "hope" / "configs" / name)
 
 
 def test_bad_model_key_names_it(tmp_path, prepared_corpus):
@@ -127,11 +128,13 @@ def test_resume_auto_finds_the_newest_run_of_the_name(tmp_path, prepared_corpus)
 
 
 def test_sigkill_mid_save_resumes_from_previous_checkpoint(tmp_path, prepared_corpus):
+    """SIGKILL in the middle of the step-6 save: the step-3 checkpoint stays the latest, the resumed run ends
+    with the uninterrupted run's loss, and its log holds one record per step."""
     run_dir = tmp_path / "killed"
-    args = tiny_overrides(run_dir, steps=6, ckpt_every=3, eval_every=0)
+    args = tiny_overrides(run_dir, "transformer", steps=6, ckpt_every=3, eval_every=0)
     # the step-6 save pauses after writing its weights; the test kills the process there
-    env = dict(os.environ, HOPE_TEST_PAUSE_IN_SAVE="6:120", PYTHONPATH=str(REPO))
-    proc = subprocess.Popen([sys.executable, "-m", "hope.train", str(SMOKE), *args], cwd=REPO, env=env,
+    proc = subprocess.Popen([sys.executable, str(REPO / "tests" / "train" / "pause_worker.py"), "6", str(SMOKE), *args],
+                            cwd=REPO, env=dict(os.environ, PYTHONPATH=str(REPO)),
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     marker = run_dir / "saving.marker"
     try:
@@ -151,16 +154,21 @@ def test_sigkill_mid_save_resumes_from_previous_checkpoint(tmp_path, prepared_co
     latest = find_latest(run_dir)
     assert latest.name == "step_3" and read_state_json(latest)["step"] == 3
     assert not (run_dir / "checkpoints" / "step_6").exists()
-    done = train(load_config(SMOKE, tiny_overrides(run_dir, steps=6, ckpt_every=3, eval_every=0, resume="auto")))
+    assert [r["step"] for r in train_lines(run_dir)] == [1, 2, 3, 4, 5, 6]  # steps 4-6 ran before the kill
+    with pytest.warns(UserWarning, match=f"stale lock of pid {proc.pid}"):  # the killed run's lock
+        done = train(load_config(SMOKE, tiny_overrides(run_dir, "transformer", steps=6, ckpt_every=3, eval_every=0,
+                                                       resume="auto")))
     assert done["step"] == 6 and find_latest(run_dir).name == "step_6"
-    reference = run(tmp_path, "reference", steps=6, ckpt_every=3, eval_every=0)
+    assert [r["step"] for r in train_lines(run_dir)] == [1, 2, 3, 4, 5, 6]  # one record per step after the resume
+    reference = run(tmp_path, "reference", arch="transformer", steps=6, ckpt_every=3, eval_every=0)
     assert train_lines(reference["run_dir"])[-1]["loss"] == train_lines(run_dir)[-1]["loss"]
 
 
 # ------------------------------------------------------------------------------------- divergence guard
-def test_divergence_guard_skips_then_rolls_back(tmp_path, prepared_corpus, monkeypatch):
-    monkeypatch.setenv("HOPE_TEST_NAN_STEPS", "4,5,6")
-    summary = run(tmp_path, steps=8, ckpt_every=3, eval_every=0, **{"guard.max_bad_steps": 3})
+def test_divergence_guard_skips_then_rolls_back(tmp_path, prepared_corpus):
+    cfg = load_config(SMOKE, tiny_overrides(tmp_path / "run", steps=8, ckpt_every=3, eval_every=0,
+                                            **{"guard.max_bad_steps": 3}))
+    summary = FaultyTrainer(cfg, nan_loss={4, 5, 6}).train()
     records = read_log(Path(summary["run_dir"]) / "log.jsonl")
     skipped = [r for r in records if r["event"] == "skipped"]
     rollbacks = [r for r in records if r["event"] == "rollback"]
@@ -210,6 +218,21 @@ def test_bf16_autocast_and_guarded_compile_fallback(tmp_path, prepared_corpus, m
     assert summary["step"] == 2
 
 
+def test_failing_compiled_forward_falls_back_to_eager(tmp_path, prepared_corpus, monkeypatch):
+    """torch.compile works but its backend fails on the first forward: one warning, and every later forward
+    (training and evaluation) runs eagerly."""
+    compile_model = torch.nn.Module.compile
+
+    def failing_backend(graph_module, example_inputs):
+        raise RuntimeError("this backend cannot compile")
+
+    monkeypatch.setattr(torch.nn.Module, "compile", lambda self: compile_model(self, backend=failing_backend))
+    with pytest.warns(UserWarning, match="compiled forward failed") as caught:
+        summary = run(tmp_path, "compiled", arch="transformer", steps=2, ckpt_every=0, eval_every=1, compile=True)
+    assert len([w for w in caught if "compile" in str(w.message)]) == 1
+    assert summary["step"] == 2 and math.isfinite(summary["val_loss"])
+
+
 def test_schedules():
     from hope.optim import lr_at, teach_scale_at
 
@@ -229,8 +252,8 @@ def test_run_folder_has_log_wandb_plot_and_loadable_checkpoint(tmp_path, prepare
     model, state = load_model(run_dir)
     assert state["step"] == 3 and state["complete"] and len(state["tokenizer"]["sha256"]) == 64
     assert model.config.d_model == 64 and state["model_config"]["arch"] == DEFAULT_ARCH
-    assert set(os.listdir(run_dir / "checkpoints" / "step_3")) == {"model.safetensors", "train_state.pt",
-                                                                   "state.json"}
+    assert set(os.listdir(run_dir / "checkpoints" / "step_3")) == {"model.safetensors", "train_state.safetensors",
+                                                                   "train_state.json", "state.json"}
 
 
 # ------------------------------------------------------------------------------------------------- DDP

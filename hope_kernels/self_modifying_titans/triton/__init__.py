@@ -9,9 +9,8 @@ import math
 import torch
 import triton
 
-from hope_kernels import dispatch
-from hope_kernels.self_modifying_titans.backends import Backend
-from hope_kernels.self_modifying_titans.chunk import supports_layer_call
+from hope_kernels.backends import Backend, triton_runs_on
+from hope_kernels.self_modifying_titans.chunk import OP, supports_layer_call
 from hope_kernels.self_modifying_titans.triton.kernels import (
     _gen_bwd_kernel,
     _gen_fwd_kernel,
@@ -138,5 +137,5 @@ def supports(call) -> tuple[bool, str]:
     return True, ""
 
 
-BACKEND = Backend("triton", priority=20, kernel=TritonKernel, runs_on=dispatch.triton_supports, supports=supports,
-                  env="HOPE_SELFMOD_TRITON")
+BACKEND = Backend(OP, "triton", priority=20, kernel=TritonKernel, runs_on=triton_runs_on, supports=supports,
+                  env="HOPE_USE_TRITON")
