@@ -1,6 +1,6 @@
 """Dispatched ops and CPU throughput of HOPE vs TITAN vs Transformer++ (the fused self-modifying layer's measure).
 
-Three measurements, ``python bench/bench_layer_ops.py [ops|speed|layer|all] [--json FILE]``:
+Three measurements, ``python bench/bench_layer_ops.py [ops] [speed] [layer] [--threads N] [--json FILE]``:
 
 - ``ops``: the number of ops dispatched (``TorchDispatchMode``: every aten op and every ``hope::`` custom op that
   reaches the dispatcher, counted once however many kernels it launches inside) for one pilot-size block (d 768,
@@ -191,7 +191,7 @@ def smoke_speed(reps: int = 9, B: int = 8, T: int = 128, threads: int | None = N
 
 
 #: (name, B, T, d_model, heads) of the layer timing: the smoke and pilot presets' layer
-LAYER_SIZES = (("smoke", 8, 128, 256, 4), ("pilot", 1, 512, 768, 12))
+LAYER_SIZES = (("smoke", 8, 128, 128, 4), ("pilot", 1, 512, 768, 12))
 
 
 def layer_speed(reps: int = 5, sizes=LAYER_SIZES, **layer_kwargs) -> list[dict]:
@@ -254,7 +254,7 @@ def run(device="cpu"):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("what", nargs="?", default="all", choices=("ops", "speed", "layer", "all"))
+    ap.add_argument("what", nargs="*", default=["all"], choices=("ops", "speed", "layer", "all"))
     ap.add_argument("--json", help="write the rows and the machine to this file")
     ap.add_argument("--machine-note", default="", help="what the machine is (shared, cores), stored with the rows")
     ap.add_argument("--reps", type=int, default=9)
@@ -262,25 +262,28 @@ def main(argv=None):
     ap.add_argument("--profiler", action="store_true", help="ops: also count aten ops with torch.profiler")
     ap.add_argument("--rule", choices=("titans", "dgd"), help="override the HOPE / TITAN memory rule")
     ap.add_argument("--gen-chunk-size", type=int, help="HOPE generator chunk (speed and layer)")
+    ap.add_argument("--threads", type=int, help="torch threads (1 on a shared machine: a busy core stalls the others)")
     ap.add_argument("--no-loop", action="store_true", help="ops: skip the HOPE layer's loop (its count is slow)")
     args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     over = {"rule": args.rule} if args.rule else {}
     rows = []
-    if args.what in ("ops", "all"):
+    if {"ops", "all"} & set(args.what):
         for arch, fused in (("hope", True), ("hope", False), ("titan", True), ("transformer", True)):
             if not fused and args.no_loop:
                 continue
             row = count_block_ops(arch, T=args.T, fused=fused, **_ops_kwargs(arch, args.rule, args.profiler))
             print(json.dumps(row), flush=True)
             rows.append(row)
-    if args.what in ("speed", "all"):
+    if {"speed", "all"} & set(args.what):
         hope_over = dict(over)
         if args.gen_chunk_size:
             hope_over["gen_chunk_size"] = args.gen_chunk_size
         for row in smoke_speed(reps=args.reps, **hope_over):
             print(json.dumps(row), flush=True)
             rows.append(row)
-    if args.what in ("layer", "all"):
+    if {"layer", "all"} & set(args.what):
         layer_over = dict(over)
         if args.gen_chunk_size:
             layer_over["gen_chunk_size"] = args.gen_chunk_size

@@ -10,7 +10,7 @@
 // Python custom ops of chunk.py call them): inputs and outputs are tensor lists whose roles are the enums In, Out,
 // Grad, mirrored once in chunk.py.
 #include <ATen/Parallel.h>
-#include <torch/extension.h>
+#include <torch/library.h>
 
 #include <algorithm>
 #include <cmath>
@@ -46,9 +46,9 @@ inline float gelu_p(float x) { return 0.5f * (1.f + erff(x * kInvSqrt2)) + x * e
 inline float gelu_pp(float x) { return expf(-0.5f * x * x) * kInvSqrt2Pi * (2.f - x * x); }
 
 // ------------------------------------------------------------------------------------------------ small products
-// C[M, N] = beta C + alpha A B with A [M, K] (lda), B [K, N] (ldb); beta 0 overwrites
-inline void gemm_nn(int M, int N, int K, float alpha, const float* A, int lda, const float* B, int ldb, float beta,
-                    float* C, int ldc) {
+// C[M, N] = beta C + alpha op(A) B, B [K, N] (ldb), with op(A)[i, k] = A[i * a_row + k * a_k]; beta 0 overwrites
+inline void gemm_strided(int M, int N, int K, float alpha, const float* A, int64_t a_row, int64_t a_k, const float* B,
+                         int ldb, float beta, float* C, int ldc) {
   for (int i = 0; i < M; ++i) {
     float* c = C + static_cast<int64_t>(i) * ldc;
     if (beta == 0.f) {
@@ -57,29 +57,23 @@ inline void gemm_nn(int M, int N, int K, float alpha, const float* A, int lda, c
       HOPE_SIMD for (int j = 0; j < N; ++j) c[j] *= beta;
     }
     for (int k = 0; k < K; ++k) {
-      const float a = alpha * A[static_cast<int64_t>(i) * lda + k];
+      const float a = alpha * A[i * a_row + k * a_k];
       const float* b = B + static_cast<int64_t>(k) * ldb;
       HOPE_SIMD for (int j = 0; j < N; ++j) c[j] += a * b[j];
     }
   }
 }
 
-// C[M, N] = beta C + alpha A^T B with A [K, M] (lda), B [K, N] (ldb)
+// C[M, N] = beta C + alpha A B with A [M, K] (lda)
+inline void gemm_nn(int M, int N, int K, float alpha, const float* A, int lda, const float* B, int ldb, float beta,
+                    float* C, int ldc) {
+  gemm_strided(M, N, K, alpha, A, lda, 1, B, ldb, beta, C, ldc);
+}
+
+// C[M, N] = beta C + alpha A^T B with A [K, M] (lda)
 inline void gemm_tn(int M, int N, int K, float alpha, const float* A, int lda, const float* B, int ldb, float beta,
                     float* C, int ldc) {
-  for (int i = 0; i < M; ++i) {
-    float* c = C + static_cast<int64_t>(i) * ldc;
-    if (beta == 0.f) {
-      HOPE_SIMD for (int j = 0; j < N; ++j) c[j] = 0.f;
-    } else if (beta != 1.f) {
-      HOPE_SIMD for (int j = 0; j < N; ++j) c[j] *= beta;
-    }
-    for (int k = 0; k < K; ++k) {
-      const float a = alpha * A[static_cast<int64_t>(k) * lda + i];
-      const float* b = B + static_cast<int64_t>(k) * ldb;
-      HOPE_SIMD for (int j = 0; j < N; ++j) c[j] += a * b[j];
-    }
-  }
+  gemm_strided(M, N, K, alpha, A, 1, lda, B, ldb, beta, C, ldc);
 }
 
 inline float dot(const float* a, const float* b, int n) {

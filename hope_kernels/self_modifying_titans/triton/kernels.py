@@ -15,24 +15,9 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-_SQRT1_2 = tl.constexpr(0.7071067811865476)
-_INV_SQRT_2PI = tl.constexpr(0.3989422804014327)
+from hope_kernels.titan_memory_update.triton.mlp import _gelu, _gelu_grad, _gelu_grad2
+
 _NORM_EPS = tl.constexpr(1e-6)
-
-
-@triton.jit
-def _gelu(x):
-    return 0.5 * x * (1.0 + tl.math.erf(x * _SQRT1_2))
-
-
-@triton.jit
-def _gelu_grad(x):
-    return 0.5 * (1.0 + tl.math.erf(x * _SQRT1_2)) + x * tl.exp(-0.5 * x * x) * _INV_SQRT_2PI
-
-
-@triton.jit
-def _gelu_grad2(x):
-    return tl.exp(-0.5 * x * x) * _INV_SQRT_2PI * (2.0 - x * x)
 
 
 @triton.jit
