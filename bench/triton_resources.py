@@ -233,8 +233,8 @@ def _self_modifying_titans_launches():
 
     names = ("_gen_fwd_kernel", "_mem_fwd_kernel", "_mem_bwd_kernel", "_gen_bwd_kernel")
     # the largest tiles (pilot heads): the defaults, and titans with the adaptive q and a generator bound
-    return [(f"self_modifying_titans pilot G{G} {rule} clip={clip}", smt, names, launch(12, 64, 128, G, 8, 64, rule, clip))
-            for G, rule, clip in ((4, "dgd", 0.0), (5, "titans", 0.1))]
+    return [(f"self_modifying_titans pilot G{G} {rule} clip={clip}", smt, names,
+             launch(12, 64, 128, G, 8, 64, rule, clip)) for G, rule, clip in ((4, "dgd", 0.0), (5, "titans", 0.1))]
 
 
 #: every launch family the report covers by default
@@ -268,7 +268,8 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--arch", type=int, default=90)
     parser.add_argument("--json", help="also write the rows (with the Triton version) to this file")
-    parser.add_argument("--op", action="append", help="only these ops (default: every op of LAUNCHES; OPT_IN ops only when named)")
+    parser.add_argument("--op", action="append",
+                        help="only these ops (default: every op of LAUNCHES; those of OPT_IN only when named)")
     ns = parser.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
         print("triton_resources: unset TRITON_INTERPRET (interpreted kernels cannot be compiled)", file=sys.stderr)

@@ -21,9 +21,9 @@ Per (batch, head), with head dim D and hidden width E, every memory is M(x) = x 
 One chunk step (Titans eq. 12-14, gradients at the chunk-start weights W_c, Titans sec. 3.2): for each token t of
 the chunk, h_t = W2_c k_t, a_t = gelu(h_t), e_t = k_t + W1_c a_t - v_t, u1_t = e_t a_t^T,
 u2_t = ((W1_c^T e_t) * gelu'(h_t)) k_t^T, and per token
-S_t = m S_{t-1} - eta_t u_t,  W_t = (1 - alpha_t) W_{t-1} + S_t                                 (rule ``titans``)
-W2_t = W2_{t-1} ((1 - alpha_t) I - eta_t k^_t k^_t^T) + S2_t,  k^ = k / max(||k||, 1e-6)          (rule ``dgd``, NL eq. 56-57;
-W1 as titans).
+S_t = m S_{t-1} - eta_t u_t,  W_t = (1 - alpha_t) W_{t-1} + S_t                                (rule ``titans``)
+W2_t = W2_{t-1} ((1 - alpha_t) I - eta_t k^_t k^_t^T) + S2_t,  k^ = k / max(||k||, 1e-6)
+                                                                  (rule ``dgd``, NL eq. 56-57; W1 as titans).
 """
 from __future__ import annotations
 
