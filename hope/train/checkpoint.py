@@ -1,7 +1,7 @@
 """Checkpoints (docs/runs.md): atomic step folders of tensors and plain data, verified before use.
 
     <run_dir>/checkpoints/step_<n>/
-      model.safetensors          weights (with the CMS momentum buffers)
+      model.safetensors          weights
       train_state.safetensors    the train state's tensors (optimizer moments, RNG states)
       train_state.json           the rest of it: step, data positions, optimizer scalars and layout, guard state
       state.json                 metadata (model config, tokenizer, data, run config) and the sha256 of each file

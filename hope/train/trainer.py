@@ -193,7 +193,7 @@ class Trainer:
                            "(its sources, tokenisation or weights differ); resume with the checkpoint's data manifest")
 
     def restore(self, step_dir: Path) -> int | None:
-        """Weights (with CMS momentum buffers), optimizer moments, RNG, data position, guard: exact continuation.
+        """Weights, optimizer moments, RNG, data position, guard: exact continuation.
         Collective. Returns the number of log records the run had written at that checkpoint."""
         step_dir = Path(step_dir)
         self._check_same_data(step_dir, json.loads((step_dir / "state.json").read_text()))
