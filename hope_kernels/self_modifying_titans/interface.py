@@ -154,6 +154,10 @@ def self_modifying_titans(
                              rule == "dgd", bool(normalize_v), bool(readout_before), checkpoint_every)
     out = self_modifying_titans_fwd(tensors.as_list(), *settings.as_args(), rec.name)
     y, gW1, gW2, gS1, gS2, mW1, mW2, mS1, mS2, _kvq, gates, gen_scale, mem_scale = out[:13]
+    # the generated gates, checked as titan_memory_update checks them in the layer's loop (value checks on): a
+    # diverged model's NaN is a NonFiniteError here too, not a silent NaN loss
+    check_range("lr", gates[..., 0], 0.0, 1.0)
+    check_range("decay", gates[..., 1], 0.0, 1.0)
     return SelfModifyingTitansOutput(y.to(xq.dtype), MLPMemoryState(gW1, gW2, gS1, gS2),
                                      MLPMemoryState(mW1, mW2, mS1, mS2), gates[..., 0], gen_scale, mem_scale)
 

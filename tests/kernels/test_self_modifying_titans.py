@@ -17,6 +17,7 @@ from hope_kernels.self_modifying_titans import (
     self_modifying_titans_naive,
 )
 from hope_kernels import backends
+from hope_kernels._checks import value_checks_off
 from hope_kernels.self_modifying_titans.chunk import OP
 from hope_kernels.titan_memory_update import MLPMemoryState
 
@@ -236,9 +237,27 @@ def test_nan_propagates(backend):
     _backend_available(backend)
     ins = [t.detach().float() for t in _op_inputs(H=2, T=11, D=4, E=6)]
     ins[1][0, 1, 5, 2] = float("nan")
-    out = _run_op(self_modifying_titans, ins, gen_chunk_size=4, mem_chunk_size=7, rule="dgd", backend=backend)
+    with value_checks_off():  # the kernels' own propagation (with checks on, the NaN gates raise: test below)
+        out = _run_op(self_modifying_titans, ins, gen_chunk_size=4, mem_chunk_size=7, rule="dgd", backend=backend)
     assert torch.isnan(out.y[0, 1, 5:]).any()
     assert torch.isfinite(out.y[1]).all() and torch.isfinite(out.y[0, 0]).all()
+
+
+def test_nan_gates_raise_under_value_checks():
+    """NaN weights make NaN gates: the fused path raises the NonFiniteError the layer's loop raises ("lr contains
+    NaN"), so a trainer's guard tells a diverged model the same way on either path."""
+    from hope_kernels._checks import NonFiniteError
+
+    if not HAS_CPP:
+        pytest.skip("C++ kernels not built")
+    layer = SelfModifyingTitans(16, 2, gen_chunk_size=4, mem_chunk_size=8)
+    with torch.no_grad():
+        layer.gate_readout.fill_(float("nan"))
+    for fused in (True, False):
+        layer.fused = fused
+        with pytest.raises(NonFiniteError, match="lr contains NaN"):
+            layer(torch.randn(1, 9, 16))
+        assert layer.fused_path == ("cpp" if fused else None)
 
 
 def test_custom_ops_opcheck():
