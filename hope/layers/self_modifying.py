@@ -22,6 +22,11 @@ the default: the paper's v_t = M_v(x_v,t) let the self-generated targets M_box(v
 none), ``gen_update_clip`` / ``mem_update_clip`` (a bound on one chunk's update,
 ``clip_memory_update``; with a bound M_mem runs one call per chunk). ``selfmod=False`` (ablation): the generators
 keep their initial weights (static MLP projections).
+
+The generator recurrence and the M_mem pass run as one fused op (``hope_kernels.self_modifying_titans``: a few
+kernel launches per pass instead of a Python loop over chunks) whenever one of its kernel backends computes this
+call (``fused=False``: never); otherwise the loop below runs. ``fused_path`` (the backend, or None) and
+``fused_reason`` (why not) say which the last forward took; both give the same values, gradients and metrics.
 """
 from __future__ import annotations
 
@@ -58,7 +63,7 @@ class SelfModifyingTitans(nn.Module):
                  gen_chunk_size: int = 8, gen_update_clip: float = 0.0, mem_update_clip: float = 0.0,
                  conv_window: int = 4, rule: str = "dgd", selfmod: bool = True, adaptive_q: bool = False,
                  normalize_v: bool = True, mem_readout: str = "before_update", momentum: bool = False,
-                 backend: str = "auto"):
+                 backend: str = "auto", fused: bool = True):
         super().__init__()
         if mem_readout not in MEM_READOUTS:
             raise ValueError(f"mem_readout must be one of {MEM_READOUTS}, got {mem_readout!r}")
@@ -78,6 +83,9 @@ class SelfModifyingTitans(nn.Module):
         self.gate_bias = nn.Parameter(torch.tensor([[-4.0] * n_heads, [-6.0] * n_heads]))  # eta ~0.018, alpha ~0.0025
         if momentum:
             self.momentum_logit = nn.Parameter(torch.full((2, n_heads), 1.0))  # generators, M_mem: ~0.73
+        self.fused = fused  # False: always the loop (the fused op's ground truth)
+        self.fused_path: str | None = None
+        self.fused_reason = ""
         self.out_norm = RMSNorm(Dh)
         self.gate = nn.Linear(dim, dim, bias=False)
         self.out = nn.Linear(dim, dim, bias=False)
@@ -122,6 +130,9 @@ class SelfModifyingTitans(nn.Module):
         gen0 = state.get("gen")
         if gen0 is None:
             gen0 = initial_memory_state(self, "gen", "mlp", B)  # [B, G*H, ...]
+        fused = self._fused_backend(xq)
+        if fused is not None:
+            return self._fused_forward(x, xq, xk, xv, gen0, state, conv_cache, fused, local_grad)
         gen = gen0
         gen_clipped, gen_chunks = x.new_zeros((), dtype=torch.float32), 0
         q_local = []  # local_grad with adaptive_q: q read again, with grad to x_q, from each chunk's M_q
@@ -192,15 +203,62 @@ class SelfModifyingTitans(nn.Module):
         y = torch.cat(ys, 2)
         if before:
             y = torch.cat([mlp_read(mem0.W1, mem0.W2, q[:, :, :1]), y[:, :, :-1]], 2)
+        return self._finish(x, y, conv_cache, gen, gen0, mem, mem0, eta, mem_clipped / max(1, mem_chunks),
+                            gen_clipped / max(1, gen_chunks))
+
+    def _finish(self, x, y, conv_cache, gen, gen0, mem, mem0, eta, mem_clip_fraction, gen_clip_fraction):
+        """Output projection and metrics from M_mem's reads y [B, H, T, Dh] (the loop's and the fused op's)."""
+        B, T, D = x.shape
         y = self.out_norm(y).transpose(1, 2).reshape(B, T, D).to(x.dtype)
         y = self.out(y * F.silu(self.gate(x)))
         metrics = {"memory_update_norm": memory_delta_norm(mem, mem0),
                    "generator_update_norm": memory_delta_norm(gen, gen0) if self.selfmod else torch.zeros(()),
                    "memory_lr_mean": eta.detach().float().mean(),
                    # fraction of (chunk, sample, head) updates the bound rescaled (0 when no bound is set)
-                   "memory_clip_fraction": mem_clipped / max(1, mem_chunks),
-                   "generator_clip_fraction": gen_clipped / max(1, gen_chunks)}
+                   "memory_clip_fraction": mem_clip_fraction,
+                   "generator_clip_fraction": gen_clip_fraction}
         return y, {"conv": conv_cache, "gen": gen, "mem": mem}, metrics
+
+    def _fused_backend(self, xq: torch.Tensor) -> str | None:
+        """The kernel backend of the fused op that computes this call, or None (the loop runs); sets ``fused_path``
+        and ``fused_reason``."""
+        from hope_kernels.self_modifying_titans import SelfModifyingTitansCall, kernel_backend
+
+        if not self.fused:
+            self.fused_path, self.fused_reason = None, "fused=False"
+            return None
+        B, H, T, Dh = xq.shape
+        call = SelfModifyingTitansCall(
+            xq.device, xq.dtype, B, H, T, Dh, self.gen_w1.shape[-1], len(self.generators), self.rule,
+            self.gen_chunk_size, self.mem_chunk_size, float(self.gen_update_clip), float(self.mem_update_clip),
+            normalize_v=self.normalize_v, readout_before=self.mem_readout == "before_update", selfmod=self.selfmod)
+        self.fused_path, self.fused_reason = kernel_backend(call, self.backend)
+        return self.fused_path
+
+    def _fused_forward(self, x, xq, xk, xv, gen0, state, conv_cache, backend: str, local_grad: bool):
+        """The generator recurrence and the M_mem pass as one op (same values, gradients and metrics as the loop).
+        ``local_grad``: every input but x_q is a constant; x_q reaches the output only through the read of q_t (the
+        generators' updates never read it), so the op's gradient of x_q is the same-token path alone."""
+        from hope_kernels.self_modifying_titans import self_modifying_titans
+
+        B, H = x.shape[0], self.n_heads
+        mem0 = state.get("mem")
+        if mem0 is None:
+            mem0 = initial_memory_state(self, "mem", "mlp", B)
+        momentum = torch.sigmoid(self.momentum_logit.float()) if self.momentum else xq.new_zeros(2, H)
+        readout, bias = self.gate_readout, self.gate_bias
+        if local_grad:
+            xk, xv, readout, bias, momentum = (t.detach() for t in (xk, xv, readout, bias, momentum))
+            gen0, mem0 = (type(s)(*(t.detach() for t in s)) for s in (gen0, mem0))
+        r = self_modifying_titans(xq, xk, xv, gen0, mem0, readout, bias, momentum,
+                                  gen_chunk_size=self.gen_chunk_size, mem_chunk_size=self.mem_chunk_size,
+                                  gen_update_clip=self.gen_update_clip, mem_update_clip=self.mem_update_clip,
+                                  rule=self.rule, normalize_v=self.normalize_v,
+                                  readout_before=self.mem_readout == "before_update", backend=backend)
+        no_bound = x.new_zeros((), dtype=torch.float32)
+        gen_clip = (r.gen_update_scale < 1).float().mean() if self.gen_update_clip > 0 else no_bound
+        mem_clip = (r.mem_update_scale < 1).float().mean() if self.mem_update_clip > 0 else no_bound
+        return self._finish(x, r.y, conv_cache, r.gen, gen0, r.mem, mem0, r.eta, mem_clip, gen_clip)
 
 
 __all__ = ["SelfModifyingTitans", "mlp_read", "GENERATORS", "MEM_READOUTS"]

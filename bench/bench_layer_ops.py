@@ -1,0 +1,301 @@
+"""Dispatched ops and CPU throughput of HOPE vs TITAN vs Transformer++ (the fused self-modifying layer's measure).
+
+Three measurements, ``python bench/bench_layer_ops.py [ops] [speed] [layer] [--threads N] [--json FILE]``:
+
+- ``ops``: the number of ops dispatched (``TorchDispatchMode``: every aten op and every ``hope::`` custom op that
+  reaches the dispatcher, counted once however many kernels it launches inside) for one pilot-size block (d 768,
+  12 heads; HOPE: HopeBlock, TITAN: TitanBlock (MAG), Transformer++: TransformerBlock) at B 1, T 2048, forward
+  and backward. Dispatch overhead, not FLOPs, is what this counts: a step whose blocks dispatch hundreds of
+  thousands of ops is bound by launches on any GPU.
+- ``speed``: tokens/s of the smoke presets (B 8, T 128, forward + backward of the LM loss), the three models in one
+  process, interleaved step by step, median over repeats; the ratios to Transformer++ are the result.
+- ``layer``: the self-modifying Titans layer alone, forward + backward, on the fused op and on its loop
+  (``fused=False``), interleaved, median over repeats, at the smoke and pilot sizes.
+
+HOPE's ops row is measured on the fused op and on the loop (``hope_fused`` true / false).
+
+Value checks (a GPU sync each) are off in both, as in training. Every row also says which backend the HOPE layer
+ran (``hope_layer_path``). Machine and torch version go in the JSON.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from collections import Counter
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+ARCHS = ("hope", "titan", "transformer")
+PILOT_PRESETS = {"hope": "pilot-hope", "titan": "pilot-titan", "transformer": "pilot-transformer"}
+SMOKE_PRESETS = {"hope": "smoke-hope", "titan": "smoke-titan", "transformer": "smoke-transformer"}
+
+
+class OpCounter(TorchDispatchMode):
+    """Counts every op dispatched while active (by name in ``counts``)."""
+
+    def __init__(self):
+        super().__init__()
+        self.counts: Counter = Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.counts[str(func.overloadpacket)] += 1
+        return func(*args, **(kwargs or {}))
+
+    @property
+    def total(self) -> int:
+        return sum(self.counts.values())
+
+
+def _block(arch: str, fused: bool = True, **overrides):
+    from hope.models import build_model, preset
+
+    cfg = preset(PILOT_PRESETS[arch], **overrides)
+    torch.manual_seed(0)
+    model = build_model(cfg)
+    if arch == "hope":
+        model.blocks[0].titans.fused = fused
+    return model.blocks[0], cfg
+
+
+def _block_step(arch: str, block, x):
+    """Forward + backward of one block with the model's own calling convention."""
+    if arch == "hope":
+        y = block(x, None, False)[0]
+    elif arch == "titan":
+        y = block(x, None, 0)[0]
+    else:
+        y = block(x)
+    y.float().square().mean().backward()
+
+
+def hope_layer_path(layer) -> str:
+    """Which path the self-modifying layer's last forward took: the fused op's backend, or ``reference`` (its loop)."""
+    return getattr(layer, "fused_path", None) or "reference"
+
+
+def _profiler_aten_ops(fn) -> int:
+    """aten ops ``torch.profiler`` records during ``fn()``: also the composite ops (aten::linear and the aten::mm it
+    calls count twice), so larger than the dispatch count."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        fn()
+    return sum(1 for e in prof.events() if e.name.startswith("aten::"))
+
+
+def _count_once(arch: str, block, x, profiler: bool) -> tuple[OpCounter, int | None]:
+    from hope_kernels._checks import value_checks_off
+
+    with value_checks_off():
+        block.zero_grad(set_to_none=True)
+        counter = OpCounter()
+        with counter:
+            _block_step(arch, block, x)
+        prof = None
+        if profiler:
+            block.zero_grad(set_to_none=True)
+            prof = _profiler_aten_ops(lambda: _block_step(arch, block, x))
+    return counter, prof
+
+
+#: where the reference HOPE layer's count is fitted (its autograd graph at T 2048 needs over 6 GiB)
+REFERENCE_FIT_T = (128, 256, 384)
+
+
+def count_block_ops(arch: str, T: int = 2048, B: int = 1, profiler: bool = False, fit_T: tuple[int, ...] | None = None,
+                    fused: bool = True, **overrides) -> dict:
+    """Ops dispatched by one pilot-size block, forward + backward (after a warm-up call that is not counted).
+
+    ``fit_T`` (three sequence lengths): count there and extrapolate to ``T`` instead of running it. For a layer
+    that loops over chunks in Python the count is affine in T when T is a multiple of every chunk size; the three
+    points must be collinear (checked), so the extrapolation is exact. None: ``REFERENCE_FIT_T`` for the HOPE layer
+    on its reference path, else measured at T.
+    """
+    from hope_kernels._checks import value_checks_off
+
+    block, cfg = _block(arch, fused, **overrides)
+    g = torch.Generator().manual_seed(0)
+    x_all = torch.randn(B, max((T, *REFERENCE_FIT_T)), cfg.d_model, generator=g) * 0.5
+    with value_checks_off():  # warm-up: lazy imports, caches; tells which path the HOPE layer takes
+        _block_step(arch, block, x_all[:, :64].clone().requires_grad_())
+    if fit_T is None:
+        fit_T = REFERENCE_FIT_T if arch == "hope" and hope_layer_path(block.titans) == "reference" else ()
+    row = {"measure": "ops", "arch": arch, "preset": PILOT_PRESETS[arch], "B": B, "T": T, **overrides}
+    if fit_T:
+        if len(fit_T) != 3:
+            raise ValueError(f"fit_T must hold three sequence lengths, got {fit_T!r}")
+        counts = [_count_once(arch, block, x_all[:, :t].clone().requires_grad_(), False)[0].total for t in fit_T]
+        slope = (counts[1] - counts[0]) / (fit_T[1] - fit_T[0])
+        if counts[0] + slope * (fit_T[2] - fit_T[0]) != counts[2]:
+            raise RuntimeError(f"op counts {counts} at T={fit_T} are not affine in T: cannot extrapolate")
+        row.update(ops=round(counts[0] + slope * (T - fit_T[0])), ops_method=f"affine fit at T={list(fit_T)}",
+                   fit_counts=counts)
+    else:
+        counter, prof = _count_once(arch, block, x_all[:, :T].clone().requires_grad_(), profiler)
+        row.update(ops=counter.total, ops_method="measured", top_ops=dict(counter.counts.most_common(8)))
+        if prof is not None:
+            row["profiler_aten_ops"] = prof
+    if arch == "hope":
+        row.update(hope_fused=fused, hope_layer_path=hope_layer_path(block.titans))
+    return row
+
+
+def _smoke_step(model, tokens):
+    out = model(tokens[:, :-1], labels=tokens[:, 1:])
+    out.loss.backward()
+    model.zero_grad(set_to_none=True)
+
+
+def smoke_speed(reps: int = 9, B: int = 8, T: int = 128, threads: int | None = None, **hope_overrides) -> list[dict]:
+    """Tokens/s of the three smoke presets, forward + backward, interleaved in one process; ratios to Transformer++."""
+    from hope.models import build_model, preset
+    from hope_kernels._checks import value_checks_off
+
+    if threads:
+        torch.set_num_threads(threads)
+    models, steps = {}, {}
+    g = torch.Generator().manual_seed(0)
+    for arch in ARCHS:
+        cfg = preset(SMOKE_PRESETS[arch], **(hope_overrides if arch == "hope" else {}))
+        torch.manual_seed(0)
+        models[arch] = build_model(cfg)
+        tokens = torch.randint(0, cfg.vocab_size, (B, T + 1), generator=g)
+        steps[arch] = (lambda m=models[arch], t=tokens: _smoke_step(m, t))
+    times = {arch: [] for arch in ARCHS}
+    with value_checks_off():
+        for step in steps.values():
+            step()  # warm-up
+        for _ in range(reps):
+            for arch, step in steps.items():
+                t0 = time.perf_counter()
+                step()
+                times[arch].append(time.perf_counter() - t0)
+    rows = []
+    base = B * T / statistics.median(times["transformer"])
+    for arch in ARCHS:
+        med = statistics.median(times[arch])
+        row = {"measure": "speed", "arch": arch, "preset": SMOKE_PRESETS[arch], "B": B, "T": T, "reps": reps,
+               "median_step_ms": round(med * 1e3, 1), "min_step_ms": round(min(times[arch]) * 1e3, 1),
+               "tokens_per_s": round(B * T / med), "vs_transformer": round(B * T / med / base, 3)}
+        if arch == "hope":
+            row["hope_layer_path"] = hope_layer_path(models["hope"].blocks[0].titans)
+            row.update({k: v for k, v in hope_overrides.items()})
+        rows.append(row)
+    return rows
+
+
+#: (name, B, T, d_model, heads) of the layer timing: the smoke and pilot presets' layer
+LAYER_SIZES = (("smoke", 8, 128, 128, 4), ("pilot", 1, 512, 768, 12))
+
+
+def layer_speed(reps: int = 5, sizes=LAYER_SIZES, **layer_kwargs) -> list[dict]:
+    """The self-modifying Titans layer forward + backward on the fused op vs its loop: interleaved, median ms."""
+    from hope.layers.self_modifying import SelfModifyingTitans
+    from hope_kernels._checks import value_checks_off
+
+    rows = []
+    for name, B, T, dim, heads in sizes:
+        torch.manual_seed(0)
+        layers = {"fused": SelfModifyingTitans(dim, heads, **layer_kwargs)}
+        layers["loop"] = SelfModifyingTitans(dim, heads, fused=False, **layer_kwargs)
+        layers["loop"].load_state_dict(layers["fused"].state_dict())
+        x = torch.randn(B, T, dim, generator=torch.Generator().manual_seed(0)) * 0.5
+        times = {k: [] for k in layers}
+
+        def step(layer):
+            layer.zero_grad(set_to_none=True)
+            y, _, _ = layer(x)
+            y.square().mean().backward()
+
+        with value_checks_off():
+            for layer in layers.values():
+                step(layer)  # warm-up
+            for _ in range(reps):
+                for k, layer in layers.items():
+                    t0 = time.perf_counter()
+                    step(layer)
+                    times[k].append(time.perf_counter() - t0)
+        med = {k: statistics.median(v) for k, v in times.items()}
+        rows.append({"measure": "layer", "size": name, "B": B, "T": T, "d_model": dim, "heads": heads, "reps": reps,
+                     **layer_kwargs, "hope_layer_path": hope_layer_path(layers["fused"]),
+                     "fused_ms": round(med["fused"] * 1e3, 1), "loop_ms": round(med["loop"] * 1e3, 1),
+                     "loop_over_fused": round(med["loop"] / med["fused"], 2)})
+    return rows
+
+
+def machine() -> dict:
+    return {"python": platform.python_version(), "torch": torch.__version__, "threads": torch.get_num_threads(),
+            "cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
+            "date": time.strftime("%Y-%m-%d")}
+
+
+def _ops_kwargs(arch: str, rule: str | None, profiler: bool = False) -> dict:
+    """Arguments of count_block_ops for ``arch``: the rule for the memory archs."""
+    kw = {"rule": rule} if rule and arch != "transformer" else {}
+    return dict(kw, profiler=profiler)
+
+
+def run(device="cpu"):
+    """Rows for bench/gpu_suite-style callers (CPU only: the op count does not depend on the device)."""
+    if str(device) != "cpu":
+        return
+    for rule in ("titans", "dgd"):
+        for arch in ARCHS:
+            yield count_block_ops(arch, **_ops_kwargs(arch, rule))
+    yield from smoke_speed()
+    yield from layer_speed()
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("what", nargs="*", default=["all"], choices=("ops", "speed", "layer", "all"))
+    ap.add_argument("--json", help="write the rows and the machine to this file")
+    ap.add_argument("--machine-note", default="", help="what the machine is (shared, cores), stored with the rows")
+    ap.add_argument("--reps", type=int, default=9)
+    ap.add_argument("--T", type=int, default=2048, help="tokens of the op-count block (default 2048)")
+    ap.add_argument("--profiler", action="store_true", help="ops: also count aten ops with torch.profiler")
+    ap.add_argument("--rule", choices=("titans", "dgd"), help="override the HOPE / TITAN memory rule")
+    ap.add_argument("--gen-chunk-size", type=int, help="HOPE generator chunk (speed and layer)")
+    ap.add_argument("--threads", type=int, help="torch threads (1 on a shared machine: a busy core stalls the others)")
+    ap.add_argument("--no-loop", action="store_true", help="ops: skip the HOPE layer's loop (its count is slow)")
+    args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    over = {"rule": args.rule} if args.rule else {}
+    rows = []
+    if {"ops", "all"} & set(args.what):
+        for arch, fused in (("hope", True), ("hope", False), ("titan", True), ("transformer", True)):
+            if not fused and args.no_loop:
+                continue
+            row = count_block_ops(arch, T=args.T, fused=fused, **_ops_kwargs(arch, args.rule, args.profiler))
+            print(json.dumps(row), flush=True)
+            rows.append(row)
+    if {"speed", "all"} & set(args.what):
+        hope_over = dict(over)
+        if args.gen_chunk_size:
+            hope_over["gen_chunk_size"] = args.gen_chunk_size
+        for row in smoke_speed(reps=args.reps, **hope_over):
+            print(json.dumps(row), flush=True)
+            rows.append(row)
+    if {"layer", "all"} & set(args.what):
+        layer_over = dict(over)
+        if args.gen_chunk_size:
+            layer_over["gen_chunk_size"] = args.gen_chunk_size
+        for row in layer_speed(reps=max(3, args.reps // 2), **layer_over):
+            print(json.dumps(row), flush=True)
+            rows.append(row)
+    if args.json:
+        tmp = args.json + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump({"machine": {**machine(), "note": args.machine_note}, "rows": rows}, f, indent=1)
+        os.replace(tmp, args.json)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,29 @@
+"""C++ CPU backend of ``self_modifying_titans`` (csrc/self_modifying_titans_cpu.cpp): the operators
+``hope_cpu::self_modifying_titans_fwd`` / ``_bwd`` that the ``hope_kernels._C_cpu`` extension registers, one task per
+(b, h) carrying that head's memories through every chunk (docs/kernels/self_modifying_titans.md, "C++")."""
+from __future__ import annotations
+
+import torch
+
+from hope_kernels import _ext
+from hope_kernels.backends import Backend, on_cpu
+from hope_kernels.self_modifying_titans.chunk import OP, supports_layer_call
+
+if _ext.cpu is None:
+    raise ImportError(_ext.why_unavailable("_C_cpu"))
+if not hasattr(torch.ops.hope_cpu, "self_modifying_titans_fwd"):
+    raise ImportError("the loaded hope_kernels._C_cpu was built without csrc/self_modifying_titans_cpu.cpp")
+
+
+class CppKernel:
+    @staticmethod
+    def fwd(inputs, settings):
+        return torch.ops.hope_cpu.self_modifying_titans_fwd(inputs, *settings.as_args())
+
+    @staticmethod
+    def bwd(grads, inputs, saved, settings):
+        return torch.ops.hope_cpu.self_modifying_titans_bwd(grads, inputs, *saved, *settings.as_args())
+
+
+BACKEND = Backend(OP, "cpp", priority=10, kernel=CppKernel, runs_on=on_cpu, supports=supports_layer_call,
+                  env="HOPE_USE_CPP")
