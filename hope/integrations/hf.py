@@ -62,8 +62,8 @@ class HFMemoryConfig:
     which a memory block is inserted; ``memory``: what a block holds, from ``selfmod`` (self-modifying Titans,
     NL sec. 8), ``titans`` (Titans LMM memory, Titans sec. 3) and ``cms`` (CMS levels, NL sec. 7), at most one
     of the first two; ``n_heads``: memory heads (default: the base's attention heads); ``memory_expansion``,
-    ``mem_chunk_size``, ``gen_chunk_size``, ``chunk_size`` (titans), ``adaptive_q``, ``mem_readout``, ``backend``: as
-    in ``hope.models.ModelConfig``; ``rule``: the inner rule (default: the paper's, DGD for ``selfmod`` and the
+    ``mem_chunk_size``, ``gen_chunk_size``, ``chunk_size`` (titans), ``adaptive_q``, ``mem_readout``, ``gen_update_clip``,
+    ``backend``: as in ``hope.models.ModelConfig``; ``rule``: the inner rule (default: the paper's, DGD for ``selfmod`` and the
     Titans rule for ``titans``); ``cms_hidden`` (default 2 x hidden size), ``cms_periods``; ``dtype``: the
     base model's weights (``float32``, ``bfloat16``, ``float16``; memory weights are float32).
     """
@@ -80,6 +80,7 @@ class HFMemoryConfig:
     rule: str | None = None
     adaptive_q: bool = False
     mem_readout: str = "before_update"
+    gen_update_clip: float = 0.0
     cms_hidden: int | None = None
     cms_periods: tuple = (16, 64, 256)
     dtype: str = "float32"
@@ -129,6 +130,9 @@ class HFMemoryConfig:
             bad("adaptive_q", "true or false")
         if self.mem_readout not in MEM_READOUTS:
             bad("mem_readout", f"one of {MEM_READOUTS}")
+        if isinstance(self.gen_update_clip, bool) or not isinstance(self.gen_update_clip, (int, float)) \
+                or not 0 <= self.gen_update_clip < float("inf"):
+            bad("gen_update_clip", "a finite float >= 0 (0: no bound)")
         if self.dtype not in DTYPES:
             bad("dtype", f"one of {tuple(DTYPES)}")
         return self
@@ -172,7 +176,7 @@ class MemoryBlock(nn.Module):
                                               mem_chunk_size=config.mem_chunk_size,
                                               gen_chunk_size=config.gen_chunk_size, rule=config.rule or "dgd",
                                               adaptive_q=config.adaptive_q, mem_readout=config.mem_readout,
-                                              backend=config.backend)
+                                              gen_update_clip=float(config.gen_update_clip), backend=config.backend)
         elif "titans" in config.memory:
             self.titans = TitanMemory(dim, n_heads, memory="mlp", expansion=config.memory_expansion,
                                       chunk_size=config.chunk_size, rule=config.rule or "titans", backend=config.backend)
