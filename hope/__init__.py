@@ -6,6 +6,7 @@ The stable public API (docs/library.md) is importable from here; each name loads
     from hope import SelfModifyingTitans, CMSChain, TitanMemory           # layers (nn.Modules)
     from hope import build_model, preset, ModelConfig, memorize           # models
     from hope import titan_memory_update, teach_signal, cms_update        # fused ops (hope_kernels)
+    from hope import self_modifying_titans                                # the self-modifying layer as one op
     from hope import load_config, prepare, TrainConfig                    # configs and data
     from hope.train import train                                          # the trainer (hope.train is its package)
 """
@@ -21,6 +22,7 @@ _EXPORTS: dict[str, str] = {
     "titan_memory_update": "hope_kernels",
     "teach_signal": "hope_kernels",
     "cms_update": "hope_kernels",
+    "self_modifying_titans": "hope_kernels",
     "TitanMemory": "hope.layers",
     "SelfModifyingTitans": "hope.layers",
     "CMSChain": "hope.layers",
@@ -49,7 +51,7 @@ if TYPE_CHECKING:  # static analysers and IDEs see the real definitions
     from hope.models import LanguageModel, ModelConfig, ModelOutput, ModelState, build_model, preset, preset_names
     from hope.models.online import memorize
     from hope.train import TrainConfig, load_config
-    from hope_kernels import cms_update, teach_signal, titan_memory_update
+    from hope_kernels import cms_update, self_modifying_titans, teach_signal, titan_memory_update
 
 
 def __getattr__(name: str) -> Any:
