@@ -40,6 +40,7 @@ from hope.layers.conv import CausalDepthwiseConv
 from hope.layers.norms import RMSNorm, check_input, l2_normalize
 from hope.layers.titan_memory import (
     apply_update_scale,
+    bounded_memory_pass,
     init_memory_params,
     initial_memory_state,
     memory_delta_norm,
@@ -183,27 +184,12 @@ class SelfModifyingTitans(nn.Module):
         # o_t = M_{t-1}(q_t): the op reads M_s(q'_s) after token s's write, so feed q'_s = q_{s+1} and take
         # o_{s+1} = out_s; o_0 = M_0(q_0) from the state the segment starts with
         q_in = torch.cat([q[:, :, 1:], q[:, :, -1:]], 2) if before else q
-        # with a bound, one call per chunk so each chunk's update is clipped (same result when none is);
-        # without, one call over the segment
-        step = self.mem_chunk_size if self.mem_update_clip > 0 else T
-        ys, mem = [], mem0
-        mem_clipped, mem_chunks = x.new_zeros((), dtype=torch.float32), 0
-        for c0 in range(0, T, step):
-            sl = slice(c0, min(T, c0 + step))
-            y_c, mem_new = titan_memory_update(q_in[:, :, sl], k[:, :, sl], v[:, :, sl], eta[..., sl], mom_m[..., sl],
-                                               alpha[..., sl], chunk_size=self.mem_chunk_size, memory="mlp",
-                                               rule=self.rule, state=mem, backend=self.backend)
-            if self.mem_update_clip > 0:
-                scale = memory_update_scale(mem, mem_new, self.mem_update_clip)
-                mem_new = apply_update_scale(mem, mem_new, scale)
-                mem_clipped = mem_clipped + (scale.detach() < 1).float().mean()
-                mem_chunks += 1
-            mem = mem_new
-            ys.append(y_c)
-        y = torch.cat(ys, 2)
+        y, mem, mem_clipped = bounded_memory_pass(q_in, k, v, eta, mom_m, alpha, chunk_size=self.mem_chunk_size,
+                                                  memory="mlp", rule=self.rule, state=mem0, backend=self.backend,
+                                                  update_clip=self.mem_update_clip)
         if before:
             y = torch.cat([mlp_read(mem0.W1, mem0.W2, q[:, :, :1]), y[:, :, :-1]], 2)
-        return self._finish(x, y, conv_cache, gen, gen0, mem, mem0, eta, mem_clipped / max(1, mem_chunks),
+        return self._finish(x, y, conv_cache, gen, gen0, mem, mem0, eta, mem_clipped,
                             gen_clipped / max(1, gen_chunks))
 
     def _finish(self, x, y, conv_cache, gen, gen0, mem, mem0, eta, mem_clip_fraction, gen_clip_fraction):

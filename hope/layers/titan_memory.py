@@ -68,6 +68,31 @@ def clip_memory_update(old, new, max_ratio: float):
     return apply_update_scale(old, new, memory_update_scale(old, new, max_ratio))
 
 
+def bounded_memory_pass(q, k, v, lr, momentum, decay, *, chunk_size: int, memory: str, rule: str, state,
+                        backend: str, update_clip: float):
+    """``titan_memory_update`` over a segment with each chunk's update bounded by ``update_clip`` (the rule of
+    :func:`clip_memory_update`; 0: no bound). With a bound, one call per chunk (the same result as one call while
+    the bound is not reached). Returns ``(y, state, clipped)``: ``clipped`` is the fraction of (chunk, sample,
+    head) updates the bound rescaled (0 without one)."""
+    from hope_kernels import titan_memory_update
+
+    T = q.shape[2]
+    step = chunk_size if update_clip > 0 else T
+    ys, clipped, chunks = [], q.new_zeros((), dtype=torch.float32), 0
+    for c0 in range(0, T, step):
+        sl = slice(c0, min(T, c0 + step))
+        y_c, new = titan_memory_update(q[:, :, sl], k[:, :, sl], v[:, :, sl], lr[..., sl], momentum[..., sl],
+                                       decay[..., sl], chunk_size=chunk_size, memory=memory, rule=rule, state=state,
+                                       backend=backend)
+        if update_clip > 0:
+            scale = memory_update_scale(state, new, update_clip)
+            new = apply_update_scale(state, new, scale)
+            clipped, chunks = clipped + (scale.detach() < 1).float().mean(), chunks + 1
+        state = new
+        ys.append(y_c)
+    return torch.cat(ys, 2), state, clipped / max(1, chunks)
+
+
 def memory_delta_norm(new, old) -> torch.Tensor:
     """||W_end - W_start|| over the weights, per sample (telemetry: memory update magnitude; a detached
     0-d tensor, turned into a float once per forward to avoid one device sync per layer)."""
@@ -117,26 +142,11 @@ class TitanMemory(nn.Module):
         mem0 = state.get("mem")
         if mem0 is None:
             mem0 = initial_memory_state(self, "mem", self.memory, B)
-        from hope_kernels import titan_memory_update
-
-        # with a bound, one call per chunk so each chunk's update is rescaled to it (same result when none is)
-        step = self.chunk_size if self.update_clip > 0 else T
-        ys, mem = [], mem0
-        clipped, chunks = x.new_zeros((), dtype=torch.float32), 0
-        for c0 in range(0, T, step):
-            sl = slice(c0, min(T, c0 + step))
-            y_c, mem_new = titan_memory_update(q[:, :, sl], k[:, :, sl], v[:, :, sl], gates[0][..., sl],
-                                               gates[1][..., sl], gates[2][..., sl], chunk_size=self.chunk_size,
-                                               memory=self.memory, rule=self.rule, state=mem, backend=self.backend)
-            if self.update_clip > 0:
-                scale = memory_update_scale(mem, mem_new, self.update_clip)
-                mem_new = apply_update_scale(mem, mem_new, scale)
-                clipped, chunks = clipped + (scale.detach() < 1).float().mean(), chunks + 1
-            mem = mem_new
-            ys.append(y_c)
-        y = torch.cat(ys, 2)
+        y, mem, clipped = bounded_memory_pass(q, k, v, gates[0], gates[1], gates[2], chunk_size=self.chunk_size,
+                                              memory=self.memory, rule=self.rule, state=mem0, backend=self.backend,
+                                              update_clip=self.update_clip)
         y = self.out_norm(y).transpose(1, 2).reshape(B, T, D).to(x.dtype)
         y = self.out(y * F.silu(self.gate(x)))
         metrics = {"memory_update_norm": memory_delta_norm(mem, mem0), "memory_lr_mean": gates[0].detach().mean(),
-                   "memory_clip_fraction": clipped / max(1, chunks)}
+                   "memory_clip_fraction": clipped}
         return y, {"conv": conv_cache, "mem": mem}, metrics
