@@ -276,18 +276,14 @@ def main(argv=None):
             row = count_block_ops(arch, T=args.T, fused=fused, **_ops_kwargs(arch, args.rule, args.profiler))
             print(json.dumps(row), flush=True)
             rows.append(row)
+    if args.gen_chunk_size:  # the HOPE rows of the speed and layer measures
+        over["gen_chunk_size"] = args.gen_chunk_size
     if {"speed", "all"} & set(args.what):
-        hope_over = dict(over)
-        if args.gen_chunk_size:
-            hope_over["gen_chunk_size"] = args.gen_chunk_size
-        for row in smoke_speed(reps=args.reps, **hope_over):
+        for row in smoke_speed(reps=args.reps, **over):
             print(json.dumps(row), flush=True)
             rows.append(row)
     if {"layer", "all"} & set(args.what):
-        layer_over = dict(over)
-        if args.gen_chunk_size:
-            layer_over["gen_chunk_size"] = args.gen_chunk_size
-        for row in layer_speed(reps=max(3, args.reps // 2), **layer_over):
+        for row in layer_speed(reps=max(3, args.reps // 2), **over):
             print(json.dumps(row), flush=True)
             rows.append(row)
     if args.json:
