@@ -22,6 +22,20 @@ from hope_kernels.backends import Backend, triton_runs_on
 
 
 @triton.jit
+def _logit_tile(p_h, p_w, o_n, m_n, o_v, m_v, D, stride_hn, stride_wv, BLOCK_N: tl.constexpr,
+                BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr):
+    """The [BLOCK_N, BLOCK_V] logit tile h_blk @ W_tile^T, accumulated in fp32 over D chunks."""
+    b_z = tl.zeros([BLOCK_N, BLOCK_V], tl.float32)
+    for d0 in range(0, D, BLOCK_D):
+        o_d = d0 + tl.arange(0, BLOCK_D)
+        m_d = o_d < D
+        b_hd = tl.load(p_h + o_n[:, None] * stride_hn + o_d[None, :], mask=m_n[:, None] & m_d[None, :], other=0.0)
+        b_wd = tl.load(p_w + o_v[:, None] * stride_wv + o_d[None, :], mask=m_v[:, None] & m_d[None, :], other=0.0)
+        b_z = tl.dot(b_hd, tl.trans(b_wd), b_z, input_precision=PRECISION)
+    return b_z
+
+
+@triton.jit
 def _ts_lse_kernel(
     p_h, p_w, p_t, p_m, p_l, p_tgt,
     N, V, D, V_PER_SPLIT,
@@ -40,13 +54,7 @@ def _ts_lse_kernel(
     for v0 in range(v_lo, v_hi, BLOCK_V):
         o_v = v0 + tl.arange(0, BLOCK_V)
         m_v = o_v < v_hi
-        b_z = tl.zeros([BLOCK_N, BLOCK_V], tl.float32)
-        for d0 in range(0, D, BLOCK_D):
-            o_d = d0 + tl.arange(0, BLOCK_D)
-            m_d = o_d < D
-            b_hd = tl.load(p_h + o_n[:, None] * stride_hn + o_d[None, :], mask=m_n[:, None] & m_d[None, :], other=0.0)
-            b_wd = tl.load(p_w + o_v[:, None] * stride_wv + o_d[None, :], mask=m_v[:, None] & m_d[None, :], other=0.0)
-            b_z = tl.dot(b_hd, tl.trans(b_wd), b_z, input_precision=PRECISION)
+        b_z = _logit_tile(p_h, p_w, o_n, m_n, o_v, m_v, D, stride_hn, stride_wv, BLOCK_N, BLOCK_V, BLOCK_D, PRECISION)
         b_z = tl.where(m_v[None, :], b_z, float("-inf"))
         # online log-sum-exp: rescale the running sum to the new row max
         b_new_max = tl.maximum(b_max, tl.max(b_z, axis=1))
@@ -76,13 +84,7 @@ def _ts_grad_kernel(
     b_scale = tl.load(p_scale + o_n, mask=m_n, other=0.0)
     b_t = tl.load(p_t + o_n, mask=m_n, other=-1)
     b_lse = tl.load(p_lse + o_n, mask=m_n, other=0.0)
-    b_z = tl.zeros([BLOCK_N, BLOCK_V], tl.float32)
-    for d0 in range(0, D, BLOCK_D):
-        o_d = d0 + tl.arange(0, BLOCK_D)
-        m_d = o_d < D
-        b_hd = tl.load(p_h + o_n[:, None] * stride_hn + o_d[None, :], mask=m_n[:, None] & m_d[None, :], other=0.0)
-        b_wd = tl.load(p_w + o_v[:, None] * stride_wv + o_d[None, :], mask=m_v[:, None] & m_d[None, :], other=0.0)
-        b_z = tl.dot(b_hd, tl.trans(b_wd), b_z, input_precision=PRECISION)
+    b_z = _logit_tile(p_h, p_w, o_n, m_n, o_v, m_v, D, stride_hn, stride_wv, BLOCK_N, BLOCK_V, BLOCK_D, PRECISION)
     # G = d loss / d logits = (softmax - onehot) * valid / N_valid (NL F1), zero outside the tile
     b_g = tl.exp(b_z - b_lse[:, None]) - tl.where(o_v[None, :] == b_t[:, None], 1.0, 0.0)
     b_g = tl.where(m_v[None, :], b_g * b_scale[:, None], 0.0)
