@@ -111,6 +111,7 @@ struct Dims {
   int64_t NCg, NCm, NK, Lmax;
   int64_t G;           // generators: 5 (adaptive q) or 4 (q = l2n(xq))
   bool dgd, normalize_v, readout_before;
+  bool q_only = false;  // backward: only d xq is wanted (every other input is a constant; G = 4)
   float gclip, mclip;
   int64_t DE() const { return D * E; }
 };
@@ -1051,6 +1052,16 @@ HOPE_SMT_CLONES void bwd_one(const Dims& d, const Ptrs& p, int64_t bh, float* dr
     }
   }
   unpack(dmem.data(), p.dmW1, p.dmW2, p.dmS1, p.dmS2, bh * DE, DE);
+  const float *xq = p.xq + bh * T * D, *xk = p.xk + bh * T * D, *xv = p.xv + bh * T * D;
+  float *dxq = p.dxq + bh * T * D, *dxk = p.dxk + bh * T * D, *dxv = p.dxv + bh * T * D;
+  if (d.q_only) {
+    // q = l2n(xq) reaches the output through M_mem's reads alone (the generators never read it): no generator pass
+    for (int64_t t = 0; t < T; ++t) {
+      const float n = std::sqrt(dot(xq + t * D, xq + t * D, static_cast<int>(D)));
+      l2n_row_bwd(kvq + t * 3 * D + 2 * D, n, dkvq.data() + t * 3 * D + 2 * D, dxq + t * D, static_cast<int>(D));
+    }
+    return;
+  }
   // generator pass, segments in reverse: recompute the segment's chunk-start states from its checkpoint, then walk
   // its chunks in reverse
   Front f(d.Cg, D, d.E);
@@ -1062,8 +1073,6 @@ HOPE_SMT_CLONES void bwd_one(const Dims& d, const Ptrs& p, int64_t bh, float* dr
     dgen[g] = mem_at(dgenbuf.data() + g * 4 * DE, DE);
     pack(p.dgW1T, p.dgW2T, p.dgS1T, p.dgS2T, gen_off(d, b, h, g), dgenbuf.data() + g * 4 * DE, DE);
   }
-  const float *xq = p.xq + bh * T * D, *xk = p.xk + bh * T * D, *xv = p.xv + bh * T * D;
-  float *dxq = p.dxq + bh * T * D, *dxk = p.dxk + bh * T * D, *dxv = p.dxv + bh * T * D;
   float dm_gen = 0.f;
   const float* ckpt = p.gen_ckpt + bh * d.NK * d.G * 4 * DE;
   for (int64_t s = d.NK - 1; s >= 0; --s) {
@@ -1213,9 +1222,11 @@ std::vector<at::Tensor> bwd(at::TensorList grads, at::TensorList in,
                             const at::Tensor& kvq, const at::Tensor& gates, const at::Tensor& gen_ckpt,
                             const at::Tensor& mem_ckpt, int64_t gen_chunk, int64_t mem_chunk, double gen_clip,
                             double mem_clip, bool dgd, bool normalize_v, bool readout_before,
-                            int64_t checkpoint_every) {
-  const Dims d = dims_of(in, gen_chunk, mem_chunk, gen_clip, mem_clip, dgd, normalize_v, readout_before,
-                         checkpoint_every);
+                            int64_t checkpoint_every, bool q_only) {
+  Dims d = dims_of(in, gen_chunk, mem_chunk, gen_clip, mem_clip, dgd, normalize_v, readout_before, checkpoint_every);
+  TORCH_CHECK(!q_only || d.G == 4, "self_modifying_titans backward: q_only takes 4 generators (q = l2n(xq)), got ",
+              fmt(d.G));
+  d.q_only = q_only;
   TORCH_CHECK(grads.size() == 9, "self_modifying_titans backward: expected 9 incoming gradients");
   for (const at::Tensor& t : grads)
     TORCH_CHECK(t.scalar_type() == at::kFloat && t.is_contiguous() && t.device().is_cpu(),
@@ -1281,7 +1292,7 @@ TORCH_LIBRARY_FRAGMENT(hope_cpu, m) {
   m.def(
       "self_modifying_titans_bwd(Tensor[] grads, Tensor[] inputs, Tensor kvq, Tensor gates, Tensor gen_ckpt, "
       "Tensor mem_ckpt, int gen_chunk, int mem_chunk, float gen_clip, float mem_clip, bool dgd, bool normalize_v, "
-      "bool readout_before, int checkpoint_every) -> Tensor[]");
+      "bool readout_before, int checkpoint_every, bool q_only=False) -> Tensor[]");
 }
 
 TORCH_LIBRARY_IMPL(hope_cpu, CPU, m) {

@@ -166,11 +166,13 @@ def self_modifying_titans_bwd(grads: list[torch.Tensor], inputs: list[torch.Tens
                               gates: torch.Tensor, gen_ckpt: torch.Tensor, mem_ckpt: torch.Tensor,
                               gen_chunk_size: int, mem_chunk_size: int, gen_update_clip: float,
                               mem_update_clip: float, dgd: bool, normalize_v: bool, readout_before: bool,
-                              checkpoint_every: int, backend: str) -> list[torch.Tensor]:
-    """Gradients of the inputs in ``INPUT_ROLES`` order, from ``grads``: those of the ``N_DIFFERENTIABLE`` outputs."""
+                              checkpoint_every: int, backend: str, q_only: bool = False) -> list[torch.Tensor]:
+    """Gradients of the inputs in ``INPUT_ROLES`` order, from ``grads``: those of the ``N_DIFFERENTIABLE`` outputs.
+    ``q_only`` (4 generators, every input but xq a constant): only xq's gradient is wanted; a kernel may return
+    zeros for the others (it skips the generators' backward: q = l2n(xq) reaches only M_mem's reads)."""
     settings = LayerSettings(gen_chunk_size, mem_chunk_size, gen_update_clip, mem_update_clip, dgd, normalize_v,
                              readout_before, checkpoint_every)
-    return list(_kernel(backend).bwd(grads, inputs, (kvq, gates, gen_ckpt, mem_ckpt), settings))
+    return list(_kernel(backend).bwd(grads, inputs, (kvq, gates, gen_ckpt, mem_ckpt), settings, q_only))
 
 
 @self_modifying_titans_bwd.register_fake
@@ -183,6 +185,9 @@ def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(*tensors, *output[9:11], *output[13:15])
     ctx.n_inputs = len(tensors)
     ctx.settings, ctx.backend = tuple(settings), backend
+    H, n_gen = tensors[0].shape[1], tensors[3].shape[1]
+    # the teach pass's call: only xq carries a gradient (a 4-generator q = l2n(xq) is read by M_mem alone)
+    ctx.q_only = n_gen == 4 * H and tensors[0].requires_grad and not any(t.requires_grad for t in tensors[1:])
     ctx.mark_non_differentiable(*output[N_DIFFERENTIABLE:])
     ctx.set_materialize_grads(False)  # no zero-filled gradients for the checkpoints and other saved outputs
 
@@ -193,7 +198,8 @@ def _backward(ctx, grads):
     outs = list(tensors[:1]) + list(tensors[3:11])  # the differentiable outputs' shapes: y like xq, the states
     grads = [torch.zeros_like(o) if g is None else g.float().contiguous()
              for g, o in zip(grads[:N_DIFFERENTIABLE], outs)]
-    d_inputs = self_modifying_titans_bwd(grads, tensors, kvq, gates, gen_ckpt, mem_ckpt, *ctx.settings, ctx.backend)
+    d_inputs = self_modifying_titans_bwd(grads, tensors, kvq, gates, gen_ckpt, mem_ckpt, *ctx.settings, ctx.backend,
+                                         ctx.q_only)
     return d_inputs, *(None for _ in ctx.settings), None
 
 

@@ -21,8 +21,8 @@ class CppKernel:
         return torch.ops.hope_cpu.self_modifying_titans_fwd(inputs, *settings.as_args())
 
     @staticmethod
-    def bwd(grads, inputs, saved, settings):
-        return torch.ops.hope_cpu.self_modifying_titans_bwd(grads, inputs, *saved, *settings.as_args())
+    def bwd(grads, inputs, saved, settings, q_only=False):
+        return torch.ops.hope_cpu.self_modifying_titans_bwd(grads, inputs, *saved, *settings.as_args(), q_only)
 
 
 BACKEND = Backend(OP, "cpp", priority=10, kernel=CppKernel, runs_on=on_cpu, supports=supports_layer_call,

@@ -200,6 +200,36 @@ def test_op_matches_naive(backend, rule, flags, sizes):
         assert (out.mem_update_scale < 1).any()
 
 
+# (backend, rule, readout_before, mem clip): the xq-only backward (the teach pass's) on both read-outs, with and
+# without the memory bound (read-out before the update takes no bound), both rules; one case under the interpreter
+XQ_ONLY_CASES = [pytest.param(CPP.values[0], rule, before, mclip, marks=CPP.marks,
+                              id=f"cpp-{rule}-before{before:d}-clip{mclip}")
+                 for rule in RULES for before, mclip in ((True, 0.0), (False, 0.0), (False, 0.3))] + [
+    pytest.param("triton", "dgd", True, 0.0, id="triton-dgd-before1-clip0.0")]
+
+
+@pytest.mark.parametrize("backend, rule, readout_before, mclip", XQ_ONLY_CASES)
+def test_xq_only_backward_matches_naive(backend, rule, readout_before, mclip):
+    """Only xq requiring a gradient (4 generators: the teach pass's call) takes the backward that skips the
+    generators: xq's gradient vs naive.py's in float64, rel <= 1e-5, with every output (y and both final states)
+    carrying a cotangent."""
+    _backend_available(backend)
+    kw = dict(gen_chunk_size=4, mem_chunk_size=7, gen_update_clip=0.5, mem_update_clip=mclip, rule=rule,
+              normalize_v=True, readout_before=readout_before)
+    small = backend == "triton"
+    ins64 = _op_inputs(B=1 if small else 2, H=2 if small else 3, T=11 if small else 13, D=4 if small else 6,
+                       E=6 if small else 10, G=4, lr_shift=-1.0)
+    y, gen, mem, _ = self_modifying_titans_naive(*ins64[:3], MLPMemoryState(*ins64[3:7]),
+                                                 MLPMemoryState(*ins64[7:11]), *ins64[11:], **kw)
+    cots = _cotangents(y, gen, mem)
+    (dxq64,) = torch.autograd.grad(_pairing((y, *gen, *mem), cots), ins64[:1])
+    ins = [t.detach().float() for t in ins64]
+    ins[0].requires_grad_()
+    out = _run_op(self_modifying_titans, ins, backend=backend, **kw)
+    (dxq,) = torch.autograd.grad(_pairing((out.y, *out.gen, *out.mem), [c.float() for c in cots]), ins[:1])
+    assert rel_err(dxq.double(), dxq64) <= REL
+
+
 @pytest.mark.parametrize("backend", [CPP])
 def test_checkpointing_does_not_change_results(backend):
     """The backward recomputes generator segments from checkpoints: any spacing gives the same gradients."""

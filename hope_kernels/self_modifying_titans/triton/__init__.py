@@ -11,6 +11,7 @@ import triton
 
 from hope_kernels.backends import Backend, triton_runs_on
 from hope_kernels.self_modifying_titans.chunk import OP, supports_layer_call
+from hope_kernels.self_modifying_titans.naive import NORM_EPS
 from hope_kernels.self_modifying_titans.triton.kernels import (
     _gen_bwd_kernel,
     _gen_fwd_kernel,
@@ -57,6 +58,13 @@ def _sizes(inputs, settings):
     return B, H, T, D, E, G, NCg, math.ceil(T / settings.mem_chunk_size), math.ceil(NCg / settings.checkpoint_every)
 
 
+def _l2n_bwd(x: torch.Tensor, y: torch.Tensor, dy: torch.Tensor) -> torch.Tensor:
+    """d x of y = x / max(||x||, eps) (rows), from y and dy."""
+    n = x.norm(dim=-1, keepdim=True)
+    inner = (dy - y * (y * dy).sum(-1, keepdim=True)) / n.clamp_min(NORM_EPS)
+    return torch.where(n > NORM_EPS, inner, dy / NORM_EPS)
+
+
 class TritonKernel:
     @staticmethod
     def fwd(inputs, settings):
@@ -89,7 +97,7 @@ class TritonKernel:
                 gen_ckpt, mem_ckpt]
 
     @staticmethod
-    def bwd(grads, inputs, saved, settings):
+    def bwd(grads, inputs, saved, settings, q_only=False):
         xq, xk, xv, gW1, gW2, gS1, gS2, mW1, mW2, mS1, mS2, readout, bias, mom = inputs
         kvq, gates, gen_ckpt, mem_ckpt = saved
         dy, dgW1, dgW2, dgS1, dgS2, dmW1, dmW2, dmS1, dmS2 = grads
@@ -107,6 +115,8 @@ class TritonKernel:
             NCm, settings.mem_update_clip, BT=BT, BD=BD, BE=BE, LOG2_BT=LOG2, DGD=settings.dgd,
             BEFORE=settings.readout_before, CLIP=settings.mem_update_clip > 0, PRECISION=_precision(),
             num_warps=TUNING["num_warps"])
+        if q_only:  # q = l2n(xq) reaches only M_mem's reads: no generator pass
+            return [_l2n_bwd(xq, kvq[..., 2, :], dkvq[..., 2, :]), *(torch.zeros_like(x) for x in inputs[1:])]
         work = torch.empty(B * H, G, 4, D * E, device=dev, dtype=f32)
         seg = torch.empty(B * H, settings.checkpoint_every, G, 4, D * E, device=dev, dtype=f32)
         new = torch.empty(B * H, 4, D * E, device=dev, dtype=f32)
