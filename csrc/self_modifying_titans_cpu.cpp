@@ -936,7 +936,7 @@ inline void gather_kvq(const Dims& d, const float* kvq, int64_t t0, int L, float
 
 // the generator pass of (b, h) from its chunk-start states at chunk c0 (in gen, updated in place) through chunk
 // c1 - 1; stores k, v, q, eta, alpha and, when ckpt, the checkpoints of chunk-start states; or, when chunk_states,
-// every chunk-start state (the backward's recompute of one segment)
+// every chunk-start state (the backward's recompute of one segment: it stops at the last chunk's start)
 void gen_pass(const Dims& d, const Ptrs& p, int64_t bh, const HeadParams& hp, const Mem* gen, int64_t c0, int64_t c1,
               Front& f, Work& w, float* ckpt, float* chunk_states, float* kvq, float* gates, float* scale) {
   const int64_t D = d.D, DE = d.DE(), T = d.T;
@@ -946,9 +946,11 @@ void gen_pass(const Dims& d, const Ptrs& p, int64_t bh, const HeadParams& hp, co
     const int L = static_cast<int>(std::min(d.Cg, T - t0));
     if (ckpt != nullptr && c % d.K == 0)
       for (int g = 0; g < d.G; ++g) pack(gen[g].W1, gen[g].W2, gen[g].S1, gen[g].S2, 0, ckpt + ((c / d.K) * d.G + g) * 4 * DE, DE);
-    if (chunk_states != nullptr)
+    if (chunk_states != nullptr) {
       for (int g = 0; g < d.G; ++g)
         pack(gen[g].W1, gen[g].W2, gen[g].S1, gen[g].S2, 0, chunk_states + ((c - c0) * d.G + g) * 4 * DE, DE);
+      if (c == c1 - 1) break;  // the last chunk's end state is the next checkpoint: not needed
+    }
     front_fwd(d, L, gen, xq + t0 * D, xk + t0 * D, xv + t0 * D, hp, f, w);
     if (kvq != nullptr)
       for (int t = 0; t < L; ++t) {
