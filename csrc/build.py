@@ -41,7 +41,8 @@ def extension_modules_and_cmdclass():
         CppExtension(
             "hope_kernels._C_cpu",
             [_rel(os.path.join(HERE, f)) for f in ("bindings_cpu.cpp", "cms_update_cpu.cpp", "titan_linear_cpu.cpp",
-                                                       "titan_mlp_cpu.cpp", "self_modifying_titans_cpu.cpp")],
+                                                       "titan_mlp_cpu.cpp", "self_modifying_titans_cpu.cpp",
+                                                       "self_modifying_titans_cpu_avx2.cpp")],
             extra_compile_args={"cxx": cxx_flags},
             extra_link_args=omp,
         )

@@ -9,18 +9,30 @@
 // Registered as the operators hope_cpu::self_modifying_titans_fwd / _bwd (TORCH_LIBRARY_FRAGMENT below; the
 // Python custom ops of chunk.py call them): inputs and outputs are tensor lists whose roles are the enums In, Out,
 // Grad, mirrored once in chunk.py.
+//
+// This file is compiled twice: as itself (namespace portable: the compiler's baseline ISA) and, with GCC on x86-64,
+// through self_modifying_titans_cpu_avx2.cpp as namespace avx2 with AVX2 + FMA code generation for every function
+// (not only an entry point: the small products inline into the chunk functions). The operators run the AVX2 build
+// on CPUs that have it.
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
 #include <cstring>
+#include <string>
 #include <vector>
 
 #include "common.h"
 
+#ifndef HOPE_SMT_ISA
+#define HOPE_SMT_ISA portable
+#endif
+
 namespace hope {
 namespace smt {
+namespace HOPE_SMT_ISA {
 namespace {
 
 constexpr int kG = 5;  // most generators: k, v, eta, alpha, q (q only when adaptive; Dims::G)
@@ -33,11 +45,6 @@ enum In { XQ, XK, XV, GW1, GW2, GS1, GS2, MW1, MW2, MS1, MS2, READOUT, BIAS, MOM
 enum Out { Y, GW1T, GW2T, GS1T, GS2T, MW1T, MW2T, MS1T, MS2T, KVQ, GATES, GEN_SCALE, MEM_SCALE, GEN_CKPT, MEM_CKPT, N_OUT };
 // the backward's gradient list has the roles of In (d of each input), in that order
 
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
-#define HOPE_SMT_CLONES __attribute__((target_clones("arch=skylake-avx512", "arch=haswell", "default"), flatten))
-#else
-#define HOPE_SMT_CLONES
-#endif
 #define HOPE_SIMD _Pragma("omp simd")
 #define HOPE_SIMD_SUM _Pragma("omp simd reduction(+ : acc)")
 
@@ -965,7 +972,7 @@ void gen_pass(const Dims& d, const Ptrs& p, int64_t bh, const HeadParams& hp, co
   }
 }
 
-HOPE_SMT_CLONES void fwd_one(const Dims& d, const Ptrs& p, int64_t bh) {
+void fwd_one(const Dims& d, const Ptrs& p, int64_t bh) {
   const int64_t b = bh / d.H, h = bh % d.H, D = d.D, DE = d.DE(), T = d.T;
   const HeadParams hp = head_params(d, p, h);
   Work w(d.Lmax, D, d.E);
@@ -1005,7 +1012,7 @@ HOPE_SMT_CLONES void fwd_one(const Dims& d, const Ptrs& p, int64_t bh) {
   unpack(membuf.data(), p.mW1T, p.mW2T, p.mS1T, p.mS2T, bh * DE, DE);
 }
 
-HOPE_SMT_CLONES void bwd_one(const Dims& d, const Ptrs& p, int64_t bh, float* dreadout, float* dbias, float* dmom) {
+void bwd_one(const Dims& d, const Ptrs& p, int64_t bh, float* dreadout, float* dbias, float* dmom) {
   const int64_t b = bh / d.H, h = bh % d.H, D = d.D, DE = d.DE(), T = d.T;
   const HeadParams hp = head_params(d, p, h);
   Work w(d.Lmax, D, d.E);
@@ -1178,6 +1185,8 @@ Ptrs inputs_of(at::TensorList in) {
   return p;
 }
 
+}  // namespace
+
 std::vector<at::Tensor> fwd(at::TensorList in, int64_t gen_chunk, int64_t mem_chunk, double gen_clip,
                             double mem_clip, bool dgd, bool normalize_v, bool readout_before,
                             int64_t checkpoint_every) {
@@ -1283,6 +1292,73 @@ std::vector<at::Tensor> bwd(at::TensorList grads, at::TensorList in,
   return out;
 }
 
+}  // namespace HOPE_SMT_ISA
+}  // namespace smt
+}  // namespace hope
+
+#ifndef HOPE_SMT_VARIANT_BUILD
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
+#define HOPE_SMT_HAS_AVX2 1
+#else
+#define HOPE_SMT_HAS_AVX2 0
+#endif
+
+namespace hope {
+namespace smt {
+#if HOPE_SMT_HAS_AVX2
+namespace avx2 {  // self_modifying_titans_cpu_avx2.cpp
+std::vector<at::Tensor> fwd(at::TensorList in, int64_t gen_chunk, int64_t mem_chunk, double gen_clip,
+                            double mem_clip, bool dgd, bool normalize_v, bool readout_before,
+                            int64_t checkpoint_every);
+std::vector<at::Tensor> bwd(at::TensorList grads, at::TensorList in, const at::Tensor& kvq, const at::Tensor& gates,
+                            const at::Tensor& gen_ckpt, const at::Tensor& mem_ckpt, int64_t gen_chunk,
+                            int64_t mem_chunk, double gen_clip, double mem_clip, bool dgd, bool normalize_v,
+                            bool readout_before, int64_t checkpoint_every, bool q_only);
+}  // namespace avx2
+#endif
+
+namespace {
+// the AVX2 build runs when the CPU has AVX2 and FMA, unless ATEN_CPU_CAPABILITY=default (PyTorch's own switch to its
+// baseline kernels) asks for the baseline
+bool cpu_has_avx2() {
+#if HOPE_SMT_HAS_AVX2
+  static const bool yes = [] {
+    const char* cap = std::getenv("ATEN_CPU_CAPABILITY");
+    if (cap != nullptr && std::strcmp(cap, "default") == 0) return false;
+    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  }();
+  return yes;
+#else
+  return false;
+#endif
+}
+
+std::string isa_op() { return cpu_has_avx2() ? "avx2" : "portable"; }
+
+std::vector<at::Tensor> fwd_op(at::TensorList in, int64_t gen_chunk, int64_t mem_chunk, double gen_clip,
+                               double mem_clip, bool dgd, bool normalize_v, bool readout_before,
+                               int64_t checkpoint_every) {
+#if HOPE_SMT_HAS_AVX2
+  if (cpu_has_avx2())
+    return avx2::fwd(in, gen_chunk, mem_chunk, gen_clip, mem_clip, dgd, normalize_v, readout_before,
+                     checkpoint_every);
+#endif
+  return portable::fwd(in, gen_chunk, mem_chunk, gen_clip, mem_clip, dgd, normalize_v, readout_before,
+                       checkpoint_every);
+}
+
+std::vector<at::Tensor> bwd_op(at::TensorList grads, at::TensorList in, const at::Tensor& kvq,
+                               const at::Tensor& gates, const at::Tensor& gen_ckpt, const at::Tensor& mem_ckpt,
+                               int64_t gen_chunk, int64_t mem_chunk, double gen_clip, double mem_clip, bool dgd,
+                               bool normalize_v, bool readout_before, int64_t checkpoint_every, bool q_only) {
+#if HOPE_SMT_HAS_AVX2
+  if (cpu_has_avx2())
+    return avx2::bwd(grads, in, kvq, gates, gen_ckpt, mem_ckpt, gen_chunk, mem_chunk, gen_clip, mem_clip, dgd,
+                     normalize_v, readout_before, checkpoint_every, q_only);
+#endif
+  return portable::bwd(grads, in, kvq, gates, gen_ckpt, mem_ckpt, gen_chunk, mem_chunk, gen_clip, mem_clip, dgd,
+                       normalize_v, readout_before, checkpoint_every, q_only);
+}
 }  // namespace
 }  // namespace smt
 }  // namespace hope
@@ -1295,9 +1371,15 @@ TORCH_LIBRARY_FRAGMENT(hope_cpu, m) {
       "self_modifying_titans_bwd(Tensor[] grads, Tensor[] inputs, Tensor kvq, Tensor gates, Tensor gen_ckpt, "
       "Tensor mem_ckpt, int gen_chunk, int mem_chunk, float gen_clip, float mem_clip, bool dgd, bool normalize_v, "
       "bool readout_before, int checkpoint_every, bool q_only=False) -> Tensor[]");
+  m.def("self_modifying_titans_isa() -> str");  // which build the operators run: "avx2" or "portable"
 }
 
 TORCH_LIBRARY_IMPL(hope_cpu, CPU, m) {
-  m.impl("self_modifying_titans_fwd", &hope::smt::fwd);
-  m.impl("self_modifying_titans_bwd", &hope::smt::bwd);
+  m.impl("self_modifying_titans_fwd", &hope::smt::fwd_op);
+  m.impl("self_modifying_titans_bwd", &hope::smt::bwd_op);
 }
+
+TORCH_LIBRARY_IMPL(hope_cpu, CompositeExplicitAutograd, m) {
+  m.impl("self_modifying_titans_isa", &hope::smt::isa_op);
+}
+#endif  // HOPE_SMT_VARIANT_BUILD

@@ -247,6 +247,44 @@ def test_checkpointing_does_not_change_results(backend):
             assert torch.equal(a, b)
 
 
+_BUILD_SCRIPT = """
+import sys, torch
+sys.path.insert(0, {tests!r})
+from test_self_modifying_titans import _cotangents, _op_inputs, _pairing, _run_op
+from hope_kernels.self_modifying_titans import self_modifying_titans
+ins = [t.detach().float().requires_grad_() for t in _op_inputs(T=19, lr_shift=-1.0)]
+out = _run_op(self_modifying_titans, ins, gen_chunk_size=4, mem_chunk_size=7, gen_update_clip=0.5,
+              mem_update_clip=0.3, rule="dgd", normalize_v=True, backend="cpp")
+outs = (out.y, *out.gen, *out.mem)
+grads = torch.autograd.grad(_pairing(outs, _cotangents(*outs[:1], outs[1:5], outs[5:])), ins)
+torch.save({{"isa": torch.ops.hope_cpu.self_modifying_titans_isa(), "values": [o.detach() for o in outs] + list(grads)}},
+           {path!r})
+"""
+
+
+@pytest.mark.parametrize("backend", [CPP])
+def test_cpp_builds_agree(backend, tmp_path):
+    """The C++ operators are built twice (baseline ISA, and AVX2 + FMA where the compiler can) and pick one at run
+    time; ATEN_CPU_CAPABILITY=default forces the baseline. Both give the same outputs and gradients (rel <= 1e-5)."""
+    import os
+    import subprocess
+    import sys
+
+    results = {}
+    for cap in ("default", None):
+        env = {k: v for k, v in os.environ.items() if k != "ATEN_CPU_CAPABILITY"}
+        if cap:
+            env["ATEN_CPU_CAPABILITY"] = cap
+        path = tmp_path / f"{cap}.pt"
+        script = _BUILD_SCRIPT.format(tests=os.path.dirname(__file__), path=str(path))
+        subprocess.run([sys.executable, "-c", script], env=env, check=True, timeout=300)
+        results[cap] = torch.load(path)
+    assert results["default"]["isa"] == "portable"
+    assert results[None]["isa"] in ("avx2", "portable")
+    for a, b in zip(results[None]["values"], results["default"]["values"]):
+        assert rel_err(a, b) <= REL
+
+
 def test_naive_matches_reference_layer():
     """naive.py (the op's ground truth) computes what the reference layer's loop does: the layer with its memory
     recurrences replaced by naive gives the same loss and gradients."""
