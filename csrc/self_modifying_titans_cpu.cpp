@@ -53,21 +53,74 @@ inline float gelu_p(float x) { return 0.5f * (1.f + erff(x * kInvSqrt2)) + x * e
 inline float gelu_pp(float x) { return expf(-0.5f * x * x) * kInvSqrt2Pi * (2.f - x * x); }
 
 // ------------------------------------------------------------------------------------------------ small products
+// Register-tiled: up to 4 rows of C by 16 columns held in 8-float vectors across the whole K loop (GCC vector
+// extensions: 256-bit registers in the AVX2 build, pairs of 128-bit ones in the baseline), one load of B per k.
+typedef float v8 __attribute__((vector_size(32)));
+inline v8 load8(const float* p) {
+  v8 v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+inline void store8(float* p, v8 v) { std::memcpy(p, &v, sizeof(v)); }
+inline v8 splat8(float a) { return v8{a, a, a, a, a, a, a, a}; }
+// c = alpha acc (+ beta c unless beta is 0: then C is not read)
+inline void finish8(float* c, v8 acc, float alpha, float beta) {
+  const v8 v = splat8(alpha) * acc;
+  store8(c, beta == 0.f ? v : splat8(beta) * load8(c) + v);
+}
+
+// rows i < MR of C[M, N] = beta C + alpha op(A) B, with op(A)[i, k] = A[i * a_row + k * a_k], B [K, N] (ldb)
+template <int MR>
+inline void gemm_rows(int N, int K, float alpha, const float* A, int64_t a_row, int64_t a_k, const float* B,
+                      int64_t ldb, float beta, float* C, int64_t ldc) {
+  int j = 0;
+  for (; j + 16 <= N; j += 16) {
+    v8 acc0[MR], acc1[MR];
+    for (int r = 0; r < MR; ++r) acc0[r] = acc1[r] = v8{};
+    for (int k = 0; k < K; ++k) {
+      const float* b = B + k * ldb + j;
+      const v8 b0 = load8(b), b1 = load8(b + 8);
+      for (int r = 0; r < MR; ++r) {
+        const v8 a = splat8(A[r * a_row + k * a_k]);
+        acc0[r] += a * b0;
+        acc1[r] += a * b1;
+      }
+    }
+    for (int r = 0; r < MR; ++r) {
+      finish8(C + r * ldc + j, acc0[r], alpha, beta);
+      finish8(C + r * ldc + j + 8, acc1[r], alpha, beta);
+    }
+  }
+  for (; j + 8 <= N; j += 8) {
+    v8 acc[MR];
+    for (int r = 0; r < MR; ++r) acc[r] = v8{};
+    for (int k = 0; k < K; ++k) {
+      const v8 b0 = load8(B + k * ldb + j);
+      for (int r = 0; r < MR; ++r) acc[r] += splat8(A[r * a_row + k * a_k]) * b0;
+    }
+    for (int r = 0; r < MR; ++r) finish8(C + r * ldc + j, acc[r], alpha, beta);
+  }
+  for (; j < N; ++j)
+    for (int r = 0; r < MR; ++r) {
+      float acc = 0.f;
+      for (int k = 0; k < K; ++k) acc += A[r * a_row + k * a_k] * B[k * ldb + j];
+      float& c = C[r * ldc + j];
+      c = beta == 0.f ? alpha * acc : beta * c + alpha * acc;
+    }
+}
+
 // C[M, N] = beta C + alpha op(A) B, B [K, N] (ldb), with op(A)[i, k] = A[i * a_row + k * a_k]; beta 0 overwrites
 inline void gemm_strided(int M, int N, int K, float alpha, const float* A, int64_t a_row, int64_t a_k, const float* B,
                          int ldb, float beta, float* C, int ldc) {
-  for (int i = 0; i < M; ++i) {
-    float* c = C + static_cast<int64_t>(i) * ldc;
-    if (beta == 0.f) {
-      HOPE_SIMD for (int j = 0; j < N; ++j) c[j] = 0.f;
-    } else if (beta != 1.f) {
-      HOPE_SIMD for (int j = 0; j < N; ++j) c[j] *= beta;
-    }
-    for (int k = 0; k < K; ++k) {
-      const float a = alpha * A[i * a_row + k * a_k];
-      const float* b = B + static_cast<int64_t>(k) * ldb;
-      HOPE_SIMD for (int j = 0; j < N; ++j) c[j] += a * b[j];
-    }
+  int i = 0;
+  for (; i + 4 <= M; i += 4) gemm_rows<4>(N, K, alpha, A + i * a_row, a_row, a_k, B, ldb, beta, C + i * ldc, ldc);
+  const float* Ai = A + i * a_row;
+  float* Ci = C + static_cast<int64_t>(i) * ldc;
+  switch (M - i) {
+    case 3: gemm_rows<3>(N, K, alpha, Ai, a_row, a_k, B, ldb, beta, Ci, ldc); break;
+    case 2: gemm_rows<2>(N, K, alpha, Ai, a_row, a_k, B, ldb, beta, Ci, ldc); break;
+    case 1: gemm_rows<1>(N, K, alpha, Ai, a_row, a_k, B, ldb, beta, Ci, ldc); break;
+    default: break;
   }
 }
 
@@ -89,15 +142,14 @@ inline float dot(const float* a, const float* b, int n) {
   return acc;
 }
 
-// C[M, N] = beta C + alpha A B^T with A [M, K], B [N, K] (dot products: the [L, L] terms)
+// C[M, N] = beta C + alpha A B^T with A [M, K], B [N, K] (the [L, L] terms): B^T copied to a task-local [K, N] tile
 inline void gemm_nt(int M, int N, int K, float alpha, const float* A, int lda, const float* B, int ldb, float beta,
                     float* C, int ldc) {
-  for (int i = 0; i < M; ++i)
-    for (int j = 0; j < N; ++j) {
-      float& c = C[static_cast<int64_t>(i) * ldc + j];
-      const float v = alpha * dot(A + static_cast<int64_t>(i) * lda, B + static_cast<int64_t>(j) * ldb, K);
-      c = beta == 0.f ? v : beta * c + v;
-    }
+  thread_local std::vector<float> bt;
+  if (bt.size() < static_cast<size_t>(K) * N) bt.resize(static_cast<size_t>(K) * N);
+  for (int j = 0; j < N; ++j)
+    for (int k = 0; k < K; ++k) bt[static_cast<size_t>(k) * N + j] = B[static_cast<int64_t>(j) * ldb + k];
+  gemm_strided(M, N, K, alpha, A, lda, 1, bt.data(), N, beta, C, ldc);
 }
 
 // At [N, M] = A^T for A [M, N]
