@@ -12,6 +12,7 @@
 #include "common.h"
 
 #pragma GCC target("avx2,fma")
+#pragma GCC optimize("fp-contract=fast")
 #define HOPE_SMT_ISA avx2
 #define HOPE_SMT_VARIANT_BUILD
 #include "self_modifying_titans_cpu.cpp"
