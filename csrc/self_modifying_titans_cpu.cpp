@@ -1037,7 +1037,7 @@ void fwd_one(const Dims& d, const Ptrs& p, int64_t bh) {
   }
   float* kvq = p.kvq + bh * T * 3 * D;
   float* gates = p.gates + bh * T * 2;
-  gen_pass(d, p, bh, hp, gen, 0, d.NCg, f, w, p.gen_ckpt + bh * d.NK * d.G * 4 * DE, nullptr, kvq, gates,
+  gen_pass(d, p, bh, hp, gen, 0, d.NCg, f, w, d.K > 0 ? p.gen_ckpt + bh * d.NK * d.G * 4 * DE : nullptr, nullptr, kvq, gates,
            p.gen_scale + bh * d.NCg * d.G);
   for (int g = 0; g < d.G; ++g)
     unpack(genbuf.data() + g * 4 * DE, p.gW1T, p.gW2T, p.gS1T, p.gS2T, gen_off(d, b, h, g), DE);
@@ -1185,14 +1185,15 @@ Dims dims_of(at::TensorList in, int64_t gen_chunk, int64_t mem_chunk, double gcl
                   (in[GW1].size(1) / d.H == 4 || in[GW1].size(1) / d.H == kG),
               "gen.W1 must be [B, G H, D, E] with G = 4 or 5 generators, got ", fmt(in[GW1].sizes()));
   d.G = in[GW1].size(1) / d.H;
-  TORCH_CHECK(gen_chunk >= 1 && mem_chunk >= 1 && ckpt_every >= 1, "chunk sizes and checkpoint_every must be >= 1");
+  TORCH_CHECK(gen_chunk >= 1 && mem_chunk >= 1 && ckpt_every >= 0,
+              "chunk sizes must be >= 1 and checkpoint_every >= 0 (0: no generator checkpoints)");
   TORCH_CHECK(d.T >= 1, "xq must have T >= 1 tokens");
   d.Cg = gen_chunk;
   d.Cm = mem_chunk;
   d.K = ckpt_every;
   d.NCg = (d.T + d.Cg - 1) / d.Cg;
   d.NCm = (d.T + d.Cm - 1) / d.Cm;
-  d.NK = (d.NCg + d.K - 1) / d.K;
+  d.NK = d.K > 0 ? (d.NCg + d.K - 1) / d.K : 0;
   d.Lmax = std::max(std::min(d.Cg, d.T), std::min(d.Cm, d.T));
   d.Cg = std::min(d.Cg, d.T);
   d.Cm = std::min(d.Cm, d.T);
@@ -1290,6 +1291,8 @@ std::vector<at::Tensor> bwd(at::TensorList grads, at::TensorList in,
   TORCH_CHECK(!q_only || d.G == 4, "self_modifying_titans backward: q_only takes 4 generators (q = l2n(xq)), got ",
               fmt(d.G));
   d.q_only = q_only;
+  TORCH_CHECK(d.K > 0 || q_only, "self_modifying_titans backward: the forward stored no generator checkpoints "
+              "(checkpoint_every=0), which only an xq-only backward (q_only) can run without");
   TORCH_CHECK(grads.size() == 9, "self_modifying_titans backward: expected 9 incoming gradients");
   for (const at::Tensor& t : grads)
     TORCH_CHECK(t.scalar_type() == at::kFloat && t.is_contiguous() && t.device().is_cpu(),

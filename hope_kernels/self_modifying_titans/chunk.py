@@ -60,7 +60,9 @@ class LayerTensors:
 
 @dataclass(frozen=True)
 class LayerSettings:
-    """The op's non-tensor arguments (every kernel takes them in this order, after the tensors)."""
+    """The op's non-tensor arguments (every kernel takes them in this order, after the tensors).
+    ``checkpoint_every``: generator chunks per stored chunk-start state; 0 stores none (no backward, or the xq-only
+    one)."""
 
     gen_chunk_size: int
     mem_chunk_size: int
@@ -131,7 +133,14 @@ def default_checkpoint_every(T: int, gen_chunk_size: int) -> int:
 
 def _counts(T: int, gen_chunk: int, mem_chunk: int, checkpoint_every: int) -> tuple[int, int, int]:
     n_gen = math.ceil(T / gen_chunk)
-    return n_gen, math.ceil(T / mem_chunk), math.ceil(n_gen / checkpoint_every)
+    return n_gen, math.ceil(T / mem_chunk), math.ceil(n_gen / checkpoint_every) if checkpoint_every else 0
+
+
+def xq_only_grad(tensors: list[torch.Tensor]) -> bool:
+    """Whether only xq of these inputs (``INPUT_ROLES`` order) carries a gradient, with 4 generators: the teach pass's
+    call, whose backward needs M_mem's reads alone (q = l2n(xq) reaches nothing else) and no generator checkpoint."""
+    H, n_gen = tensors[0].shape[1], tensors[3].shape[1]
+    return n_gen == 4 * H and tensors[0].requires_grad and not any(t.requires_grad for t in tensors[1:])
 
 
 def _kernel(backend: str):
@@ -185,9 +194,7 @@ def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(*tensors, *output[9:11], *output[13:15])
     ctx.n_inputs = len(tensors)
     ctx.settings, ctx.backend = tuple(settings), backend
-    H, n_gen = tensors[0].shape[1], tensors[3].shape[1]
-    # the teach pass's call: only xq carries a gradient (a 4-generator q = l2n(xq) is read by M_mem alone)
-    ctx.q_only = n_gen == 4 * H and tensors[0].requires_grad and not any(t.requires_grad for t in tensors[1:])
+    ctx.q_only = xq_only_grad(tensors)
     ctx.mark_non_differentiable(*output[N_DIFFERENTIABLE:])
     ctx.set_materialize_grads(False)  # no zero-filled gradients for the checkpoints and other saved outputs
 
@@ -206,5 +213,5 @@ def _backward(ctx, grads):
 self_modifying_titans_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 __all__ = ["OP", "LayerTensors", "LayerSettings", "SelfModifyingTitansCall", "supports_layer_call", "RULES",
-           "INPUT_ROLES", "OUTPUT_ROLES", "N_DIFFERENTIABLE", "MAX_CHECKPOINTS", "default_checkpoint_every",
+           "INPUT_ROLES", "OUTPUT_ROLES", "N_DIFFERENTIABLE", "MAX_CHECKPOINTS", "default_checkpoint_every", "xq_only_grad",
            "self_modifying_titans_fwd", "self_modifying_titans_bwd"]

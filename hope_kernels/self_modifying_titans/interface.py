@@ -19,6 +19,7 @@ from hope_kernels.self_modifying_titans.chunk import (
     SelfModifyingTitansCall,
     default_checkpoint_every,
     self_modifying_titans_fwd,
+    xq_only_grad,
 )
 from hope_kernels.self_modifying_titans.naive import self_modifying_titans_naive
 from hope_kernels.titan_memory_update.naive import MLPMemoryState
@@ -125,7 +126,8 @@ def self_modifying_titans(
         rule: ``"titans"`` or ``"dgd"``. normalize_v: v_t = l2n(M_v(xv_t)) instead of M_v(xv_t).
         readout_before: y_t reads M_mem before token t's update (after it when False).
         backend: ``"auto"`` or ``cpp``, ``triton``, ``reference``.
-        checkpoint_every: generator chunks per stored checkpoint (None: every chunk up to 16 checkpoints).
+        checkpoint_every: generator chunks per stored checkpoint (None: every chunk up to 16 checkpoints; none are
+            stored when nothing needs a gradient or only xq does).
     Returns:
         SelfModifyingTitansOutput; differentiable w.r.t. every input tensor.
     """
@@ -149,10 +151,12 @@ def self_modifying_titans(
             mem_chunk_size=mem_chunk_size, gen_update_clip=gen_update_clip, mem_update_clip=mem_update_clip,
             rule=rule, normalize_v=normalize_v, readout_before=readout_before)
         return SelfModifyingTitansOutput(y, gen_T, mem_T, eta, None, None)
-    tensors = LayerTensors(xq, xk, xv, gen, mem, gate_readout, gate_bias, momentum)
+    inputs = LayerTensors(xq, xk, xv, gen, mem, gate_readout, gate_bias, momentum).as_list()
+    if not (torch.is_grad_enabled() and any(t.requires_grad for t in inputs)) or xq_only_grad(inputs):
+        checkpoint_every = 0  # no backward, or the xq-only one: no generator checkpoints to store
     settings = LayerSettings(gen_chunk_size, mem_chunk_size, float(gen_update_clip), float(mem_update_clip),
                              rule == "dgd", bool(normalize_v), bool(readout_before), checkpoint_every)
-    out = self_modifying_titans_fwd(tensors.as_list(), *settings.as_args(), rec.name)
+    out = self_modifying_titans_fwd(inputs, *settings.as_args(), rec.name)
     y, gW1, gW2, gS1, gS2, mW1, mW2, mS1, mS2, _kvq, gates, gen_scale, mem_scale = out[:13]
     # the generated gates, checked as titan_memory_update checks them in the layer's loop (value checks on): a
     # diverged model's NaN is a NonFiniteError here too, not a silent NaN loss

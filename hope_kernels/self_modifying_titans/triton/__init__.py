@@ -55,7 +55,8 @@ def _sizes(inputs, settings):
     B, H, T, D = xq.shape
     G, E = inputs[3].shape[1] // H, inputs[3].shape[-1]
     NCg = math.ceil(T / settings.gen_chunk_size)
-    return B, H, T, D, E, G, NCg, math.ceil(T / settings.mem_chunk_size), math.ceil(NCg / settings.checkpoint_every)
+    every = settings.checkpoint_every
+    return B, H, T, D, E, G, NCg, math.ceil(T / settings.mem_chunk_size), math.ceil(NCg / every) if every else 0
 
 
 def _l2n_bwd(x: torch.Tensor, y: torch.Tensor, dy: torch.Tensor) -> torch.Tensor:
@@ -81,10 +82,12 @@ class TritonKernel:
         gen_ckpt = torch.empty(B, H, NK, G, 4, D * E, device=dev, dtype=f32)
         mem_ckpt = torch.empty(B, H, NCm, 4, D * E, device=dev, dtype=f32)
         y = torch.empty(B, H, T, D, device=dev, dtype=f32)
+        # checkpoint_every 0 (none wanted): the kernel stores chunk 0's state alone, into a scratch it drops
+        every, ckpt = (settings.checkpoint_every, gen_ckpt) if NK else (NCg, gen_ckpt.new_empty(B, H, 1, G, 4, D * E))
         BT, BD, BE, LOG2 = _blocks(settings.gen_chunk_size, D, E)
         _gen_fwd_kernel[(B * H,)](
-            xq, xk, xv, gen, new, readout, bias, mom, kvq, gates, gen_scale, gen_ckpt,
-            T, H, D, E, settings.gen_chunk_size, NCg, NK, settings.checkpoint_every, settings.gen_update_clip,
+            xq, xk, xv, gen, new, readout, bias, mom, kvq, gates, gen_scale, ckpt,
+            T, H, D, E, settings.gen_chunk_size, NCg, max(NK, 1), every, settings.gen_update_clip,
             BT=BT, BD=BD, BE=BE, LOG2_BT=LOG2, G=G, DGD=settings.dgd, NORM_V=settings.normalize_v,
             CLIP=settings.gen_update_clip > 0, PRECISION=_precision(), num_warps=TUNING["num_warps"])
         BT, BD, BE, LOG2 = _blocks(settings.mem_chunk_size, D, E)
