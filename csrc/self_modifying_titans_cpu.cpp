@@ -697,14 +697,19 @@ Bound bound_fwd(const CMem& old, const Work& w, float ratio, int64_t DE) {
   return b;
 }
 
-// state = old + s (new - old), into out (may alias old)
-void bound_apply(const CMem& old, const Work& w, const Bound& b, const Mem& out, int64_t DE) {
+// state = old + s (new - old), into out (may alias old); without a bound (ratio 0) the new state itself
+void bound_apply(const CMem& old, const Work& w, const Bound& b, float ratio, const Mem& out, int64_t DE) {
   const float s = b.s;
   const float* n[4] = {w.nW1, w.nW2, w.nS1, w.nS2};
   const float* o[4] = {old.W1, old.W2, old.S1, old.S2};
   float* r[4] = {out.W1, out.W2, out.S1, out.S2};
-  for (int m = 0; m < 4; ++m)
+  for (int m = 0; m < 4; ++m) {
+    if (ratio <= 0.f) {
+      std::memcpy(r[m], n[m], sizeof(float) * DE);
+      continue;
+    }
     for (int64_t i = 0; i < DE; ++i) r[m][i] = o[m][i] + s * (n[m][i] - o[m][i]);
+  }
 }
 
 // backward of the bound: from the bounded state's gradient dout, the gradient of the unbounded end state (into
@@ -717,6 +722,10 @@ void bound_bwd(const CMem& old, Work& w, const Bound& b, float ratio, const CMem
   const float* g[4] = {dout.W1, dout.W2, dout.S1, dout.S2};
   float* dn[4] = {w.dsW1, w.dsW2, w.dsS1, w.dsS2};
   float* dd[4] = {dold.W1, dold.W2, dold.S1, dold.S2};
+  if (ratio <= 0.f || b.raw > 1.f) {  // s = 1 and no gradient through it: the bound is the identity here
+    for (int m = 0; m < 4; ++m) std::memcpy(dn[m], g[m], sizeof(float) * DE);
+    return;
+  }
   double ds_acc = 0.0;
   for (int m = 0; m < 4; ++m)
     for (int64_t i = 0; i < DE; ++i) {
@@ -866,7 +875,7 @@ void gen_chunk_fwd(const Dims& d, int L, const Mem* gen, const HeadParams& hp, F
   for (int g = 0; g < d.G; ++g) {
     chunk_fwd(d, L, cmem(gen[g]), f.k, f.Vh + g * L * d.D, nullptr, f.eta, w, nullptr);
     const Bound b = bound_fwd(cmem(gen[g]), w, d.gclip, DE);
-    bound_apply(cmem(gen[g]), w, b, gen[g], DE);
+    bound_apply(cmem(gen[g]), w, b, d.gclip, gen[g], DE);
     if (scale != nullptr) scale[g] = b.s;
   }
 }
@@ -1058,7 +1067,7 @@ void fwd_one(const Dims& d, const Ptrs& p, int64_t bh) {
     }
     chunk_fwd(d, L, cmem(mem), K, V, Q, th.data(), w, p.y + (bh * T + t0) * D);
     const Bound bd = bound_fwd(cmem(mem), w, d.mclip, DE);
-    bound_apply(cmem(mem), w, bd, mem, DE);
+    bound_apply(cmem(mem), w, bd, d.mclip, mem, DE);
     p.mem_scale[bh * d.NCm + c] = bd.s;
   }
   unpack(membuf.data(), p.mW1T, p.mW2T, p.mS1T, p.mS2T, bh * DE, DE);
