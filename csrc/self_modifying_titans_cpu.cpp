@@ -50,7 +50,13 @@ enum Out { Y, GW1T, GW2T, GS1T, GS2T, MW1T, MW2T, MS1T, MS2T, KVQ, GATES, GEN_SC
 
 inline float gelu(float x) { return 0.5f * x * (1.f + erff(x * kInvSqrt2)); }
 inline float gelu_p(float x) { return 0.5f * (1.f + erff(x * kInvSqrt2)) + x * expf(-0.5f * x * x) * kInvSqrt2Pi; }
-inline float gelu_pp(float x) { return expf(-0.5f * x * x) * kInvSqrt2Pi * (2.f - x * x); }
+// gelu(h), gelu'(h) and gelu''(h) from one erf and one exp
+inline void gelu_all(float h, float& a, float& gp, float& gpp) {
+  const float cdf = 0.5f * (1.f + erff(h * kInvSqrt2)), pdf = expf(-0.5f * h * h) * kInvSqrt2Pi;
+  a = h * cdf;
+  gp = cdf + h * pdf;
+  gpp = pdf * (2.f - h * h);
+}
 
 // ------------------------------------------------------------------------------------------------ small products
 // Register-tiled: up to 4 rows of C by 16 columns held in 8-float vectors across the whole K loop (GCC vector
@@ -191,7 +197,7 @@ struct Work {
   // decay terms [L, L] / [L] and their gradients
   float *P, *Br, *Gd, *A, *Bk, *c, *gP, *gBr, *gG, *gA, *gBk, *gc, *a, *b, *ga, *gb, *gth;
   // chunk core [L, E] / [L, D] and transposed chunk-start weights
-  float *Hk, *Ak, *Err, *U, *Gr, *W1t, *W2t, *S1t, *S2t;
+  float *Hk, *Ak, *Gp, *Gpp, *Err, *U, *Gr, *W1t, *W2t, *S1t, *S2t;  // Gp, Gpp: gelu', gelu'' of Hk
   // dgd
   float *Kh, *kn, *KhKh, *M, *KhK, *Akk, *Bp, *cp, *KhW2, *KhS2, *R, *w;
   // read-out
@@ -213,7 +219,7 @@ struct Work {
     const Slot slots[] = {
         {&P, LL}, {&Br, LL}, {&Gd, LL}, {&A, L}, {&Bk, L}, {&c, L}, {&gP, LL}, {&gBr, LL}, {&gG, LL}, {&gA, L},
         {&gBk, L}, {&gc, L}, {&a, L}, {&b, L}, {&ga, L}, {&gb, L}, {&gth, LL},
-        {&Hk, LE_}, {&Ak, LE_}, {&Err, LD_}, {&U, LE_}, {&Gr, LE_}, {&W1t, DE}, {&W2t, DE}, {&S1t, DE}, {&S2t, DE},
+        {&Hk, LE_}, {&Ak, LE_}, {&Gp, LE_}, {&Gpp, LE_}, {&Err, LD_}, {&U, LE_}, {&Gr, LE_}, {&W1t, DE}, {&W2t, DE}, {&S1t, DE}, {&S2t, DE},
         {&Kh, LD_}, {&kn, L}, {&KhKh, LL}, {&M, LL}, {&KhK, LL}, {&Akk, LL}, {&Bp, L}, {&cp, L}, {&KhW2, LE_},
         {&KhS2, LE_}, {&R, LE_}, {&w, LE_},
         {&QK, LL}, {&Aqk, LL}, {&QW2, LE_}, {&QS2, LE_}, {&Hq, LE_}, {&Aq, LE_}, {&Z, LL}, {&AqW1, LD_},
@@ -311,12 +317,12 @@ void chunk_fwd(const Dims& d, int L, const CMem& st, const float* K, const float
   transpose(E, D, st.W2, w.W2t);  // [D, E]
   transpose(D, E, st.W1, w.W1t);  // [E, D]
   gemm_nn(L, E, D, 1.f, K, D, w.W2t, E, 0.f, w.Hk, E);
-  for (int64_t i = 0; i < static_cast<int64_t>(L) * E; ++i) w.Ak[i] = gelu(w.Hk[i]);
+  for (int64_t i = 0; i < static_cast<int64_t>(L) * E; ++i) gelu_all(w.Hk[i], w.Ak[i], w.Gp[i], w.Gpp[i]);
   std::memcpy(w.Err, K, sizeof(float) * L * D);
   gemm_nn(L, D, E, 1.f, w.Ak, E, w.W1t, D, 1.f, w.Err, D);
   for (int64_t i = 0; i < static_cast<int64_t>(L) * D; ++i) w.Err[i] -= V[i];
   gemm_nn(L, E, D, 1.f, w.Err, D, st.W1, E, 0.f, w.U, E);
-  for (int64_t i = 0; i < static_cast<int64_t>(L) * E; ++i) w.Gr[i] = w.U[i] * gelu_p(w.Hk[i]);
+  for (int64_t i = 0; i < static_cast<int64_t>(L) * E; ++i) w.Gr[i] = w.U[i] * w.Gp[i];
   for (int t = 0; t < L; ++t)
     for (int i = 0; i < L; ++i) w.gth[t * L + i] = i <= t ? w.Gd[t * L + i] * th[i] : 0.f;
   const bool need_s2t = d.dgd || Q != nullptr;
@@ -640,9 +646,9 @@ void chunk_bwd(const Dims& d, int L, const CMem& st, const float* K, const float
     }
   // core: Gr = U gelu'(Hk), U = Err W1, Err = K + Ak W1^T - V, Ak = gelu(Hk), Hk = K W2^T
   for (int64_t i = 0; i < static_cast<int64_t>(L) * E; ++i) {
-    const float h = w.Hk[i], gp = gelu_p(h);
+    const float gp = w.Gp[i];
     w.dU[i] = w.dGr[i] * gp;
-    w.dHk[i] = w.dGr[i] * w.U[i] * gelu_pp(h);
+    w.dHk[i] = w.dGr[i] * w.U[i] * w.Gpp[i];
   }
   gemm_nn(L, D, E, 1.f, w.dU, E, w.W1t, D, 1.f, w.dErr, D);
   gemm_tn(D, E, L, 1.f, w.Err, D, w.dU, E, 1.f, ds.W1, E);
@@ -652,7 +658,7 @@ void chunk_bwd(const Dims& d, int L, const CMem& st, const float* K, const float
   }
   gemm_nn(L, E, D, 1.f, w.dErr, D, st.W1, E, 1.f, w.dAk, E);
   gemm_tn(D, E, L, 1.f, w.dErr, D, w.Ak, E, 1.f, ds.W1, E);
-  for (int64_t i = 0; i < static_cast<int64_t>(L) * E; ++i) w.dHk[i] += w.dAk[i] * gelu_p(w.Hk[i]);
+  for (int64_t i = 0; i < static_cast<int64_t>(L) * E; ++i) w.dHk[i] += w.dAk[i] * w.Gp[i];
   gemm_nn(L, D, E, 1.f, w.dHk, E, st.W2, D, 1.f, w.dK, D);
   gemm_tn(E, D, L, 1.f, w.dHk, E, K, D, 1.f, ds.W2, D);
   if (d.dgd) {
@@ -752,11 +758,13 @@ struct Front {
   float *X[kG];                  // input of each generator (pointers into xq / xk / xv; not owned)
   float *O, *Hx, *Ax;            // [G, L, D] / [G, L, E]
   float *k, *v, *q, *kn, *vn, *qn, *eta, *alpha, *thv, *Vh, *Hv, *Av;  // [L, D] / [L] / [G, L, D] / [G, L, E]
+  float *Px, *Pv;  // gelu' of Hx, Hv [G, L, E] (the backward's recompute only)
+  float* Wt;       // each generator's transposed chunk-start W1, W2 [G, 2, D E], shared by its two reads
   float *dO, *dk, *dv, *dq, *deta, *dalpha, *dth, *LE, *LD;
   Front(int64_t L, int64_t D, int64_t E) {
     const int64_t LD_ = L * D, LE_ = L * E;
     const int64_t n = 3 * kG * LD_ + 2 * kG * LE_ + 3 * LD_ + 3 * L + 3 * L + kG * LE_ + kG * LE_ + kG * LD_ + 3 * LD_ +
-                      3 * L + LE_ + LD_;
+                      3 * L + LE_ + LD_ + 2 * kG * LE_ + 2 * kG * D * E;
     buf.assign(static_cast<size_t>(n), 0.f);
     float* p = buf.data();
     auto take = [&](int64_t m) {
@@ -788,28 +796,36 @@ struct Front {
     dth = take(L);
     LE = take(LE_);
     LD = take(LD_);
+    Px = take(kG * LE_);
+    Pv = take(kG * LE_);
+    Wt = take(2 * kG * D * E);
     for (int g = 0; g < kG; ++g) X[g] = nullptr;
   }
 };
 
-// M(X) = X + W1 gelu(X W2^T)^T..: O = X + gelu(X W2^T) W1^T, with H, A kept
-void mem_read(const Dims& d, int L, const CMem& st, const float* X, float* O, float* Hx, float* Ax, Work& w) {
+// M(X) = X + W1 gelu(X W2^T)^T..: O = X + gelu(X W2^T) W1^T from the transposed weights W1t [E, D], W2t [D, E],
+// with H, A kept and, when P is given, gelu'(H) (for mem_read_bwd)
+void mem_read(const Dims& d, int L, const float* W1t, const float* W2t, const float* X, float* O, float* Hx, float* Ax,
+              float* P) {
   const int D = d.D, E = d.E;
-  transpose(E, D, st.W2, w.W2t);
-  transpose(D, E, st.W1, w.W1t);
-  gemm_nn(L, E, D, 1.f, X, D, w.W2t, E, 0.f, Hx, E);
-  for (int64_t i = 0; i < static_cast<int64_t>(L) * E; ++i) Ax[i] = gelu(Hx[i]);
+  gemm_nn(L, E, D, 1.f, X, D, W2t, E, 0.f, Hx, E);
+  if (P != nullptr) {
+    float unused;
+    for (int64_t i = 0; i < static_cast<int64_t>(L) * E; ++i) gelu_all(Hx[i], Ax[i], P[i], unused);
+  } else {
+    for (int64_t i = 0; i < static_cast<int64_t>(L) * E; ++i) Ax[i] = gelu(Hx[i]);
+  }
   std::memcpy(O, X, sizeof(float) * L * D);
-  gemm_nn(L, D, E, 1.f, Ax, E, w.W1t, D, 1.f, O, D);
+  gemm_nn(L, D, E, 1.f, Ax, E, W1t, D, 1.f, O, D);
 }
 
 // backward of mem_read: dX (written), adds to dW1, dW2
-void mem_read_bwd(const Dims& d, int L, const CMem& st, const float* X, const float* Hx, const float* Ax,
+void mem_read_bwd(const Dims& d, int L, const CMem& st, const float* X, const float* Px, const float* Ax,
                   const float* dO, float* dX, float* dW1, float* dW2, float* LE) {
   const int D = d.D, E = d.E;
   gemm_nn(L, E, D, 1.f, dO, D, st.W1, E, 0.f, LE, E);  // dA = dO W1
   gemm_tn(D, E, L, 1.f, dO, D, Ax, E, 1.f, dW1, E);
-  for (int64_t i = 0; i < static_cast<int64_t>(L) * E; ++i) LE[i] *= gelu_p(Hx[i]);  // dH
+  for (int64_t i = 0; i < static_cast<int64_t>(L) * E; ++i) LE[i] *= Px[i];  // dH
   std::memcpy(dX, dO, sizeof(float) * L * D);
   gemm_nn(L, D, E, 1.f, LE, E, st.W2, D, 1.f, dX, D);
   gemm_tn(E, D, L, 1.f, LE, E, X, D, 1.f, dW2, D);
@@ -839,13 +855,19 @@ struct HeadParams {
   float b_eta, b_alpha, m_gen, m_mem;
 };
 
+// derivs: also gelu' of the reads' pre-activations (the backward's recompute)
 void front_fwd(const Dims& d, int L, const Mem* gen, const float* xq, const float* xk, const float* xv,
-               const HeadParams& hp, Front& f, Work& w) {
+               const HeadParams& hp, Front& f, bool derivs) {
   const int D = d.D, E = d.E;
+  const int64_t DE = d.DE();
   const float* X[kG] = {xk, xv, xk, xk, xq};
   for (int g = 0; g < d.G; ++g) {
+    float *W1t = f.Wt + 2 * g * DE, *W2t = W1t + DE;
+    transpose(D, E, gen[g].W1, W1t);
+    transpose(E, D, gen[g].W2, W2t);
     f.X[g] = const_cast<float*>(X[g]);
-    mem_read(d, L, cmem(gen[g]), X[g], f.O + g * L * D, f.Hx + g * L * E, f.Ax + g * L * E, w);
+    mem_read(d, L, W1t, W2t, X[g], f.O + g * L * D, f.Hx + g * L * E, f.Ax + g * L * E,
+             derivs ? f.Px + g * L * E : nullptr);
   }
   for (int t = 0; t < L; ++t) {
     l2n_row(f.O + kGk * L * D + t * D, f.k + t * D, f.kn + t, D);
@@ -858,7 +880,8 @@ void front_fwd(const Dims& d, int L, const Mem* gen, const float* xq, const floa
     f.alpha[t] = sigmoid(dot(f.O + kGalpha * L * D + t * D, hp.r_alpha, D) + hp.b_alpha);
   }
   for (int g = 0; g < d.G; ++g)
-    mem_read(d, L, cmem(gen[g]), f.v, f.Vh + g * L * D, f.Hv + g * L * E, f.Av + g * L * E, w);
+    mem_read(d, L, f.Wt + 2 * g * DE, f.Wt + (2 * g + 1) * DE, f.v, f.Vh + g * L * D, f.Hv + g * L * E,
+             f.Av + g * L * E, derivs ? f.Pv + g * L * E : nullptr);
 }
 
 void fill_gates(int L, const float* alpha, float momentum, Work& w) {
@@ -905,7 +928,7 @@ void gen_chunk_bwd(const Dims& d, int L, const Mem* gen, const Mem* dgen, const 
       for (int64_t i = 0; i < DE; ++i) out[m][i] += w.dold[m * DE + i];
     for (int64_t i = 0; i < static_cast<int64_t>(L) * D; ++i) f.dk[i] += w.dK[i];
     // targets v^_g = M_g(v): dv += d through the read
-    mem_read_bwd(d, L, st, f.v, f.Hv + g * L * E, f.Av + g * L * E, w.dV, f.LD, dgen[g].W1, dgen[g].W2, f.LE);
+    mem_read_bwd(d, L, st, f.v, f.Pv + g * L * E, f.Av + g * L * E, w.dV, f.LD, dgen[g].W1, dgen[g].W2, f.LE);
     for (int64_t i = 0; i < static_cast<int64_t>(L) * D; ++i) f.dv[i] += f.LD[i];
   }
   for (int t = 0; t < L; ++t) {
@@ -944,7 +967,7 @@ void gen_chunk_bwd(const Dims& d, int L, const Mem* gen, const Mem* dgen, const 
   }
   float* dX[kG] = {dxk, dxv, dxk, dxk, dxq};
   for (int g = 0; g < d.G; ++g) {
-    mem_read_bwd(d, L, cmem(gen[g]), f.X[g], f.Hx + g * L * E, f.Ax + g * L * E, f.dO + g * L * D, f.LD,
+    mem_read_bwd(d, L, cmem(gen[g]), f.X[g], f.Px + g * L * E, f.Ax + g * L * E, f.dO + g * L * D, f.LD,
                  dgen[g].W1, dgen[g].W2, f.LE);
     for (int64_t i = 0; i < static_cast<int64_t>(L) * D; ++i) dX[g][i] += f.LD[i];
   }
@@ -1019,7 +1042,7 @@ void gen_pass(const Dims& d, const Ptrs& p, int64_t bh, const HeadParams& hp, co
         pack(gen[g].W1, gen[g].W2, gen[g].S1, gen[g].S2, 0, chunk_states + ((c - c0) * d.G + g) * 4 * DE, DE);
       if (c == c1 - 1) break;  // the last chunk's end state is the next checkpoint: not needed
     }
-    front_fwd(d, L, gen, xq + t0 * D, xk + t0 * D, xv + t0 * D, hp, f, w);
+    front_fwd(d, L, gen, xq + t0 * D, xk + t0 * D, xv + t0 * D, hp, f, false);
     if (kvq != nullptr)
       for (int t = 0; t < L; ++t) {
         float* row = kvq + (t0 + t) * 3 * D;
@@ -1153,7 +1176,7 @@ void bwd_one(const Dims& d, const Ptrs& p, int64_t bh, float* dreadout, float* d
       const int64_t t0 = c * d.Cg;
       const int L = static_cast<int>(std::min(d.Cg, T - t0));
       std::memcpy(genbuf.data(), states.data() + (c - c0) * d.G * 4 * DE, sizeof(float) * d.G * 4 * DE);
-      front_fwd(d, L, gen, xq + t0 * D, xk + t0 * D, xv + t0 * D, hp, f, w);
+      front_fwd(d, L, gen, xq + t0 * D, xk + t0 * D, xv + t0 * D, hp, f, true);
       for (int t = 0; t < L; ++t) {
         const float* row = dkvq.data() + (t0 + t) * 3 * D;
         std::memcpy(f.dk + t * D, row, sizeof(float) * D);
