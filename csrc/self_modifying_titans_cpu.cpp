@@ -61,6 +61,9 @@ inline void gelu_all(float h, float& a, float& gp, float& gpp) {
 // ------------------------------------------------------------------------------------------------ small products
 // Register-tiled: up to 4 rows of C by 16 columns held in 8-float vectors across the whole K loop (GCC vector
 // extensions: 256-bit registers in the AVX2 build, pairs of 128-bit ones in the baseline), one load of B per k.
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic ignored "-Wpsabi"  // v8 by value between internal functions: no ABI is exposed
+#endif
 typedef float v8 __attribute__((vector_size(32)));
 inline v8 load8(const float* p) {
   v8 v;
@@ -320,9 +323,9 @@ void chunk_fwd(const Dims& d, int L, const CMem& st, const float* K, const float
   for (int64_t i = 0; i < static_cast<int64_t>(L) * E; ++i) gelu_all(w.Hk[i], w.Ak[i], w.Gp[i], w.Gpp[i]);
   std::memcpy(w.Err, K, sizeof(float) * L * D);
   gemm_nn(L, D, E, 1.f, w.Ak, E, w.W1t, D, 1.f, w.Err, D);
-  for (int64_t i = 0; i < static_cast<int64_t>(L) * D; ++i) w.Err[i] -= V[i];
+  HOPE_SIMD for (int64_t i = 0; i < static_cast<int64_t>(L) * D; ++i) w.Err[i] -= V[i];
   gemm_nn(L, E, D, 1.f, w.Err, D, st.W1, E, 0.f, w.U, E);
-  for (int64_t i = 0; i < static_cast<int64_t>(L) * E; ++i) w.Gr[i] = w.U[i] * w.Gp[i];
+  HOPE_SIMD for (int64_t i = 0; i < static_cast<int64_t>(L) * E; ++i) w.Gr[i] = w.U[i] * w.Gp[i];
   for (int t = 0; t < L; ++t)
     for (int i = 0; i < L; ++i) w.gth[t * L + i] = i <= t ? w.Gd[t * L + i] * th[i] : 0.f;
   const bool need_s2t = d.dgd || Q != nullptr;
@@ -332,7 +335,7 @@ void chunk_fwd(const Dims& d, int L, const CMem& st, const float* K, const float
       const float n = std::sqrt(dot(K + t * D, K + t * D, D));
       w.kn[t] = n;
       const float inv = 1.f / std::max(n, kNormEps);
-      for (int j = 0; j < D; ++j) w.Kh[t * D + j] = K[t * D + j] * inv;
+      HOPE_SIMD for (int j = 0; j < D; ++j) w.Kh[t * D + j] = K[t * D + j] * inv;
     }
     gemm_nt(L, L, D, 1.f, w.Kh, D, w.Kh, D, 0.f, w.KhKh, L);
     gemm_nt(L, L, D, 1.f, w.Kh, D, K, D, 0.f, w.KhK, L);
@@ -348,7 +351,7 @@ void chunk_fwd(const Dims& d, int L, const CMem& st, const float* K, const float
     gemm_nn(L, E, D, 1.f, w.Kh, D, w.W2t, E, 0.f, w.KhW2, E);
     gemm_nn(L, E, D, 1.f, w.Kh, D, w.S2t, E, 0.f, w.KhS2, E);
     for (int t = 0; t < L; ++t)
-      for (int e = 0; e < E; ++e) w.R[t * E + e] = w.Bp[t] * w.KhW2[t * E + e] + w.cp[t] * w.KhS2[t * E + e];
+      HOPE_SIMD for (int e = 0; e < E; ++e) w.R[t * E + e] = w.Bp[t] * w.KhW2[t * E + e] + w.cp[t] * w.KhS2[t * E + e];
     gemm_nn(L, E, L, -1.f, w.Akk, L, w.Gr, E, 1.f, w.R, E);
     // w = (I + M)^-1 R by forward substitution
     for (int t = 0; t < L; ++t) {
@@ -373,11 +376,11 @@ void chunk_fwd(const Dims& d, int L, const CMem& st, const float* K, const float
     }
     transpose(D, E, st.S1, w.S1t);
     gemm_nt(L, L, D, 1.f, Q, D, K, D, 0.f, w.QK, L);
-    for (int i = 0; i < L * L; ++i) w.Aqk[i] = w.gq[i] * w.QK[i];
+    HOPE_SIMD for (int i = 0; i < L * L; ++i) w.Aqk[i] = w.gq[i] * w.QK[i];
     gemm_nn(L, E, D, 1.f, Q, D, w.W2t, E, 0.f, w.QW2, E);
     gemm_nn(L, E, D, 1.f, Q, D, w.S2t, E, 0.f, w.QS2, E);
     for (int t = 0; t < L; ++t)
-      for (int e = 0; e < E; ++e) w.Hq[t * E + e] = w.Bq[t] * w.QW2[t * E + e] + w.cq[t] * w.QS2[t * E + e];
+      HOPE_SIMD for (int e = 0; e < E; ++e) w.Hq[t * E + e] = w.Bq[t] * w.QW2[t * E + e] + w.cq[t] * w.QS2[t * E + e];
     gemm_nn(L, E, L, -1.f, w.Aqk, L, w.Gr, E, 1.f, w.Hq, E);
     if (d.dgd) {
       gemm_nt(L, L, D, 1.f, Q, D, w.Kh, D, 0.f, w.QKh, L);
@@ -392,9 +395,9 @@ void chunk_fwd(const Dims& d, int L, const CMem& st, const float* K, const float
     gemm_nn(L, D, E, 1.f, w.Aq, E, w.W1t, D, 0.f, w.AqW1, D);
     gemm_nn(L, D, E, 1.f, w.Aq, E, w.S1t, D, 0.f, w.AqS1, D);
     for (int t = 0; t < L; ++t)
-      for (int j = 0; j < D; ++j)
+      HOPE_SIMD for (int j = 0; j < D; ++j)
         O[t * D + j] = Q[t * D + j] + w.Bq[t] * w.AqW1[t * D + j] + w.cq[t] * w.AqS1[t * D + j];
-    for (int i = 0; i < L * L; ++i) w.dLL[i] = w.gq[i] * w.Z[i];
+    HOPE_SIMD for (int i = 0; i < L * L; ++i) w.dLL[i] = w.gq[i] * w.Z[i];
     gemm_nn(L, D, L, -1.f, w.dLL, L, w.Err, D, 1.f, O, D);
   }
   // end of chunk
@@ -406,7 +409,7 @@ void chunk_fwd(const Dims& d, int L, const CMem& st, const float* K, const float
     w.wb[i] = w.Br[l * L + i] * th[i];
   }
   const int64_t DE = d.DE();
-  for (int64_t i = 0; i < DE; ++i) {
+  HOPE_SIMD for (int64_t i = 0; i < DE; ++i) {
     w.nW1[i] = BL * st.W1[i] + cL * st.S1[i];
     w.nS1[i] = AL * st.S1[i];
     w.nW2[i] = BL * st.W2[i] + cL * st.S2[i];
@@ -414,14 +417,14 @@ void chunk_fwd(const Dims& d, int L, const CMem& st, const float* K, const float
   }
   // rows scaled by wg / wp: -Err^T diag(wg) Ak, -Gr^T diag(wg) K, ...
   for (int t = 0; t < L; ++t)
-    for (int e = 0; e < E; ++e) {
+    HOPE_SIMD for (int e = 0; e < E; ++e) {
       w.LE[t * E + e] = w.wg[t] * w.Ak[t * E + e];
       w.LE2[t * E + e] = w.wp[t] * w.Ak[t * E + e];
     }
   gemm_tn(D, E, L, -1.f, w.Err, D, w.LE, E, 1.f, w.nW1, E);
   gemm_tn(D, E, L, -1.f, w.Err, D, w.LE2, E, 1.f, w.nS1, E);
   for (int t = 0; t < L; ++t)
-    for (int j = 0; j < D; ++j) {
+    HOPE_SIMD for (int j = 0; j < D; ++j) {
       w.LD[t * D + j] = w.wg[t] * K[t * D + j];
       w.LD2[t * D + j] = w.wp[t] * K[t * D + j];
     }
@@ -429,7 +432,7 @@ void chunk_fwd(const Dims& d, int L, const CMem& st, const float* K, const float
   gemm_tn(E, D, L, -1.f, w.Gr, E, w.LD2, D, 1.f, w.nS2, D);
   if (d.dgd) {
     for (int t = 0; t < L; ++t)
-      for (int j = 0; j < D; ++j) w.LD[t * D + j] = w.wb[t] * w.Kh[t * D + j];
+      HOPE_SIMD for (int j = 0; j < D; ++j) w.LD[t * D + j] = w.wb[t] * w.Kh[t * D + j];
     gemm_tn(E, D, L, -1.f, w.w, E, w.LD, D, 1.f, w.nW2, D);
   }
 }
@@ -451,7 +454,7 @@ void chunk_bwd(const Dims& d, int L, const CMem& st, const float* K, const float
   std::fill(w.dLL2, w.dLL2 + L * L, 0.f);  // dgth
   // end of chunk
   const float BL = w.Bk[l], cL = w.c[l], AL = w.A[l];
-  for (int64_t i = 0; i < DE; ++i) {
+  HOPE_SIMD for (int64_t i = 0; i < DE; ++i) {
     ds.W1[i] = BL * dn.W1[i];
     ds.W2[i] = BL * dn.W2[i];
     ds.S1[i] = cL * dn.W1[i] + AL * dn.S1[i];
@@ -476,18 +479,18 @@ void chunk_bwd(const Dims& d, int L, const CMem& st, const float* K, const float
     w.gG[l * L + t] += dwg * th[t];
     dth[t] += dwg * w.Gd[l * L + t] + dwp * w.P[l * L + t];
     w.gP[l * L + t] += dwp * th[t];
-    for (int j = 0; j < D; ++j) w.dErr[t * D + j] = -(w.wg[t] * w.LD[t * D + j] + w.wp[t] * w.LD2[t * D + j]);
-    for (int e = 0; e < E; ++e) w.dGr[t * E + e] = -(w.wg[t] * w.LE[t * E + e] + w.wp[t] * w.LE2[t * E + e]);
+    HOPE_SIMD for (int j = 0; j < D; ++j) w.dErr[t * D + j] = -(w.wg[t] * w.LD[t * D + j] + w.wp[t] * w.LD2[t * D + j]);
+    HOPE_SIMD for (int e = 0; e < E; ++e) w.dGr[t * E + e] = -(w.wg[t] * w.LE[t * E + e] + w.wp[t] * w.LE2[t * E + e]);
   }
   // dAk = -diag(wg) Err dW1' - diag(wp) Err dS1';  dK = -diag(wg) Gr dW2' - diag(wp) Gr dS2'
   gemm_nn(L, E, D, 1.f, w.Err, D, dn.W1, E, 0.f, w.LE, E);
   gemm_nn(L, E, D, 1.f, w.Err, D, dn.S1, E, 0.f, w.LE2, E);
   for (int t = 0; t < L; ++t)
-    for (int e = 0; e < E; ++e) w.dAk[t * E + e] = -(w.wg[t] * w.LE[t * E + e] + w.wp[t] * w.LE2[t * E + e]);
+    HOPE_SIMD for (int e = 0; e < E; ++e) w.dAk[t * E + e] = -(w.wg[t] * w.LE[t * E + e] + w.wp[t] * w.LE2[t * E + e]);
   gemm_nn(L, D, E, 1.f, w.Gr, E, dn.W2, D, 0.f, w.LD, D);
   gemm_nn(L, D, E, 1.f, w.Gr, E, dn.S2, D, 0.f, w.LD2, D);
   for (int t = 0; t < L; ++t)
-    for (int j = 0; j < D; ++j) w.dK[t * D + j] = -(w.wg[t] * w.LD[t * D + j] + w.wp[t] * w.LD2[t * D + j]);
+    HOPE_SIMD for (int j = 0; j < D; ++j) w.dK[t * D + j] = -(w.wg[t] * w.LD[t * D + j] + w.wp[t] * w.LD2[t * D + j]);
   if (d.dgd) {
     // -w^T diag(wb) Kh:  dw = -diag(wb) Kh dW2'^T, dKh = -diag(wb) w dW2', dwb = -rowsum(w * Kh dW2'^T)
     gemm_nn(L, E, D, 1.f, w.Kh, D, w.tDE, E, 0.f, w.LE, E);  // Kh dW2'^T (tDE still holds dW2'^T)
@@ -496,8 +499,8 @@ void chunk_bwd(const Dims& d, int L, const CMem& st, const float* K, const float
       const float dwb = -dot(w.w + t * E, w.LE + t * E, E);
       w.gBr[l * L + t] += dwb * th[t];
       dth[t] += dwb * w.Br[l * L + t];
-      for (int e = 0; e < E; ++e) w.dw[t * E + e] = -w.wb[t] * w.LE[t * E + e];
-      for (int j = 0; j < D; ++j) w.dKh[t * D + j] = -w.wb[t] * w.LD[t * D + j];
+      HOPE_SIMD for (int e = 0; e < E; ++e) w.dw[t * E + e] = -w.wb[t] * w.LE[t * E + e];
+      HOPE_SIMD for (int j = 0; j < D; ++j) w.dKh[t * D + j] = -w.wb[t] * w.LD[t * D + j];
     }
   }
   const int shift = d.readout_before ? 1 : 0;
@@ -509,10 +512,10 @@ void chunk_bwd(const Dims& d, int L, const CMem& st, const float* K, const float
     gemm_nn(L, E, D, 1.f, dO, D, st.S1, E, 0.f, w.LE2, E);  // dO S1
     float *dBq = w.dBq, *dcq = w.dcq;
     for (int t = 0; t < L; ++t) {
-      for (int e = 0; e < E; ++e) w.dAq[t * E + e] = w.Bq[t] * w.LE[t * E + e] + w.cq[t] * w.LE2[t * E + e];
+      HOPE_SIMD for (int e = 0; e < E; ++e) w.dAq[t * E + e] = w.Bq[t] * w.LE[t * E + e] + w.cq[t] * w.LE2[t * E + e];
       dBq[t] = dot(dO + t * D, w.AqW1 + t * D, D);
       dcq[t] = dot(dO + t * D, w.AqS1 + t * D, D);
-      for (int j = 0; j < D; ++j) {
+      HOPE_SIMD for (int j = 0; j < D; ++j) {
         w.LD[t * D + j] = w.Bq[t] * dO[t * D + j];
         w.LD2[t * D + j] = w.cq[t] * dO[t * D + j];
       }
@@ -521,7 +524,7 @@ void chunk_bwd(const Dims& d, int L, const CMem& st, const float* K, const float
     gemm_tn(D, E, L, 1.f, w.LD2, D, w.Aq, E, 1.f, ds.S1, E);
     // O -= (gth * Z) Err:  Fm = dO Err^T, dgth -= Fm * Z, dZ = -gth * Fm, dErr -= (gth * Z)^T dO
     gemm_nt(L, L, D, 1.f, dO, D, w.Err, D, 0.f, w.Fm, L);
-    for (int i = 0; i < L * L; ++i) {
+    HOPE_SIMD for (int i = 0; i < L * L; ++i) {
       w.dLL2[i] -= w.Fm[i] * w.Z[i];
       w.dZ[i] = -w.gq[i] * w.Fm[i];
       w.dLL[i] = w.gq[i] * w.Z[i];
@@ -534,7 +537,7 @@ void chunk_bwd(const Dims& d, int L, const CMem& st, const float* K, const float
     for (int t = 0; t < L; ++t) {
       dBq[t] += dot(w.dHq + t * E, w.QW2 + t * E, E);
       dcq[t] += dot(w.dHq + t * E, w.QS2 + t * E, E);
-      for (int e = 0; e < E; ++e) {
+      HOPE_SIMD for (int e = 0; e < E; ++e) {
         w.LE[t * E + e] = w.Bq[t] * w.dHq[t * E + e];
         w.LE2[t * E + e] = w.cq[t] * w.dHq[t * E + e];
       }
@@ -610,7 +613,7 @@ void chunk_bwd(const Dims& d, int L, const CMem& st, const float* K, const float
         w.gBk[t - 1] += gBp;
         w.gc[t - 1] += gcp;
       }
-      for (int e = 0; e < E; ++e) {
+      HOPE_SIMD for (int e = 0; e < E; ++e) {
         w.LE[t * E + e] = w.Bp[t] * w.dR[t * E + e];
         w.LE2[t * E + e] = w.cp[t] * w.dR[t * E + e];
       }
@@ -645,20 +648,20 @@ void chunk_bwd(const Dims& d, int L, const CMem& st, const float* K, const float
       }
     }
   // core: Gr = U gelu'(Hk), U = Err W1, Err = K + Ak W1^T - V, Ak = gelu(Hk), Hk = K W2^T
-  for (int64_t i = 0; i < static_cast<int64_t>(L) * E; ++i) {
+  HOPE_SIMD for (int64_t i = 0; i < static_cast<int64_t>(L) * E; ++i) {
     const float gp = w.Gp[i];
     w.dU[i] = w.dGr[i] * gp;
     w.dHk[i] = w.dGr[i] * w.U[i] * w.Gpp[i];
   }
   gemm_nn(L, D, E, 1.f, w.dU, E, w.W1t, D, 1.f, w.dErr, D);
   gemm_tn(D, E, L, 1.f, w.Err, D, w.dU, E, 1.f, ds.W1, E);
-  for (int64_t i = 0; i < static_cast<int64_t>(L) * D; ++i) {
+  HOPE_SIMD for (int64_t i = 0; i < static_cast<int64_t>(L) * D; ++i) {
     w.dK[i] += w.dErr[i];
     w.dV[i] = -w.dErr[i];
   }
   gemm_nn(L, E, D, 1.f, w.dErr, D, st.W1, E, 1.f, w.dAk, E);
   gemm_tn(D, E, L, 1.f, w.dErr, D, w.Ak, E, 1.f, ds.W1, E);
-  for (int64_t i = 0; i < static_cast<int64_t>(L) * E; ++i) w.dHk[i] += w.dAk[i] * w.Gp[i];
+  HOPE_SIMD for (int64_t i = 0; i < static_cast<int64_t>(L) * E; ++i) w.dHk[i] += w.dAk[i] * w.Gp[i];
   gemm_nn(L, D, E, 1.f, w.dHk, E, st.W2, D, 1.f, w.dK, D);
   gemm_tn(E, D, L, 1.f, w.dHk, E, K, D, 1.f, ds.W2, D);
   if (d.dgd) {
@@ -670,9 +673,9 @@ void chunk_bwd(const Dims& d, int L, const CMem& st, const float* K, const float
       float* dk = w.dK + t * D;
       if (n > kNormEps) {
         const float p = dot(kh, g, D);
-        for (int j = 0; j < D; ++j) dk[j] += (g[j] - kh[j] * p) / n;
+        HOPE_SIMD for (int j = 0; j < D; ++j) dk[j] += (g[j] - kh[j] * p) / n;
       } else {
-        for (int j = 0; j < D; ++j) dk[j] += g[j] / kNormEps;
+        HOPE_SIMD for (int j = 0; j < D; ++j) dk[j] += g[j] / kNormEps;
       }
     }
   }
@@ -714,7 +717,7 @@ void bound_apply(const CMem& old, const Work& w, const Bound& b, float ratio, co
       std::memcpy(r[m], n[m], sizeof(float) * DE);
       continue;
     }
-    for (int64_t i = 0; i < DE; ++i) r[m][i] = o[m][i] + s * (n[m][i] - o[m][i]);
+    HOPE_SIMD for (int64_t i = 0; i < DE; ++i) r[m][i] = o[m][i] + s * (n[m][i] - o[m][i]);
   }
 }
 
@@ -734,7 +737,7 @@ void bound_bwd(const CMem& old, Work& w, const Bound& b, float ratio, const CMem
   }
   double ds_acc = 0.0;
   for (int m = 0; m < 4; ++m)
-    for (int64_t i = 0; i < DE; ++i) {
+    HOPE_SIMD for (int64_t i = 0; i < DE; ++i) {
       dn[m][i] = s * g[m][i];
       dd[m][i] += (1.f - s) * g[m][i];
       ds_acc += static_cast<double>(g[m][i]) * (n[m][i] - o[m][i]);
@@ -744,7 +747,7 @@ void bound_bwd(const CMem& old, Work& w, const Bound& b, float ratio, const CMem
   const float dw2 = b.w2 >= 1e-12f ? ds * b.raw / (2.f * b.w2) : 0.f;
   const float dd2 = b.d2 >= 1e-24f ? -ds * b.raw / (2.f * b.d2) : 0.f;
   for (int m = 0; m < 2; ++m)
-    for (int64_t i = 0; i < DE; ++i) {
+    HOPE_SIMD for (int64_t i = 0; i < DE; ++i) {
       const float diff = 2.f * dd2 * (n[m][i] - o[m][i]);
       dd[m][i] += 2.f * dw2 * o[m][i] - diff;
       dn[m][i] += diff;
@@ -825,7 +828,7 @@ void mem_read_bwd(const Dims& d, int L, const CMem& st, const float* X, const fl
   const int D = d.D, E = d.E;
   gemm_nn(L, E, D, 1.f, dO, D, st.W1, E, 0.f, LE, E);  // dA = dO W1
   gemm_tn(D, E, L, 1.f, dO, D, Ax, E, 1.f, dW1, E);
-  for (int64_t i = 0; i < static_cast<int64_t>(L) * E; ++i) LE[i] *= Px[i];  // dH
+  HOPE_SIMD for (int64_t i = 0; i < static_cast<int64_t>(L) * E; ++i) LE[i] *= Px[i];  // dH
   std::memcpy(dX, dO, sizeof(float) * L * D);
   gemm_nn(L, D, E, 1.f, LE, E, st.W2, D, 1.f, dX, D);
   gemm_tn(E, D, L, 1.f, LE, E, X, D, 1.f, dW2, D);
@@ -835,15 +838,15 @@ inline void l2n_row(const float* x, float* y, float* n_out, int D) {
   const float n = std::sqrt(dot(x, x, D));
   *n_out = n;
   const float inv = 1.f / std::max(n, kNormEps);
-  for (int j = 0; j < D; ++j) y[j] = x[j] * inv;
+  HOPE_SIMD for (int j = 0; j < D; ++j) y[j] = x[j] * inv;
 }
 
 inline void l2n_row_bwd(const float* y, float n, const float* dy, float* dx, int D) {
   if (n > kNormEps) {
     const float p = dot(y, dy, D);
-    for (int j = 0; j < D; ++j) dx[j] = (dy[j] - y[j] * p) / n;
+    HOPE_SIMD for (int j = 0; j < D; ++j) dx[j] = (dy[j] - y[j] * p) / n;
   } else {
-    for (int j = 0; j < D; ++j) dx[j] = dy[j] / kNormEps;
+    HOPE_SIMD for (int j = 0; j < D; ++j) dx[j] = dy[j] / kNormEps;
   }
 }
 
@@ -925,11 +928,11 @@ void gen_chunk_bwd(const Dims& d, int L, const Mem* gen, const Mem* dgen, const 
     chunk_bwd(d, L, st, f.k, nullptr, f.eta, dn, nullptr, w, dgen[g], f.dth);
     float* out[4] = {dgen[g].W1, dgen[g].W2, dgen[g].S1, dgen[g].S2};
     for (int m = 0; m < 4; ++m)
-      for (int64_t i = 0; i < DE; ++i) out[m][i] += w.dold[m * DE + i];
-    for (int64_t i = 0; i < static_cast<int64_t>(L) * D; ++i) f.dk[i] += w.dK[i];
+      HOPE_SIMD for (int64_t i = 0; i < DE; ++i) out[m][i] += w.dold[m * DE + i];
+    HOPE_SIMD for (int64_t i = 0; i < static_cast<int64_t>(L) * D; ++i) f.dk[i] += w.dK[i];
     // targets v^_g = M_g(v): dv += d through the read
     mem_read_bwd(d, L, st, f.v, f.Pv + g * L * E, f.Av + g * L * E, w.dV, f.LD, dgen[g].W1, dgen[g].W2, f.LE);
-    for (int64_t i = 0; i < static_cast<int64_t>(L) * D; ++i) f.dv[i] += f.LD[i];
+    HOPE_SIMD for (int64_t i = 0; i < static_cast<int64_t>(L) * D; ++i) f.dv[i] += f.LD[i];
   }
   for (int t = 0; t < L; ++t) {
     f.deta[t] += f.dth[t];
@@ -945,7 +948,7 @@ void gen_chunk_bwd(const Dims& d, int L, const Mem* gen, const Mem* dgen, const 
     float* dOa = f.dO + kGalpha * L * D + t * D;
     const float* Oe = f.O + kGeta * L * D + t * D;
     const float* Oa = f.O + kGalpha * L * D + t * D;
-    for (int j = 0; j < D; ++j) {
+    HOPE_SIMD for (int j = 0; j < D; ++j) {
       dOe[j] = dze * hp.r_eta[j];
       dOa[j] = dza * hp.r_alpha[j];
       dr[j] += dze * Oe[j];
@@ -962,14 +965,14 @@ void gen_chunk_bwd(const Dims& d, int L, const Mem* gen, const Mem* dgen, const 
       l2n_row_bwd(f.q + t * D, f.qn[t], f.dq + t * D, f.dO + kGq * L * D + t * D, D);
     } else {  // q = l2n(xq)
       l2n_row_bwd(f.q + t * D, f.qn[t], f.dq + t * D, f.LD, D);
-      for (int j = 0; j < D; ++j) dxq[t * D + j] += f.LD[j];
+      HOPE_SIMD for (int j = 0; j < D; ++j) dxq[t * D + j] += f.LD[j];
     }
   }
   float* dX[kG] = {dxk, dxv, dxk, dxk, dxq};
   for (int g = 0; g < d.G; ++g) {
     mem_read_bwd(d, L, cmem(gen[g]), f.X[g], f.Px + g * L * E, f.Ax + g * L * E, f.dO + g * L * D, f.LD,
                  dgen[g].W1, dgen[g].W2, f.LE);
-    for (int64_t i = 0; i < static_cast<int64_t>(L) * D; ++i) dX[g][i] += f.LD[i];
+    HOPE_SIMD for (int64_t i = 0; i < static_cast<int64_t>(L) * D; ++i) dX[g][i] += f.LD[i];
   }
 }
 
@@ -1134,7 +1137,7 @@ void bwd_one(const Dims& d, const Ptrs& p, int64_t bh, float* dreadout, float* d
     for (int64_t i = 0; i < 4 * DE; ++i) dmem[i] += dstart[i];
     for (int t = 0; t < L; ++t) {
       float* row = dkvq.data() + (t0 + t) * 3 * D;
-      for (int j = 0; j < D; ++j) {
+      HOPE_SIMD for (int j = 0; j < D; ++j) {
         row[j] += w.dK[t * D + j];
         row[D + j] += w.dV[t * D + j];
         row[2 * D + j] += w.dQ[t * D + j];
