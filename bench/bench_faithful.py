@@ -8,6 +8,8 @@ one process (interleaved repeats, median).
     flock /tmp/hope-bench.lock python bench/bench_faithful.py --before /tmp/hope-before
     flock /tmp/hope-bench.lock python bench/bench_faithful.py --before /tmp/hope-before --steps 40 --skip-extras \
         --arms hope_after,flag_rule_titans,flag_adaptive_q,...   (the named deviations)
+    flock /tmp/hope-bench.lock python bench/bench_faithful.py --before /tmp/hope-before --steps 100 --skip-extras \
+        --arms hope_after,hope_gen_chunk_16,hope_gen_chunk_32   (the generator chunk)
 
 Every arm is ``python -m hope.train configs/smoke.yaml`` in a subprocess (the before arm with its checkout on
 PYTHONPATH and its own configs/smoke.yaml), with the same overrides: steps, batch, sequence length, evaluation
@@ -49,8 +51,12 @@ ARMS = {
     "flag_all_former_selfmod": ("after", "{preset: smoke-hope, rule: titans, adaptive_q: true, "
                                 "mem_readout: after_update, selfmod_momentum: true, gen_update_clip: 0.1, "
                                 "mem_update_clip: 0.5}", {}),
+    # the generator chunk (the self-modifying layer's update granularity; default 8): quality against hope_after
+    "hope_gen_chunk_16": ("after", "{preset: smoke-hope, gen_chunk_size: 16}", {}),
+    "hope_gen_chunk_32": ("after", "{preset: smoke-hope, gen_chunk_size: 32}", {}),
 }
 MAIN_ARMS = ("hope_before", "hope_after", "hope_after_static_cms", "titan_mag", "transformer")
+GEN_CHUNK_ARMS = ("hope_after", "hope_gen_chunk_16", "hope_gen_chunk_32")
 
 
 def run_arm(name, checkout: Path, model: str, args, out_dir: Path, env) -> dict:
@@ -61,7 +67,8 @@ def run_arm(name, checkout: Path, model: str, args, out_dir: Path, env) -> dict:
                  f"ckpt_every={args.steps}", f"seed={args.seed}", f"threads={args.threads}", "log.wandb=disabled",
                  "log.progress=false", "log.plot=false", f"data.overrides=[out_dir={args.data_dir}]",
                  f"model={model}"]
-    cmd = [sys.executable, "-m", "hope.train", str(checkout / "configs" / "smoke.yaml"), *overrides]
+    config = checkout / "configs" / "smoke.yaml"  # the before checkout's file; the package's named config since
+    cmd = [sys.executable, "-m", "hope.train", str(config) if config.exists() else "smoke", *overrides]
     t0 = time.perf_counter()
     try:  # a diverging run can roll back to its step-0 checkpoint over and over: bounded
         proc = subprocess.run(cmd, cwd=checkout, env={**env, "PYTHONPATH": str(checkout)}, capture_output=True,
@@ -222,7 +229,8 @@ def main(argv=None) -> int:
     if {"hope_before", "hope_after"} <= set(arms):
         results["after_over_before_step_time"] = arms["hope_after"]["median_step_s"] / arms["hope_before"]["median_step_s"]
     args.results.mkdir(parents=True, exist_ok=True)
-    tag = "main" if set(results["arms"]) <= set(MAIN_ARMS) else "flags"
+    tag = ("main" if set(results["arms"]) <= set(MAIN_ARMS) else
+           "gen-chunk" if set(results["arms"]) <= set(GEN_CHUNK_ARMS) else "flags")
     path = args.merge_into if args.merge_into is not None else args.results / f"faithful-{tag}-cpu-{stamp}.json"
     path.write_text(json.dumps(results, indent=1))
     plot(results, path.with_suffix(".png"))

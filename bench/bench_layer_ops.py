@@ -11,6 +11,11 @@ Three measurements, ``python bench/bench_layer_ops.py [ops] [speed] [layer] [--t
   process, interleaved step by step, median over repeats; the ratios to Transformer++ are the result.
 - ``layer``: the self-modifying Titans layer alone, forward + backward, on the fused op and on its loop
   (``fused=False``), interleaved, median over repeats, at the smoke and pilot sizes.
+- ``profile``: where one smoke HOPE step goes (``torch.profiler``): the fused op's forward and backward (self time,
+  calls) against everything else the step runs.
+
+``--json FILE`` also writes FILE with a ``.png`` suffix: tokens/s of the smoke presets, the step's split and the
+layer's fused-vs-loop times.
 
 HOPE's ops row is measured on the fused op and on the loop (``hope_fused`` true / false).
 
@@ -229,6 +234,74 @@ def layer_speed(reps: int = 5, sizes=LAYER_SIZES, **layer_kwargs) -> list[dict]:
     return rows
 
 
+def step_profile(reps: int = 3, **hope_overrides) -> dict:
+    """One smoke HOPE step (after ``reps`` warm-ups) under ``torch.profiler``: seconds in the fused op's kernels
+    (self time of its forward and backward operators) and in the rest of the step."""
+    from hope.models import build_model, preset
+    from hope_kernels._checks import value_checks_off
+
+    cfg = preset(SMOKE_PRESETS["hope"], **hope_overrides)
+    torch.manual_seed(0)
+    model = build_model(cfg)
+    tokens = torch.randint(0, cfg.vocab_size, (8, 129), generator=torch.Generator().manual_seed(0))
+    with value_checks_off():
+        for _ in range(reps):
+            _smoke_step(model, tokens)
+        with torch.profiler.profile() as prof:
+            t0 = time.perf_counter()
+            _smoke_step(model, tokens)
+            step_s = time.perf_counter() - t0
+    ops = {e.key: e for e in prof.key_averages() if "self_modifying_titans" in e.key and "::" in e.key
+           and not e.key.startswith(("autograd", "Generated"))}
+    row = {"measure": "profile", "preset": SMOKE_PRESETS["hope"], "B": 8, "T": 128, **hope_overrides,
+           "step_s": round(step_s, 3), "hope_layer_path": hope_layer_path(model.blocks[0].titans)}
+    kernel_s = 0.0
+    for key, e in sorted(ops.items()):
+        if key.startswith("hope::"):  # the custom op around the kernel operator: its time is the kernel's
+            continue
+        row[key] = {"s": round(e.self_cpu_time_total / 1e6, 3), "calls": e.count}
+        kernel_s += e.self_cpu_time_total / 1e6
+    row["kernels_s"], row["rest_s"] = round(kernel_s, 3), round(step_s - kernel_s, 3)
+    return row
+
+
+def plot(rows: list[dict], path: str) -> None:
+    """Smoke tokens/s per model, the HOPE step's split (kernels vs rest) and the layer's fused vs loop times."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    speed = [r for r in rows if r["measure"] == "speed"]
+    prof = [r for r in rows if r["measure"] == "profile"]
+    layer = [r for r in rows if r["measure"] == "layer"]
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    if speed:
+        ax = axes[0]
+        ax.bar([r["arch"] for r in speed], [r["tokens_per_s"] for r in speed], color=["C3", "C1", "C0"][:len(speed)])
+        for i, r in enumerate(speed):
+            ax.text(i, r["tokens_per_s"], f'{r["vs_transformer"]:.3f}x', ha="center", va="bottom")
+        ax.set_yscale("log")
+        ax.set_title("smoke presets, fwd+bwd tokens/s (vs Transformer++)")
+    if prof:
+        ax, r = axes[1], prof[-1]
+        ax.bar(["self_modifying_titans kernels", "rest of the step"], [r["kernels_s"], r["rest_s"]], color=["C3", "C7"])
+        ax.set_ylabel("s per step")
+        ax.set_title(f'one smoke HOPE step: {r["step_s"]:.2f} s')
+    if layer:
+        ax = axes[2]
+        xs = range(len(layer))
+        ax.bar([x - 0.2 for x in xs], [r["fused_ms"] for r in layer], 0.4, label="fused op")
+        ax.bar([x + 0.2 for x in xs], [r["loop_ms"] for r in layer], 0.4, label="layer loop")
+        ax.set_xticks(list(xs), [r["size"] for r in layer])
+        ax.set_ylabel("ms, fwd+bwd")
+        ax.set_title("self-modifying Titans layer")
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def machine() -> dict:
     return {"python": platform.python_version(), "torch": torch.__version__, "threads": torch.get_num_threads(),
             "cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
@@ -254,7 +327,7 @@ def run(device="cpu"):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("what", nargs="*", default=["all"], choices=("ops", "speed", "layer", "all"))
+    ap.add_argument("what", nargs="*", default=["all"], choices=("ops", "speed", "layer", "profile", "all"))
     ap.add_argument("--json", help="write the rows and the machine to this file")
     ap.add_argument("--machine-note", default="", help="what the machine is (shared, cores), stored with the rows")
     ap.add_argument("--reps", type=int, default=9)
@@ -286,7 +359,12 @@ def main(argv=None):
         for row in layer_speed(reps=max(3, args.reps // 2), **over):
             print(json.dumps(row), flush=True)
             rows.append(row)
+    if {"profile", "all"} & set(args.what):
+        row = step_profile(**over)
+        print(json.dumps(row), flush=True)
+        rows.append(row)
     if args.json:
+        plot(rows, os.path.splitext(args.json)[0] + ".png")
         tmp = args.json + ".tmp"
         with open(tmp, "w") as f:
             json.dump({"machine": {**machine(), "note": args.machine_note}, "rows": rows}, f, indent=1)
