@@ -19,7 +19,6 @@
 
 #include <algorithm>
 #include <cmath>
-#include <cstdint>
 #include <cstdlib>
 #include <cstring>
 #include <string>
@@ -49,51 +48,14 @@ enum Out { Y, GW1T, GW2T, GS1T, GS2T, MW1T, MW2T, MS1T, MS2T, KVQ, GATES, GEN_SC
 #define HOPE_SIMD _Pragma("omp simd")
 #define HOPE_SIMD_SUM _Pragma("omp simd reduction(+ : acc)")
 
-// exp(x) for x <= 0 in plain arithmetic, so that loops over it vectorise (libm's expf does not): x = n ln2 + r,
-// |r| <= ln2 / 2, exp(r) by its degree-7 Taylor polynomial (relative error < 1e-7), 2^n from the exponent bits.
-// Below -87 (where exp leaves the normal floats) it returns exp(-87); NaN stays NaN.
-inline float exp_nonpos(float x) {
-  x = x < -87.f ? -87.f : x;
-  const float kRound = 12582912.f;  // 1.5 * 2^23: adding and subtracting it rounds to the nearest integer
-  const float n = (x * 1.44269504088896341f + kRound) - kRound;
-  const float r = (x - n * 0.693145751953125f) - n * 1.42860682030941723e-6f;  // ln2 in two parts
-  float p = 1.f / 5040.f;
-  p = p * r + 1.f / 720.f;
-  p = p * r + 1.f / 120.f;
-  p = p * r + 1.f / 24.f;
-  p = p * r + 1.f / 6.f;
-  p = p * r + 0.5f;
-  p = p * r + 1.f;
-  p = p * r + 1.f;
-  const int32_t bits = (static_cast<int32_t>(n) + 127) * (1 << 23);
-  float scale;
-  std::memcpy(&scale, &bits, sizeof(scale));
-  return p * scale;
-}
-
-// gelu(h), gelu'(h) and gelu''(h) from one exp, vectorisable: Phi(h) = 1 - erfc(|h| / sqrt2) / 2 (h >= 0) or
-// erfc(|h| / sqrt2) / 2, erfc by Abramowitz & Stegun 7.1.26 (absolute error < 1.5e-7), whose exp(-h^2 / 2) is also
-// the density's; against the erf / exp of libm: |d gelu'| < 3e-7, |d gelu''| < 2e-7 (checked on [-20, 20])
+inline float gelu(float x) { return 0.5f * x * (1.f + erff(x * kInvSqrt2)); }
+inline float gelu_p(float x) { return 0.5f * (1.f + erff(x * kInvSqrt2)) + x * expf(-0.5f * x * x) * kInvSqrt2Pi; }
+// gelu(h), gelu'(h) and gelu''(h) from one erf and one exp
 inline void gelu_all(float h, float& a, float& gp, float& gpp) {
-  const float e = exp_nonpos(-0.5f * h * h);
-  const float z = std::fabs(h) * kInvSqrt2;
-  const float t = 1.f / (1.f + 0.3275911f * z);
-  const float erfc_z = t * (0.254829592f + t * (-0.284496736f + t * (1.421413741f + t * (-1.453152027f +
-                                                                                          t * 1.061405429f)))) * e;
-  const float cdf = h >= 0.f ? 1.f - 0.5f * erfc_z : 0.5f * erfc_z, pdf = e * kInvSqrt2Pi;
+  const float cdf = 0.5f * (1.f + erff(h * kInvSqrt2)), pdf = expf(-0.5f * h * h) * kInvSqrt2Pi;
   a = h * cdf;
   gp = cdf + h * pdf;
   gpp = pdf * (2.f - h * h);
-}
-inline float gelu(float h) {
-  float a, gp, gpp;
-  gelu_all(h, a, gp, gpp);
-  return a;
-}
-inline float gelu_p(float h) {
-  float a, gp, gpp;
-  gelu_all(h, a, gp, gpp);
-  return gp;
 }
 
 // ------------------------------------------------------------------------------------------------ small products
@@ -368,7 +330,7 @@ void chunk_fwd(const Dims& d, int L, const CMem& st, const float* K, const float
   transpose(E, D, st.W2, w.W2t);  // [D, E]
   transpose(D, E, st.W1, w.W1t);  // [E, D]
   gemm_nn(L, E, D, 1.f, K, D, w.W2t, E, 0.f, w.Hk, E);
-  HOPE_SIMD for (int64_t i = 0; i < static_cast<int64_t>(L) * E; ++i) gelu_all(w.Hk[i], w.Ak[i], w.Gp[i], w.Gpp[i]);
+  for (int64_t i = 0; i < static_cast<int64_t>(L) * E; ++i) gelu_all(w.Hk[i], w.Ak[i], w.Gp[i], w.Gpp[i]);
   std::memcpy(w.Err, K, sizeof(float) * L * D);
   gemm_nn(L, D, E, 1.f, w.Ak, E, w.W1t, D, 1.f, w.Err, D);
   HOPE_SIMD for (int64_t i = 0; i < static_cast<int64_t>(L) * D; ++i) w.Err[i] -= V[i];
@@ -438,7 +400,7 @@ void chunk_fwd(const Dims& d, int L, const CMem& st, const float* K, const float
       }
       gemm_nn(L, E, L, -1.f, w.Aqw, L, w.w, E, 1.f, w.Hq, E);
     }
-    HOPE_SIMD for (int64_t i = 0; i < static_cast<int64_t>(L) * E; ++i) w.Aq[i] = gelu(w.Hq[i]);
+    for (int64_t i = 0; i < static_cast<int64_t>(L) * E; ++i) w.Aq[i] = gelu(w.Hq[i]);
     gemm_nt(L, L, E, 1.f, w.Aq, E, w.Ak, E, 0.f, w.Z, L);
     gemm_nn(L, D, E, 1.f, w.Aq, E, w.W1t, D, 0.f, w.AqW1, D);
     gemm_nn(L, D, E, 1.f, w.Aq, E, w.S1t, D, 0.f, w.AqS1, D);
@@ -580,7 +542,7 @@ void chunk_bwd(const Dims& d, int L, const CMem& st, const float* K, const float
     gemm_tn(L, D, L, -1.f, w.dLL, L, dO, D, 1.f, w.dErr, D);
     gemm_nn(L, E, L, 1.f, w.dZ, L, w.Ak, E, 1.f, w.dAq, E);
     gemm_tn(L, E, L, 1.f, w.dZ, L, w.Aq, E, 1.f, w.dAk, E);
-    HOPE_SIMD for (int64_t i = 0; i < static_cast<int64_t>(L) * E; ++i) w.dHq[i] = w.dAq[i] * gelu_p(w.Hq[i]);
+    for (int64_t i = 0; i < static_cast<int64_t>(L) * E; ++i) w.dHq[i] = w.dAq[i] * gelu_p(w.Hq[i]);
     // Hq = diag(Bk) Q W2^T + diag(c) Q S2^T - Aqk Gr [- Aqw w]
     for (int t = 0; t < L; ++t) {
       dBq[t] += dot(w.dHq + t * E, w.QW2 + t * E, E);
@@ -859,12 +821,12 @@ void mem_read(const Dims& d, int L, const float* W1t, const float* W2t, const fl
   const int D = d.D, E = d.E;
   gemm_nn(L, E, D, 1.f, X, D, W2t, E, 0.f, Hx, E);
   if (P != nullptr) {
-    HOPE_SIMD for (int64_t i = 0; i < static_cast<int64_t>(L) * E; ++i) {
+    for (int64_t i = 0; i < static_cast<int64_t>(L) * E; ++i) {
       float unused;
       gelu_all(Hx[i], Ax[i], P[i], unused);
     }
   } else {
-    HOPE_SIMD for (int64_t i = 0; i < static_cast<int64_t>(L) * E; ++i) Ax[i] = gelu(Hx[i]);
+    for (int64_t i = 0; i < static_cast<int64_t>(L) * E; ++i) Ax[i] = gelu(Hx[i]);
   }
   std::memcpy(O, X, sizeof(float) * L * D);
   gemm_nn(L, D, E, 1.f, Ax, E, W1t, D, 1.f, O, D);
