@@ -34,7 +34,7 @@ ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_EARLY = ("bench_titan_memory_update@triton,fla", "bench_titan_memory_update:run_mlp@triton,eager,compile",
                  "bench_titan_memory_update:tune", "bench_titan_memory_update@eager,compile")
 DEFAULT_BENCHES = ("bench_titan_memory_update@cuda", "bench_teach_signal", "bench_cms_update", "bench_cuda",
-                   "bench_train")
+                   "bench_self_modifying_titans", "bench_train")
 TABLE_COLS = ("op", "memory", "impl", "rule", "shape", "pass", "median_ms", "peak_mb", "speedup_vs_eager",
               "speedup_vs_compile", "speedup_vs_fla", "config", "fwd_n_regs", "fwd_n_spills", "bwd_n_regs",
               "bwd_n_spills", "mlp_fwd_n_regs", "mlp_fwd_n_spills", "mlp_bwd_n_regs", "mlp_bwd_n_spills", "skipped",
