@@ -276,9 +276,14 @@ def plot(rows: list[dict], path: str) -> None:
     prof = [r for r in rows if r["measure"] == "profile"]
     layer = [r for r in rows if r["measure"] == "layer"]
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    # the first group's three models, then HOPE at each further generator chunk
+    speed = speed[:3] + [r for r in speed[3:] if r["arch"] == "hope"]
     if speed:
         ax = axes[0]
-        ax.bar([r["arch"] for r in speed], [r["tokens_per_s"] for r in speed], color=["C3", "C1", "C0"][:len(speed)])
+        labels = [r["arch"] + (f' (gen chunk {r["gen_chunk_size"]})' if "gen_chunk_size" in r else "") for r in speed]
+        colors = {"hope": "C3", "titan": "C1", "transformer": "C0"}
+        ax.bar(labels, [r["tokens_per_s"] for r in speed], color=[colors[r["arch"]] for r in speed])
+        ax.tick_params(axis="x", labelrotation=20)
         for i, r in enumerate(speed):
             ax.text(i, r["tokens_per_s"], f'{r["vs_transformer"]:.3f}x', ha="center", va="bottom")
         ax.set_yscale("log")
@@ -334,7 +339,9 @@ def main(argv=None):
     ap.add_argument("--T", type=int, default=2048, help="tokens of the op-count block (default 2048)")
     ap.add_argument("--profiler", action="store_true", help="ops: also count aten ops with torch.profiler")
     ap.add_argument("--rule", choices=("titans", "dgd"), help="override the HOPE / TITAN memory rule")
-    ap.add_argument("--gen-chunk-size", type=int, help="HOPE generator chunk (speed and layer)")
+    ap.add_argument("--gen-chunk-size", type=int, nargs="+",
+                    help="HOPE generator chunks: speed rows for the preset's, then for each of these (layer and "
+                         "profile: the preset's)")
     ap.add_argument("--threads", type=int, help="torch threads (1 on a shared machine: a busy core stalls the others)")
     ap.add_argument("--no-loop", action="store_true", help="ops: skip the HOPE layer's loop (its count is slow)")
     args = ap.parse_args(argv)
@@ -349,12 +356,12 @@ def main(argv=None):
             row = count_block_ops(arch, T=args.T, fused=fused, **_ops_kwargs(arch, args.rule, args.profiler))
             print(json.dumps(row), flush=True)
             rows.append(row)
-    if args.gen_chunk_size:  # the HOPE rows of the speed and layer measures
-        over["gen_chunk_size"] = args.gen_chunk_size
+    chunks = args.gen_chunk_size or []
     if {"speed", "all"} & set(args.what):
-        for row in smoke_speed(reps=args.reps, **over):
-            print(json.dumps(row), flush=True)
-            rows.append(row)
+        for extra in [{}] + [{"gen_chunk_size": c} for c in chunks]:  # the HOPE rows of each generator chunk
+            for row in smoke_speed(reps=args.reps, **over, **extra):
+                print(json.dumps(row), flush=True)
+                rows.append(row)
     if {"layer", "all"} & set(args.what):
         for row in layer_speed(reps=max(3, args.reps // 2), **over):
             print(json.dumps(row), flush=True)
