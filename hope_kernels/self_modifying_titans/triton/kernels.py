@@ -800,7 +800,8 @@ def _gen_bwd_kernel(p_xq, p_xk, p_xv, p_ckpt, p_work, p_seg, p_new, p_dstate, p_
                     BT: tl.constexpr, BD: tl.constexpr, BE: tl.constexpr, LOG2_BT: tl.constexpr, G: tl.constexpr,
                     DGD: tl.constexpr, NORM_V: tl.constexpr, CLIP: tl.constexpr, PRECISION: tl.constexpr):
     """Backward of the generator pass for one (b, h): segments of CK chunks in reverse, each recomputed from its
-    checkpoint (chunk-start states into p_seg [CK, G, 4, D E]), then its chunks in reverse. p_dstate [G, 4, D E]:
+    checkpoint up to its last chunk's start (chunk-start states into p_seg [CK, G, 4, D E]), then its chunks in
+    reverse. p_dstate [G, 4, D E]:
     the final state's gradient on entry, the initial state's on exit. Reads what the memory pass sent to the tokens
     (p_dkvq, p_dgates); writes dxq, dxk, dxv and this (b, h)'s parameter gradients p_dparams [2 D + 3]
     (d r_eta, d r_alpha, d b_eta, d b_alpha, d m_gen)."""
@@ -828,7 +829,8 @@ def _gen_bwd_kernel(p_xq, p_xk, p_xv, p_ckpt, p_work, p_seg, p_new, p_dstate, p_
         c0 = s * CK
         c1 = tl.minimum(NC, c0 + CK)
         _copy_state_all(p_ckpt + (i_bh * NK + s) * DE4G, p_w, o_d, o_e, m_d, D, E, BE, G)
-        for c in range(c0, c1):
+        # the segment's chunk-start states; its last chunk's end state is the next checkpoint, so no step for it
+        for c in range(c0, c1 - 1):
             t0, m_t, L, m_td, o_td = _chunk_rows(i_bh, c, T, C, D, o_t, o_d, m_d)
             b_xq = tl.load(p_xq + o_td, mask=m_td, other=0.0)
             b_xk = tl.load(p_xk + o_td, mask=m_td, other=0.0)
@@ -836,6 +838,7 @@ def _gen_bwd_kernel(p_xq, p_xk, p_xv, p_ckpt, p_work, p_seg, p_new, p_dstate, p_
             _gen_chunk(p_w, p_new + i_bh * DE4, p_sg + (c - c0) * DE4G, p_new, b_xq, b_xk, b_xv, r_eta, r_alpha,
                        b_eta, b_alpha, m_gen, rho, L, o_t, o_d, o_e, m_t, m_d, D, E, BT, BD, BE, LOG2_BT, G, DGD,
                        NORM_V, CLIP, True, False, PRECISION)
+        _copy_state_all(p_w, p_sg + (c1 - 1 - c0) * DE4G, o_d, o_e, m_d, D, E, BE, G)
         for i_c in range(0, c1 - c0):
             c = c1 - 1 - i_c
             p_start = p_sg + (c - c0) * DE4G
