@@ -109,7 +109,7 @@ class CMSLevel(nn.Module):
 
     # ------------------------------------------------------------------------------- chunk-parallel form
     def continual(self, x: torch.Tensor, teach_x: torch.Tensor, teach_delta: torch.Tensor,
-                  state: CMSLevelState | None, *, lr: float, beta: float, backend: str = "auto"):
+                  state: CMSLevelState | None, *, lr: float, beta: float):
         """Read ``x`` [B, T, D] with the weights of each token's block while the updates of the segment fire at its
         boundaries, every gradient taken at the segment-start weights W_0 (chunk-parallel form, NL eq. 71 with
         Titans' chunk-start gradients). ``teach_x``, ``teach_delta`` [B, T, D]: the level's inputs and the errors
@@ -153,30 +153,25 @@ class CMSLevel(nn.Module):
                 "bde,bte->btd", st.mom2, a)
         if n_fire > 0:
             y = y - lr * (K * torch.einsum("bte,bse->bts", a, a1)) @ D1
-        return y.to(x.dtype), self._advance(st, X1, D1, n_fire, w1_0, w2_0, C, c, powers, lr=lr, beta=beta,
-                                            backend=backend)
+        return y.to(x.dtype), self._advance(st, X1, D1, n1, a1, dh, n_fire, C, c, powers, lr=lr)
 
     @torch.no_grad()
-    def _advance(self, st, X1, D1, n_fire, w1_0, w2_0, C, c, powers, *, lr, beta, backend) -> CMSLevelState:
-        """The state after the segment: its n_fire updates summed with ``cms_update`` (one call: the gradient sums
-        weighted for the end weights and for the end momentum, stacked along the batch), the open block's tokens."""
-        from hope_kernels import cms_update
-
+    def _advance(self, st, X1, D1, n1, a1, dh, n_fire, C, c, powers, *, lr) -> CMSLevelState:
+        """The state after the segment: its n_fire updates summed, each token's gradient (dh_s n1_s^T, delta_s a1_s^T:
+        ``cms_update``'s at W_0, from the read's own n1, a1, dh) weighted for the end weights and for the end
+        momentum in one product per weight; the open block's tokens."""
         B, S, D = X1.shape
         P = self.period
         new = st.detach_copy()
         new.teach_signal_norm = float(D1[:, st.fill:].norm())
         if n_fire > 0:
-            blk = torch.arange(n_fire * P, device=X1.device) // P
-            w_end, w_mom = C[n_fire - blk], powers[n_fire - 1 - blk]  # weight of each fired token's gradient
-            x_f, d_f = X1[:, :n_fire * P], D1[:, :n_fire * P]
-            stacked_d = torch.cat([d_f * w_end[None, :, None], d_f * w_mom[None, :, None]], 0)
-            zeros = CMSParams(torch.zeros_like(w1_0).repeat(2, 1, 1), torch.zeros_like(w2_0).repeat(2, 1, 1))
-            # lr 0, beta 0, zero momenta: the returned momenta are the weighted gradient sums themselves
-            _, sums, _ = cms_update(CMSParams(w1_0.repeat(2, 1, 1).contiguous(), w2_0.repeat(2, 1, 1).contiguous()),
-                                    zeros, x_f.repeat(2, 1, 1).contiguous(), stacked_d.contiguous(), lr=0.0, beta=0.0,
-                                    backend=backend)
-            G1, G1m, G2, G2m = sums.w1[:B], sums.w1[B:], sums.w2[:B], sums.w2[B:]
+            nf = n_fire * P
+            blk = torch.arange(nf, device=X1.device) // P
+            # weight of each fired token's gradient in the end weights and in the end momentum: [2, nf]
+            wts = torch.stack([C[n_fire - blk], powers[n_fire - 1 - blk]])
+            G1s = torch.einsum("bkse,bsd->bked", dh[:, None, :nf] * wts[None, :, :, None], n1[:, :nf])
+            G2s = torch.einsum("bksd,bse->bkde", D1[:, None, :nf] * wts[None, :, :, None], a1[:, :nf])
+            G1, G1m, G2, G2m = G1s[:, 0], G1s[:, 1], G2s[:, 0], G2s[:, 1]
             new.off1 = st.off1 - lr * (c[n_fire] * st.mom1 + G1)
             new.off2 = st.off2 - lr * (c[n_fire] * st.mom2 + G2)
             new.mom1 = powers[n_fire] * st.mom1 + G1m
@@ -257,8 +252,7 @@ class CMSChain(nn.Module):
                 outputs.append(x)
         return x, inputs, outputs
 
-    def continual(self, x: torch.Tensor, teach, states, *, lr: float, beta: float, backend: str = "auto",
-                  collect: bool = False):
+    def continual(self, x: torch.Tensor, teach, states, *, lr: float, beta: float, collect: bool = False):
         """Chunk-parallel continual read (``CMSLevel.continual``); ``teach``: per level (inputs, errors) of the teach
         pass. Returns (y, new states, level inputs, level outputs)."""
         new_states, inputs, outputs = [], [], []
@@ -266,7 +260,7 @@ class CMSChain(nn.Module):
             if collect:
                 inputs.append(x.detach())
             x, st = level.continual(x, teach[j][0], teach[j][1], None if states is None else states[j], lr=lr,
-                                    beta=beta, backend=backend)
+                                    beta=beta)
             new_states.append(st)
             if collect:
                 outputs.append(x)

@@ -33,7 +33,7 @@ _TITAN_METRICS = ("memory_update_norm", "generator_update_norm", "memory_lr_mean
 class HopeBlock(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.cms_lr, self.cms_beta, self.backend = cfg.cms_lr, cfg.cms_beta, cfg.backend
+        self.cms_lr, self.cms_beta = cfg.cms_lr, cfg.cms_beta
         self.norm1 = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.titans = SelfModifyingTitans(cfg.d_model, cfg.n_heads, expansion=cfg.memory_expansion,
                                           mem_chunk_size=cfg.mem_chunk_size, gen_chunk_size=cfg.gen_chunk_size,
@@ -57,8 +57,7 @@ class HopeBlock(nn.Module):
             x, level_in, level_out = self.cms(x, cms_states, collect)
         else:
             x, cms_states, level_in, level_out = self.cms.continual(x, teach, cms_states, lr=self.cms_lr,
-                                                                    beta=self.cms_beta, backend=self.backend,
-                                                                    collect=collect)
+                                                                    beta=self.cms_beta, collect=collect)
         titan_state["cms"] = cms_states
         return x, titan_state, metrics, level_in, level_out
 

@@ -175,7 +175,7 @@ def test_level_chunk_parallel_matches_per_token_oracle(fill, carried):
         st.mom1, st.mom2 = 0.1 * torch.randn(B, E, D, generator=g), 0.1 * torch.randn(B, D, E, generator=g)
         st.buf_x[:, :fill], st.buf_delta[:, :fill] = torch.randn(B, fill, D, generator=g), torch.randn(B, fill, D, generator=g)
         st.fill, st.update_count = fill, 4
-    y, new = level.continual(x, tx, td, st, lr=lr, beta=beta, backend="reference")
+    y, new = level.continual(x, tx, td, st, lr=lr, beta=beta)
     P64 = params64(level)
     x64 = x.detach().double().requires_grad_(True)
     ys = []
