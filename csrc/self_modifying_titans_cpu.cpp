@@ -237,7 +237,8 @@ struct Work {
     const Slot slots[] = {
         {&P, LL}, {&Br, LL}, {&Gd, LL}, {&A, L}, {&Bk, L}, {&c, L}, {&gP, LL}, {&gBr, LL}, {&gG, LL}, {&gA, L},
         {&gBk, L}, {&gc, L}, {&a, L}, {&b, L}, {&ga, L}, {&gb, L}, {&gth, LL},
-        {&Hk, LE_}, {&Ak, LE_}, {&Gp, LE_}, {&Gpp, LE_}, {&Err, LD_}, {&U, LE_}, {&Gr, LE_}, {&W1t, DE}, {&W2t, DE}, {&S1t, DE}, {&S2t, DE},
+        {&Hk, LE_}, {&Ak, LE_}, {&Gp, LE_}, {&Gpp, LE_}, {&Err, LD_}, {&U, LE_}, {&Gr, LE_}, {&W1t, DE}, {&W2t, DE},
+        {&S1t, DE}, {&S2t, DE},
         {&Kh, LD_}, {&kn, L}, {&KhKh, LL}, {&M, LL}, {&KhK, LL}, {&Akk, LL}, {&Bp, L}, {&cp, L}, {&KhW2, LE_},
         {&KhS2, LE_}, {&R, LE_}, {&w, LE_},
         {&QK, LL}, {&Aqk, LL}, {&QW2, LE_}, {&QS2, LE_}, {&Hq, LE_}, {&Aq, LE_}, {&Z, LL}, {&AqW1, LD_},
@@ -1087,8 +1088,8 @@ void fwd_one(const Dims& d, const Ptrs& p, int64_t bh) {
   }
   float* kvq = p.kvq + bh * T * 3 * D;
   float* gates = p.gates + bh * T * 2;
-  gen_pass(d, p, bh, hp, gen, 0, d.NCg, f, w, d.K > 0 ? p.gen_ckpt + bh * d.NK * d.G * 4 * DE : nullptr, nullptr, kvq, gates,
-           p.gen_scale + bh * d.NCg * d.G);
+  float* ckpt = d.K > 0 ? p.gen_ckpt + bh * d.NK * d.G * 4 * DE : nullptr;  // none stored: no full backward
+  gen_pass(d, p, bh, hp, gen, 0, d.NCg, f, w, ckpt, nullptr, kvq, gates, p.gen_scale + bh * d.NCg * d.G);
   for (int g = 0; g < d.G; ++g)
     unpack(genbuf.data() + g * 4 * DE, p.gW1T, p.gW2T, p.gS1T, p.gS2T, gen_off(d, b, h, g), DE);
   // memory pass

@@ -213,5 +213,5 @@ def _backward(ctx, grads):
 self_modifying_titans_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 __all__ = ["OP", "LayerTensors", "LayerSettings", "SelfModifyingTitansCall", "supports_layer_call", "RULES",
-           "INPUT_ROLES", "OUTPUT_ROLES", "N_DIFFERENTIABLE", "MAX_CHECKPOINTS", "default_checkpoint_every", "xq_only_grad",
-           "self_modifying_titans_fwd", "self_modifying_titans_bwd"]
+           "INPUT_ROLES", "OUTPUT_ROLES", "N_DIFFERENTIABLE", "MAX_CHECKPOINTS", "default_checkpoint_every",
+           "xq_only_grad", "self_modifying_titans_fwd", "self_modifying_titans_bwd"]

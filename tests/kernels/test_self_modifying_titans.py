@@ -257,8 +257,8 @@ out = _run_op(self_modifying_titans, ins, gen_chunk_size=4, mem_chunk_size=7, ge
               mem_update_clip=0.3, rule="dgd", normalize_v=True, backend="cpp")
 outs = (out.y, *out.gen, *out.mem)
 grads = torch.autograd.grad(_pairing(outs, _cotangents(*outs[:1], outs[1:5], outs[5:])), ins)
-torch.save({{"isa": torch.ops.hope_cpu.self_modifying_titans_isa(), "values": [o.detach() for o in outs] + list(grads)}},
-           {path!r})
+values = [o.detach() for o in outs] + list(grads)
+torch.save({{"isa": torch.ops.hope_cpu.self_modifying_titans_isa(), "values": values}}, {path!r})
 """
 
 

@@ -801,10 +801,9 @@ def _gen_bwd_kernel(p_xq, p_xk, p_xv, p_ckpt, p_work, p_seg, p_new, p_dstate, p_
                     DGD: tl.constexpr, NORM_V: tl.constexpr, CLIP: tl.constexpr, PRECISION: tl.constexpr):
     """Backward of the generator pass for one (b, h): segments of CK chunks in reverse, each recomputed from its
     checkpoint up to its last chunk's start (chunk-start states into p_seg [CK, G, 4, D E]), then its chunks in
-    reverse. p_dstate [G, 4, D E]:
-    the final state's gradient on entry, the initial state's on exit. Reads what the memory pass sent to the tokens
-    (p_dkvq, p_dgates); writes dxq, dxk, dxv and this (b, h)'s parameter gradients p_dparams [2 D + 3]
-    (d r_eta, d r_alpha, d b_eta, d b_alpha, d m_gen)."""
+    reverse. p_dstate [G, 4, D E]: the final state's gradient on entry, the initial state's on exit. Reads what the
+    memory pass sent to the tokens (p_dkvq, p_dgates); writes dxq, dxk, dxv and this (b, h)'s parameter gradients
+    p_dparams [2 D + 3] (d r_eta, d r_alpha, d b_eta, d b_alpha, d m_gen)."""
     i_bh = tl.program_id(0).to(tl.int64)
     h = i_bh % H
     o_t = tl.arange(0, BT)
