@@ -131,6 +131,29 @@ def test_layer_local_grad_matches_reference_layer(backend, adaptive_q):
             assert rel_err(g_f[name], g) <= REL, name
 
 
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_teach_pass_call_takes_the_xq_only_backward(backend, monkeypatch):
+    """The layer's teach-pass call (``local_grad=True``, 4 generators) reaches the kernel's backward with q_only set
+    (no generator backward, no generator checkpoint); a training call does not."""
+    _backend_available(backend)
+    kernel = backends.get(OP, backend).kernel
+    seen = []
+    original = kernel.bwd
+
+    def spy(grads, inputs, saved, settings, q_only=False):
+        seen.append((q_only, settings.checkpoint_every, saved[2].shape[2]))
+        return original(grads, inputs, saved, settings, q_only)
+
+    monkeypatch.setattr(kernel, "bwd", staticmethod(spy))
+    _, layer = _layer_pair("dgd", backend, dim=12, heads=2, gen_chunk=4, mem_chunk=5)
+    x = torch.randn(1, 11, 12, generator=torch.Generator().manual_seed(4), requires_grad=True)
+    y, _, _ = layer(x, local_grad=True)
+    torch.autograd.grad(y.square().sum(), x)
+    layer(x)[0].square().sum().backward()
+    # (q_only, checkpoint_every, generator checkpoints stored): none for the teach call, every chunk's for training
+    assert seen == [(True, 0, 0), (False, 1, 3)]
+
+
 def _op_inputs(B=2, H=3, T=23, D=6, E=10, G=5, seed=1, dtype=torch.float64, lr_shift=0.0):
     """Random op inputs: W1 small, W2 unit-ish, learning rates large enough that the bounds bite (``lr_shift``
     lowers the eta gate's bias: without a bound these generators' self-generated targets run away)."""
