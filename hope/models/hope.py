@@ -45,12 +45,15 @@ class HopeBlock(nn.Module):
         self.cms = CMSChain(cfg.d_model, cfg.cms_hidden, cfg.active_cms_periods, cfg.init_std,
                             out_scale=(2 * cfg.n_layers) ** -0.5)
 
-    def forward(self, x, state, collect, teach=None, local_grad: bool = False):
+    def forward(self, x, state, collect, teach=None, local_grad: bool = False, titans_out=None):
         """``teach``: per level (inputs, errors) of the teach pass for the chunk-parallel continual CMS; None: the
         levels read with the stream's current weights. ``local_grad``: the teach pass (same-token gradient paths
-        through the self-modifying Titans). Every layer runs inside this forward (FSDP gathers a block's weights
-        around its forward)."""
-        y, titan_state, metrics = self.titans(self.norm1(x), state, local_grad=local_grad)
+        through the self-modifying Titans). ``titans_out``: the self-modifying Titans' (y, state, metrics) for this
+        x and state, already computed (the first block's, shared by the teach pass and the forward). Every layer
+        runs inside this forward (FSDP gathers a block's weights around its forward)."""
+        if titans_out is None:
+            titans_out = self.titans(self.norm1(x), state, local_grad=local_grad)
+        y, titan_state, metrics = titans_out
         x = x + y
         cms_states = None if state is None else state.get("cms")
         if teach is None:
@@ -76,12 +79,14 @@ class HopeLM(LanguageModel):
         learns = cfg.cms_levels > 0 and teach.scale > 0 and cfg.cms_mode != "static"
         if learns and cfg.cms_mode == "sequential":
             return self._sequential(x, state, collect, teach)
-        level_teach = self._teach_pass(x, state, teach) if learns else None
+        first = self._first_titans(x, state) if learns else None
+        level_teach = self._teach_pass(x, state, teach, first) if learns else None
         new_states, level_inputs, level_outputs = [], [], []
         metrics = dict.fromkeys(_TITAN_METRICS, 0.0)
         for i, block in enumerate(self.blocks):
             x, s, m, lin, lout = block(x, self._layer_state(state, i), collect,
-                                       None if level_teach is None else level_teach[i])
+                                       None if level_teach is None else level_teach[i],
+                                       titans_out=first if i == 0 else None)
             new_states.append(s)
             level_inputs.append(lin)
             level_outputs.append(lout)
@@ -92,6 +97,15 @@ class HopeLM(LanguageModel):
             aux["level_teach"] = level_teach
         metrics.update(cms_telemetry(new_states))
         return x, new_states, metrics, aux
+
+    def _first_titans(self, x, state):
+        """The first block's self-modifying Titans (y, state, metrics) with the forward's gradients, computed once
+        for the teach pass (which reads it at the forward's own input and state and takes no gradient through it)
+        and the forward; None under FSDP, whose hooks gather a block only around its own forward."""
+        b0 = self.blocks[0]
+        if _is_fsdp(b0):
+            return None
+        return b0.titans(b0.norm1(x), self._layer_state(state, 0))
 
     # ------------------------------------------------------------------------------------- teach signals
     def _teach_loss(self, h, labels):
@@ -105,7 +119,7 @@ class HopeLM(LanguageModel):
         n_valid = int((labels != -100).sum())
         return loss * n_valid, delta.view(B, T, D) * n_valid
 
-    def _teach_pass(self, x, state, teach: TeachContext):
+    def _teach_pass(self, x, state, teach: TeachContext, first=None):
         """Per layer, per level: (input, error at the level's output) [B, T, D] of every token, at the weights the
         segment starts with (chunk-parallel form). ``exact``: d loss_t / d y_t by one backward in which the
         self-modifying Titans pass gradients only along same-token paths (``local_grad``), so no token's error
@@ -122,7 +136,11 @@ class HopeLM(LanguageModel):
                 h = x.detach()
                 inputs, outputs = [], []
                 for i, block in enumerate(self.blocks):
-                    h, _, _, lin, lout = block.forward(h, self._layer_state(state, i), True, local_grad=True)
+                    shared = None  # the first block's Titans from the forward (``first``): its values, no graph
+                    if i == 0 and first is not None:
+                        shared = (first[0].detach(), dict(first[1]), first[2])
+                    h, _, _, lin, lout = block.forward(h, self._layer_state(state, i), True, local_grad=True,
+                                                       titans_out=shared)
                     inputs.append(lin)
                     outputs.append(lout)
                 loss, head_delta = self._teach_loss(h, teach.labels)

@@ -120,6 +120,37 @@ def test_chunk_parallel_teach_signal_is_each_tokens_own_loss_gradient():
             torch.testing.assert_close(err[:, t], g[:, t].float(), rtol=1e-4, atol=1e-6)
 
 
+def test_first_block_titans_shared_by_the_teach_pass_and_the_forward():
+    """The first block's self-modifying Titans runs once per step (the teach pass reads it at the forward's own input
+    and state): the same loss, every gradient and every teach error as running it in each pass (a test-side model
+    that never shares it, as under FSDP)."""
+    from hope.models.hope import HopeLM
+
+    class Unshared(HopeLM):
+        def _first_titans(self, x, state):
+            return None
+
+    torch.manual_seed(0)
+    cfg = tiny("hope", n_layers=2, cms_periods=(4, 8), cms_levels=2)
+    shared = build_model(cfg)
+    unshared = Unshared(cfg)
+    unshared.load_state_dict(shared.state_dict())
+    ids, labels = batch(cfg, B=2, T=13)
+    results = []
+    for model in (shared, unshared):
+        out = model(ids, labels=labels, collect=True)
+        out.loss.backward()
+        teach = [e for row in out.aux["level_teach"] for _, e in row]
+        results.append((out.loss.detach(), teach, {n: p.grad for n, p in model.named_parameters()}))
+    (loss_s, teach_s, grads_s), (loss_u, teach_u, grads_u) = results
+    torch.testing.assert_close(loss_s, loss_u, rtol=1e-6, atol=0)
+    for a, b in zip(teach_s, teach_u):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+    for name, g in grads_u.items():
+        assert g is not None and torch.isfinite(grads_s[name]).all(), name
+        torch.testing.assert_close(grads_s[name], g, rtol=1e-5, atol=1e-7, msg=name)
+
+
 def test_chunk_parallel_equals_sequential_when_one_update_is_read():
     """One layer (its errors are each token's own loss gradient either way), T = 2 periods of the fastest level:
     the only update any token reads is taken at the slow weights in both forms, so loss and every gradient match
