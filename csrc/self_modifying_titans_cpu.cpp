@@ -26,6 +26,7 @@
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
+#include <initializer_list>
 #include <string>
 #include <vector>
 
@@ -209,6 +210,24 @@ float* thread_scratch(int64_t n) {
   return buf.data();
 }
 
+// A named slice of a task's scratch: where its pointer goes and how many floats it takes.
+struct Slot {
+  float** p;
+  int64_t n;
+};
+
+// Lays the slots out one after the other in the thread's zeroed scratch Tag.
+template <int Tag>
+void carve(std::initializer_list<Slot> slots) {
+  int64_t total = 0;
+  for (const Slot& s : slots) total += s.n;
+  float* o = thread_scratch<Tag>(total);
+  for (const Slot& s : slots) {
+    *s.p = o;
+    o += s.n;
+  }
+}
+
 // Named scratch of one task: everything one chunk of one memory needs, forward and backward (L <= Lmax). One Work
 // per thread at a time (it lives in the thread's scratch).
 struct Work {
@@ -223,18 +242,14 @@ struct Work {
   // before it: row t - 1 of the decay terms)
   float *QK, *Aqk, *QW2, *QS2, *Hq, *Aq, *Z, *AqW1, *AqS1, *QKh, *Aqw, *Bq, *cq, *gq, *dBq, *dcq;
   // end-of-chunk state (before the bound) and row weights
-  float *nW1, *nW2, *nS1, *nS2, *wg, *wp, *wb, *tmpL, *tmpE;
+  float *nW1, *nW2, *nS1, *nS2, *wg, *wp, *wb;
   // backward
   float *dErr, *dAk, *dGr, *dK, *dV, *dQ, *dKh, *dw, *dR, *dM, *dHq, *dAq, *dU, *dHk, *Fm, *dZ, *dLL, *dLL2;
   float *tDE, *tDE2, *dsW1, *dsW2, *dsS1, *dsS2, *dold, *LD, *LD2, *LE, *LE2;
 
   Work(int64_t L, int64_t D, int64_t E) {
     const int64_t LL = L * L, LD_ = L * D, LE_ = L * E, DE = D * E;
-    struct Slot {
-      float** p;
-      int64_t n;
-    };
-    const Slot slots[] = {
+    carve<0>({
         {&P, LL}, {&Br, LL}, {&Gd, LL}, {&A, L}, {&Bk, L}, {&c, L}, {&gP, LL}, {&gBr, LL}, {&gG, LL}, {&gA, L},
         {&gBk, L}, {&gc, L}, {&a, L}, {&b, L}, {&ga, L}, {&gb, L}, {&gth, LL},
         {&Hk, LE_}, {&Ak, LE_}, {&Gp, LE_}, {&Gpp, LE_}, {&Err, LD_}, {&U, LE_}, {&Gr, LE_}, {&W1t, DE}, {&W2t, DE},
@@ -243,20 +258,12 @@ struct Work {
         {&KhS2, LE_}, {&R, LE_}, {&w, LE_},
         {&QK, LL}, {&Aqk, LL}, {&QW2, LE_}, {&QS2, LE_}, {&Hq, LE_}, {&Aq, LE_}, {&Z, LL}, {&AqW1, LD_},
         {&AqS1, LD_}, {&QKh, LL}, {&Aqw, LL}, {&Bq, L}, {&cq, L}, {&gq, LL}, {&dBq, L}, {&dcq, L},
-        {&nW1, DE}, {&nW2, DE}, {&nS1, DE}, {&nS2, DE}, {&wg, L}, {&wp, L}, {&wb, L}, {&tmpL, L}, {&tmpE, E},
+        {&nW1, DE}, {&nW2, DE}, {&nS1, DE}, {&nS2, DE}, {&wg, L}, {&wp, L}, {&wb, L},
         {&dErr, LD_}, {&dAk, LE_}, {&dGr, LE_}, {&dK, LD_}, {&dV, LD_}, {&dQ, LD_}, {&dKh, LD_}, {&dw, LE_},
         {&dR, LE_}, {&dM, LL}, {&dHq, LE_}, {&dAq, LE_}, {&dU, LE_}, {&dHk, LE_}, {&Fm, LL}, {&dZ, LL}, {&dLL, LL},
         {&dLL2, LL}, {&tDE, DE}, {&tDE2, DE}, {&dsW1, DE}, {&dsW2, DE}, {&dsS1, DE}, {&dsS2, DE}, {&dold, 4 * DE}, {&LD, LD_},
         {&LD2, LD_}, {&LE, LE_}, {&LE2, LE_},
-    };
-    int64_t total = 0;
-    for (const Slot& s : slots) total += s.n;
-    float* buf = thread_scratch<0>(total);
-    int64_t o = 0;
-    for (const Slot& s : slots) {
-      *s.p = buf + o;
-      o += s.n;
-    }
+    });
   }
 };
 
@@ -775,47 +782,16 @@ void bound_bwd(const CMem& old, Work& w, const Bound& b, float ratio, const CMem
 struct Front {  // one per thread at a time, like Work
   float *X[kG];                  // input of each generator (pointers into xq / xk / xv; not owned)
   float *O, *Hx, *Ax;            // [G, L, D] / [G, L, E]
-  float *k, *v, *q, *kn, *vn, *qn, *eta, *alpha, *thv, *Vh, *Hv, *Av;  // [L, D] / [L] / [G, L, D] / [G, L, E]
+  float *k, *v, *q, *kn, *vn, *qn, *eta, *alpha, *Vh, *Hv, *Av;  // [L, D] / [L] / [G, L, D] / [G, L, E]
   float *Px, *Pv;  // gelu' of Hx, Hv [G, L, E] (the backward's recompute only)
   float* Wt;       // each generator's transposed chunk-start W1, W2 [G, 2, D E], shared by its two reads
   float *dO, *dk, *dv, *dq, *deta, *dalpha, *dth, *LE, *LD;
   Front(int64_t L, int64_t D, int64_t E) {
     const int64_t LD_ = L * D, LE_ = L * E;
-    const int64_t n = 3 * kG * LD_ + 2 * kG * LE_ + 3 * LD_ + 3 * L + 3 * L + kG * LE_ + kG * LE_ + kG * LD_ + 3 * LD_ +
-                      3 * L + LE_ + LD_ + 2 * kG * LE_ + 2 * kG * D * E;
-    float* p = thread_scratch<1>(n);
-    auto take = [&](int64_t m) {
-      float* r = p;
-      p += m;
-      return r;
-    };
-    O = take(kG * LD_);
-    Hx = take(kG * LE_);
-    Ax = take(kG * LE_);
-    k = take(LD_);
-    v = take(LD_);
-    q = take(LD_);
-    kn = take(L);
-    vn = take(L);
-    qn = take(L);
-    eta = take(L);
-    alpha = take(L);
-    thv = take(L);
-    Vh = take(kG * LD_);
-    Hv = take(kG * LE_);
-    Av = take(kG * LE_);
-    dO = take(kG * LD_);
-    dk = take(LD_);
-    dv = take(LD_);
-    dq = take(LD_);
-    deta = take(L);
-    dalpha = take(L);
-    dth = take(L);
-    LE = take(LE_);
-    LD = take(LD_);
-    Px = take(kG * LE_);
-    Pv = take(kG * LE_);
-    Wt = take(2 * kG * D * E);
+    carve<1>({{&O, kG * LD_}, {&Hx, kG * LE_}, {&Ax, kG * LE_}, {&k, LD_}, {&v, LD_}, {&q, LD_}, {&kn, L}, {&vn, L},
+              {&qn, L}, {&eta, L}, {&alpha, L}, {&Vh, kG * LD_}, {&Hv, kG * LE_}, {&Av, kG * LE_}, {&dO, kG * LD_},
+              {&dk, LD_}, {&dv, LD_}, {&dq, LD_}, {&deta, L}, {&dalpha, L}, {&dth, L}, {&LE, LE_}, {&LD, LD_},
+              {&Px, kG * LE_}, {&Pv, kG * LE_}, {&Wt, 2 * kG * D * E}});
     for (int g = 0; g < kG; ++g) X[g] = nullptr;
   }
 };
