@@ -220,7 +220,7 @@ def _self_modifying_titans_launches():
         # the read-out before the update (the default) refuses an M_mem bound: bound the generators only then
         settings = LayerSettings(gen_chunk, mem_chunk, clip, 0.0, rule == "dgd", True, True, 1)
         saved = (f(B, H, T, 3, D), f(B, H, T, 2), f(B, H, T // gen_chunk, G, 4, D * E),
-                 f(B, H, T // mem_chunk, 4, D * E))
+                 f(B, H, T // mem_chunk, 4, D * E), f(B, H, 0))
         grads = [f(B, H, T, D)] + [x.clone() for x in inputs[3:11]]
 
         def run():

@@ -48,7 +48,7 @@ constexpr float kNormEps = 1e-6f;
 // roles of the forward's input list (chunk.py: INPUT_ROLES)
 enum In { XQ, XK, XV, GW1, GW2, GS1, GS2, MW1, MW2, MS1, MS2, READOUT, BIAS, MOM, N_IN };
 // roles of the forward's output list (chunk.py: OUTPUT_ROLES)
-enum Out { Y, GW1T, GW2T, GS1T, GS2T, MW1T, MW2T, MS1T, MS2T, KVQ, GATES, GEN_SCALE, MEM_SCALE, GEN_CKPT, MEM_CKPT, N_OUT };
+enum Out { Y, GW1T, GW2T, GS1T, GS2T, MW1T, MW2T, MS1T, MS2T, KVQ, GATES, GEN_SCALE, MEM_SCALE, GEN_CKPT, MEM_CKPT, STORE, N_OUT };
 // the backward's gradient list has the roles of In (d of each input), in that order
 
 #define HOPE_SIMD _Pragma("omp simd")
@@ -186,6 +186,7 @@ struct Dims {
   int64_t G;           // generators: 5 (adaptive q) or 4 (q = l2n(xq))
   bool dgd, normalize_v, readout_before;
   bool q_only = false;  // backward: only d xq is wanted (every other input is a constant; G = 4)
+  bool store = false;   // every chunk's intermediates stored by the forward for the backward (K == 1)
   float gclip, mclip;
   int64_t DE() const { return D * E; }
 };
@@ -266,6 +267,61 @@ struct Work {
     });
   }
 };
+
+// A slice of a task's scratch by member and its used size (a chunk of L tokens): what the chunk store moves.
+template <typename S>
+struct Field {
+  float* S::*m;
+  int64_t n;
+};
+
+// Copies fields between a scratch and the store at s (save: scratch -> store; load: the reverse); s null counts
+// only. Returns the floats the fields take.
+template <typename S>
+int64_t move_fields(S* obj, float* s, bool save, std::initializer_list<Field<S>> fields) {
+  int64_t n = 0;
+  for (const Field<S>& f : fields) {
+    if (s != nullptr) {
+      float* field = obj->*f.m;
+      if (save)
+        std::memcpy(s + n, field, sizeof(float) * f.n);
+      else
+        std::memcpy(field, s + n, sizeof(float) * f.n);
+    }
+    n += f.n;
+  }
+  return n;
+}
+
+// What chunk_bwd (and bound_bwd) read of one chunk_fwd of L tokens: the forward stores it, the backward loads it
+// back instead of running chunk_fwd again (docs: "memory"). read_out: a chunk with queries (M_mem); bound: the
+// chunk's update is bounded (its unbounded end state is read). w null: only counts.
+int64_t move_chunk(const Dims& d, int L, bool read_out, bool bound, Work* w, float* s, bool save) {
+  using F = Field<Work>;
+  const int64_t LL = static_cast<int64_t>(L) * L, LD = static_cast<int64_t>(L) * d.D,
+                LE = static_cast<int64_t>(L) * d.E, DE = d.DE();
+  if (w == nullptr) s = nullptr;
+  int64_t n = move_fields<Work>(w, s, save, {F{&Work::P, LL}, F{&Work::Br, LL}, F{&Work::Gd, LL}, F{&Work::A, L},
+                                             F{&Work::Bk, L}, F{&Work::c, L}, F{&Work::wg, L}, F{&Work::wp, L},
+                                             F{&Work::wb, L}, F{&Work::Ak, LE}, F{&Work::Gp, LE}, F{&Work::Gpp, LE},
+                                             F{&Work::U, LE}, F{&Work::Gr, LE}, F{&Work::Err, LD}});
+  auto at = [&](int64_t k) { return s != nullptr ? s + k : nullptr; };
+  if (d.dgd)
+    n += move_fields<Work>(w, at(n), save, {F{&Work::Kh, LD}, F{&Work::kn, L}, F{&Work::KhKh, LL}, F{&Work::M, LL},
+                                            F{&Work::KhK, LL}, F{&Work::Akk, LL}, F{&Work::Bp, L}, F{&Work::cp, L},
+                                            F{&Work::KhW2, LE}, F{&Work::KhS2, LE}, F{&Work::w, LE}});
+  if (read_out) {
+    n += move_fields<Work>(w, at(n), save, {F{&Work::QK, LL}, F{&Work::Aqk, LL}, F{&Work::QW2, LE},
+                                            F{&Work::QS2, LE}, F{&Work::Hq, LE}, F{&Work::Aq, LE}, F{&Work::Z, LL},
+                                            F{&Work::AqW1, LD}, F{&Work::AqS1, LD}, F{&Work::Bq, L}, F{&Work::cq, L},
+                                            F{&Work::gq, LL}});
+    if (d.dgd) n += move_fields<Work>(w, at(n), save, {F{&Work::QKh, LL}, F{&Work::Aqw, LL}});
+  }
+  if (bound)
+    n += move_fields<Work>(w, at(n), save, {F{&Work::nW1, DE}, F{&Work::nW2, DE}, F{&Work::nS1, DE},
+                                            F{&Work::nS2, DE}});
+  return n;
+}
 
 // ------------------------------------------------------------------------------------------------ decay terms
 // P[t, i] = prod_{i<j<=t} a_j, Br likewise with b, G[t, i] = b_t G[t-1, i] + P[t, i], A_t = prod a, Bk_t = prod b,
@@ -705,6 +761,19 @@ void chunk_bwd(const Dims& d, int L, const CMem& st, const float* K, const float
   terms_bwd(L, w);
 }
 
+// The backward's chunk_fwd: its intermediates loaded from the forward's store when it kept them (with W1^T, which
+// chunk_bwd reads and the store leaves out: a copy of the chunk-start W1), else recomputed.
+// O: the recompute's read-out (Q only; its values are not used).
+void chunk_again(const Dims& d, int L, const CMem& st, const float* K, const float* V, const float* Q,
+                 const float* th, Work& w, bool bound, const float* store, float* O = nullptr) {
+  if (store == nullptr) {
+    chunk_fwd(d, L, st, K, V, Q, th, w, O);
+    return;
+  }
+  move_chunk(d, L, Q != nullptr, bound, &w, const_cast<float*>(store), false);
+  transpose(static_cast<int>(d.D), static_cast<int>(d.E), st.W1, w.W1t);
+}
+
 // ------------------------------------------------------------------------------------------------ update bound
 struct Bound {
   float d2, w2, raw, s;
@@ -796,6 +865,18 @@ struct Front {  // one per thread at a time, like Work
   }
 };
 
+// What gen_chunk_bwd reads of one front_fwd (with derivs) of L tokens, moved like move_chunk's fields (f null:
+// only counts); the inputs' pointers f.X are set by the caller.
+int64_t move_front(const Dims& d, int L, Front* f, float* s, bool save) {
+  using F = Field<Front>;
+  const int64_t GLD = d.G * L * d.D, GLE = d.G * L * d.E, LD = static_cast<int64_t>(L) * d.D;
+  return move_fields<Front>(f, f != nullptr ? s : nullptr, save,
+                            {F{&Front::O, GLD}, F{&Front::Ax, GLE}, F{&Front::Px, GLE}, F{&Front::Av, GLE},
+                             F{&Front::Pv, GLE}, F{&Front::k, LD}, F{&Front::v, LD}, F{&Front::q, LD},
+                             F{&Front::kn, L}, F{&Front::vn, L}, F{&Front::qn, L}, F{&Front::eta, L},
+                             F{&Front::alpha, L}});
+}
+
 // M(X) = X + W1 gelu(X W2^T)^T..: O = X + gelu(X W2^T) W1^T from the transposed weights W1t [E, D], W2t [D, E],
 // with H, A kept and, when P is given, gelu'(H) (for mem_read_bwd)
 void mem_read(const Dims& d, int L, const float* W1t, const float* W2t, const float* X, float* O, float* Hx, float* Ax,
@@ -850,18 +931,23 @@ struct HeadParams {
   float b_eta, b_alpha, m_gen, m_mem;
 };
 
-// derivs: also gelu' of the reads' pre-activations (the backward's recompute)
+// the generators' inputs: generator g reads f.X[g]
+void front_inputs(const Dims& d, Front& f, const float* xq, const float* xk, const float* xv) {
+  const float* X[kG] = {xk, xv, xk, xk, xq};
+  for (int g = 0; g < d.G; ++g) f.X[g] = const_cast<float*>(X[g]);
+}
+
+// derivs: also gelu' of the reads' pre-activations (for the backward)
 void front_fwd(const Dims& d, int L, const Mem* gen, const float* xq, const float* xk, const float* xv,
                const HeadParams& hp, Front& f, bool derivs) {
   const int D = d.D, E = d.E;
   const int64_t DE = d.DE();
-  const float* X[kG] = {xk, xv, xk, xk, xq};
+  front_inputs(d, f, xq, xk, xv);
   for (int g = 0; g < d.G; ++g) {
     float *W1t = f.Wt + 2 * g * DE, *W2t = W1t + DE;
     transpose(D, E, gen[g].W1, W1t);
     transpose(E, D, gen[g].W2, W2t);
-    f.X[g] = const_cast<float*>(X[g]);
-    mem_read(d, L, W1t, W2t, X[g], f.O + g * L * D, f.Hx + g * L * E, f.Ax + g * L * E,
+    mem_read(d, L, W1t, W2t, f.X[g], f.O + g * L * D, f.Hx + g * L * E, f.Ax + g * L * E,
              derivs ? f.Px + g * L * E : nullptr);
   }
   for (int t = 0; t < L; ++t) {
@@ -886,12 +972,33 @@ void fill_gates(int L, const float* alpha, float momentum, Work& w) {
   }
 }
 
-// one generator chunk forward: updates gen in place; the bound's scale of each generator into scale (or null)
-void gen_chunk_fwd(const Dims& d, int L, const Mem* gen, const HeadParams& hp, Front& f, Work& w, float* scale) {
+// the chunk store of (b, h) (d.store): per generator chunk its front and each generator's chunk, then per M_mem
+// chunk its chunk, at fixed strides (a short last chunk uses the start of its slot)
+int64_t gen_chunk_stride(const Dims& d) {
+  return move_chunk(d, static_cast<int>(d.Cg), false, d.gclip > 0, nullptr, nullptr, true);
+}
+int64_t front_stride(const Dims& d) { return move_front(d, static_cast<int>(d.Cg), nullptr, nullptr, true); }
+int64_t gen_store_stride(const Dims& d) { return front_stride(d) + d.G * gen_chunk_stride(d); }
+int64_t mem_store_stride(const Dims& d) {
+  return move_chunk(d, static_cast<int>(d.Cm), true, d.mclip > 0, nullptr, nullptr, true);
+}
+int64_t store_floats(const Dims& d) {
+  return d.store ? d.NCg * gen_store_stride(d) + d.NCm * mem_store_stride(d) : 0;
+}
+// M_mem chunk c's slot in the store of (b, h)
+float* mem_store(const Dims& d, float* store, int64_t c) {
+  return store + d.NCg * gen_store_stride(d) + c * mem_store_stride(d);
+}
+
+// one generator chunk forward: updates gen in place; the bound's scale of each generator into scale (or null); each
+// generator's chunk intermediates into store (or null: none kept)
+void gen_chunk_fwd(const Dims& d, int L, const Mem* gen, const HeadParams& hp, Front& f, Work& w, float* scale,
+                   float* store) {
   const int64_t DE = d.DE();
   fill_gates(L, f.alpha, hp.m_gen, w);
   for (int g = 0; g < d.G; ++g) {
     chunk_fwd(d, L, cmem(gen[g]), f.k, f.Vh + g * L * d.D, nullptr, f.eta, w, nullptr);
+    if (store != nullptr) move_chunk(d, L, false, d.gclip > 0, &w, store + g * gen_chunk_stride(d), true);
     const Bound b = bound_fwd(cmem(gen[g]), w, d.gclip, DE);
     bound_apply(cmem(gen[g]), w, b, d.gclip, gen[g], DE);
     if (scale != nullptr) scale[g] = b.s;
@@ -900,9 +1007,10 @@ void gen_chunk_fwd(const Dims& d, int L, const Mem* gen, const HeadParams& hp, F
 
 // one generator chunk backward: gen holds the chunk-start state, dgen the gradient of its end state (replaced by the
 // chunk-start state's); f.dk, f.dv, f.dq, f.deta, f.dalpha hold what the memory pass sent to this chunk's tokens.
-// Writes dxq, dxk, dxv [L, D] (added), accumulates dr [2, D], dbias [2], dm_gen.
+// Writes dxq, dxk, dxv [L, D] (added), accumulates dr [2, D], dbias [2], dm_gen. store: the generators' chunk
+// intermediates kept by the forward (null: recomputed).
 void gen_chunk_bwd(const Dims& d, int L, const Mem* gen, const Mem* dgen, const HeadParams& hp, Front& f, Work& w,
-                   float* dxq, float* dxk, float* dxv, float* dr, float* dbias, float* dm_gen) {
+                   const float* store, float* dxq, float* dxk, float* dxv, float* dr, float* dbias, float* dm_gen) {
   const int D = d.D, E = d.E;
   const int64_t DE = d.DE();
   fill_gates(L, f.alpha, hp.m_gen, w);
@@ -911,7 +1019,8 @@ void gen_chunk_bwd(const Dims& d, int L, const Mem* gen, const Mem* dgen, const 
   std::fill(w.gb, w.gb + L, 0.f);
   for (int g = 0; g < d.G; ++g) {
     const CMem st = cmem(gen[g]);
-    chunk_fwd(d, L, st, f.k, f.Vh + g * L * D, nullptr, f.eta, w, nullptr);
+    chunk_again(d, L, st, f.k, f.Vh + g * L * D, nullptr, f.eta, w, d.gclip > 0,
+                store != nullptr ? store + g * gen_chunk_stride(d) : nullptr);
     const Bound b = bound_fwd(st, w, d.gclip, DE);
     // dgen[g] -> (w.ds*: d new), dold (direct part), kept in tDE.. : use nW* as unbounded state, dgen as dout
     std::fill(w.dold, w.dold + 4 * DE, 0.f);
@@ -974,7 +1083,7 @@ struct Ptrs {
   const float *xq, *xk, *xv, *gW1, *gW2, *gS1, *gS2, *mW1, *mW2, *mS1, *mS2, *readout, *bias, *mom;
   // forward outputs
   float *y, *gW1T, *gW2T, *gS1T, *gS2T, *mW1T, *mW2T, *mS1T, *mS2T, *kvq, *gates, *gen_scale, *mem_scale, *gen_ckpt,
-      *mem_ckpt;
+      *mem_ckpt, *store;
   // backward: incoming gradients and outputs
   const float *dy, *dgW1T, *dgW2T, *dgS1T, *dgS2T, *dmW1T, *dmW2T, *dmS1T, *dmS2T;
   float *dxq, *dxk, *dxv, *dgW1, *dgW2, *dgS1, *dgS2, *dmW1, *dmW2, *dmS1, *dmS2, *dreadout, *dbias, *dmom;
@@ -1021,10 +1130,12 @@ inline void gather_kvq(const Dims& d, const float* kvq, int64_t t0, int L, float
 }
 
 // the generator pass of (b, h) from its chunk-start states at chunk c0 (in gen, updated in place) through chunk
-// c1 - 1; stores k, v, q, eta, alpha and, when ckpt, the checkpoints of chunk-start states; or, when chunk_states,
-// every chunk-start state (the backward's recompute of one segment: it stops at the last chunk's start)
+// c1 - 1; stores k, v, q, eta, alpha and, when ckpt, the checkpoints of chunk-start states (and, when store, every
+// chunk's intermediates); or, when chunk_states, every chunk-start state (the backward's recompute of one segment:
+// it stops at the last chunk's start)
 void gen_pass(const Dims& d, const Ptrs& p, int64_t bh, const HeadParams& hp, const Mem* gen, int64_t c0, int64_t c1,
-              Front& f, Work& w, float* ckpt, float* chunk_states, float* kvq, float* gates, float* scale) {
+              Front& f, Work& w, float* ckpt, float* chunk_states, float* kvq, float* gates, float* scale,
+              float* store) {
   const int64_t D = d.D, DE = d.DE(), T = d.T;
   const float *xq = p.xq + bh * T * D, *xk = p.xk + bh * T * D, *xv = p.xv + bh * T * D;
   for (int64_t c = c0; c < c1; ++c) {
@@ -1037,7 +1148,12 @@ void gen_pass(const Dims& d, const Ptrs& p, int64_t bh, const HeadParams& hp, co
         pack(gen[g].W1, gen[g].W2, gen[g].S1, gen[g].S2, 0, chunk_states + ((c - c0) * d.G + g) * 4 * DE, DE);
       if (c == c1 - 1) break;  // the last chunk's end state is the next checkpoint: not needed
     }
-    front_fwd(d, L, gen, xq + t0 * D, xk + t0 * D, xv + t0 * D, hp, f, false);
+    float* cs = store != nullptr ? store + c * gen_store_stride(d) : nullptr;
+    front_fwd(d, L, gen, xq + t0 * D, xk + t0 * D, xv + t0 * D, hp, f, cs != nullptr);
+    if (cs != nullptr) {
+      move_front(d, L, &f, cs, true);
+      cs += front_stride(d);  // then each generator's chunk
+    }
     if (kvq != nullptr)
       for (int t = 0; t < L; ++t) {
         float* row = kvq + (t0 + t) * 3 * D;
@@ -1047,7 +1163,7 @@ void gen_pass(const Dims& d, const Ptrs& p, int64_t bh, const HeadParams& hp, co
         gates[(t0 + t) * 2] = f.eta[t];
         gates[(t0 + t) * 2 + 1] = f.alpha[t];
       }
-    gen_chunk_fwd(d, L, gen, hp, f, w, scale != nullptr ? scale + c * d.G : nullptr);
+    gen_chunk_fwd(d, L, gen, hp, f, w, scale != nullptr ? scale + c * d.G : nullptr, cs);
   }
 }
 
@@ -1065,7 +1181,8 @@ void fwd_one(const Dims& d, const Ptrs& p, int64_t bh) {
   float* kvq = p.kvq + bh * T * 3 * D;
   float* gates = p.gates + bh * T * 2;
   float* ckpt = d.K > 0 ? p.gen_ckpt + bh * d.NK * d.G * 4 * DE : nullptr;  // none stored: no full backward
-  gen_pass(d, p, bh, hp, gen, 0, d.NCg, f, w, ckpt, nullptr, kvq, gates, p.gen_scale + bh * d.NCg * d.G);
+  float* store = d.store ? p.store + bh * store_floats(d) : nullptr;
+  gen_pass(d, p, bh, hp, gen, 0, d.NCg, f, w, ckpt, nullptr, kvq, gates, p.gen_scale + bh * d.NCg * d.G, store);
   for (int g = 0; g < d.G; ++g)
     unpack(genbuf.data() + g * 4 * DE, p.gW1T, p.gW2T, p.gS1T, p.gS2T, gen_off(d, b, h, g), DE);
   // memory pass
@@ -1084,6 +1201,7 @@ void fwd_one(const Dims& d, const Ptrs& p, int64_t bh) {
       w.b[t] = 1.f - gates[(t0 + t) * 2 + 1];
     }
     chunk_fwd(d, L, cmem(mem), K, V, Q, th.data(), w, p.y + (bh * T + t0) * D);
+    if (store != nullptr) move_chunk(d, L, true, d.mclip > 0, &w, mem_store(d, store, c), true);
     const Bound bd = bound_fwd(cmem(mem), w, d.mclip, DE);
     bound_apply(cmem(mem), w, bd, d.mclip, mem, DE);
     p.mem_scale[bh * d.NCm + c] = bd.s;
@@ -1097,6 +1215,7 @@ void bwd_one(const Dims& d, const Ptrs& p, int64_t bh, float* dreadout, float* d
   Work w(d.Lmax, D, d.E);
   const float* kvq = p.kvq + bh * T * 3 * D;
   const float* gates = p.gates + bh * T * 2;
+  float* store = d.store ? p.store + bh * store_floats(d) : nullptr;
   // gradients of k, v, q [T, 3, D] and eta, alpha [T, 2] from the memory pass
   std::vector<float> dkvq(static_cast<size_t>(T * 3 * D), 0.f), dgates(static_cast<size_t>(T * 2), 0.f);
   // memory pass, chunks in reverse
@@ -1118,7 +1237,8 @@ void bwd_one(const Dims& d, const Ptrs& p, int64_t bh, float* dreadout, float* d
       w.ga[t] = 0.f;
       w.gb[t] = 0.f;
     }
-    chunk_fwd(d, L, st, K, V, Q, th.data(), w, y.data());
+    chunk_again(d, L, st, K, V, Q, th.data(), w, d.mclip > 0, store != nullptr ? mem_store(d, store, c) : nullptr,
+                y.data());
     const Bound bd = bound_fwd(st, w, d.mclip, DE);
     std::fill(dstart.begin(), dstart.end(), 0.f);
     const Mem ds = mem_at(dstart.data(), DE);
@@ -1166,12 +1286,19 @@ void bwd_one(const Dims& d, const Ptrs& p, int64_t bh, float* dreadout, float* d
   for (int64_t s = d.NK - 1; s >= 0; --s) {
     const int64_t c0 = s * d.K, c1 = std::min(d.NCg, c0 + d.K);
     std::memcpy(genbuf.data(), ckpt + s * d.G * 4 * DE, sizeof(float) * d.G * 4 * DE);
-    gen_pass(d, p, bh, hp, gen, c0, c1, f, w, nullptr, states.data(), nullptr, nullptr, nullptr);
+    gen_pass(d, p, bh, hp, gen, c0, c1, f, w, nullptr, states.data(), nullptr, nullptr, nullptr, nullptr);
     for (int64_t c = c1 - 1; c >= c0; --c) {
       const int64_t t0 = c * d.Cg;
       const int L = static_cast<int>(std::min(d.Cg, T - t0));
       std::memcpy(genbuf.data(), states.data() + (c - c0) * d.G * 4 * DE, sizeof(float) * d.G * 4 * DE);
-      front_fwd(d, L, gen, xq + t0 * D, xk + t0 * D, xv + t0 * D, hp, f, true);
+      const float* cs = store != nullptr ? store + c * gen_store_stride(d) : nullptr;
+      if (cs != nullptr) {  // the forward kept this chunk's front and generator chunks
+        front_inputs(d, f, xq + t0 * D, xk + t0 * D, xv + t0 * D);
+        move_front(d, L, &f, const_cast<float*>(cs), false);
+        cs += front_stride(d);
+      } else {
+        front_fwd(d, L, gen, xq + t0 * D, xk + t0 * D, xv + t0 * D, hp, f, true);
+      }
       for (int t = 0; t < L; ++t) {
         const float* row = dkvq.data() + (t0 + t) * 3 * D;
         std::memcpy(f.dk + t * D, row, sizeof(float) * D);
@@ -1180,7 +1307,8 @@ void bwd_one(const Dims& d, const Ptrs& p, int64_t bh, float* dreadout, float* d
         f.deta[t] = dgates[(t0 + t) * 2];
         f.dalpha[t] = dgates[(t0 + t) * 2 + 1];
       }
-      gen_chunk_bwd(d, L, gen, dgen, hp, f, w, dxq + t0 * D, dxk + t0 * D, dxv + t0 * D, dreadout, dbias, &dm_gen);
+      gen_chunk_bwd(d, L, gen, dgen, hp, f, w, cs, dxq + t0 * D, dxk + t0 * D, dxv + t0 * D, dreadout, dbias,
+                    &dm_gen);
     }
   }
   for (int g = 0; g < d.G; ++g)
@@ -1202,6 +1330,30 @@ void advise_huge_pages(const at::Tensor& t) {
 #else
   (void)t;
 #endif
+}
+
+// the sizes and settings that follow from the shapes (B, H, T, D, E, G set) and the op's arguments
+void settle(Dims& d, int64_t gen_chunk, int64_t mem_chunk, double gclip, double mclip, bool dgd, bool normalize_v,
+            bool readout_before, int64_t ckpt_every) {
+  TORCH_CHECK(gen_chunk >= 1 && mem_chunk >= 1 && ckpt_every >= 0,
+              "chunk sizes must be >= 1 and checkpoint_every >= 0 (0: no generator checkpoints)");
+  d.Cg = gen_chunk;
+  d.Cm = mem_chunk;
+  d.K = ckpt_every;
+  d.NCg = (d.T + d.Cg - 1) / d.Cg;
+  d.NCm = (d.T + d.Cm - 1) / d.Cm;
+  d.NK = d.K > 0 ? (d.NCg + d.K - 1) / d.K : 0;
+  d.Lmax = std::max(std::min(d.Cg, d.T), std::min(d.Cm, d.T));
+  d.Cg = std::min(d.Cg, d.T);
+  d.Cm = std::min(d.Cm, d.T);
+  d.dgd = dgd;
+  d.normalize_v = normalize_v;
+  d.readout_before = readout_before;
+  d.gclip = static_cast<float>(gclip);
+  d.mclip = static_cast<float>(mclip);
+  // every chunk-start state checkpointed: the forward also keeps every chunk's intermediates, so the backward runs
+  // no chunk twice (about as many floats again as the checkpoints)
+  d.store = d.K == 1;
 }
 
 Dims dims_of(at::TensorList in, int64_t gen_chunk, int64_t mem_chunk, double gclip, double mclip,
@@ -1226,23 +1378,8 @@ Dims dims_of(at::TensorList in, int64_t gen_chunk, int64_t mem_chunk, double gcl
                   (in[GW1].size(1) / d.H == 4 || in[GW1].size(1) / d.H == kG),
               "gen.W1 must be [B, G H, D, E] with G = 4 or 5 generators, got ", fmt(in[GW1].sizes()));
   d.G = in[GW1].size(1) / d.H;
-  TORCH_CHECK(gen_chunk >= 1 && mem_chunk >= 1 && ckpt_every >= 0,
-              "chunk sizes must be >= 1 and checkpoint_every >= 0 (0: no generator checkpoints)");
   TORCH_CHECK(d.T >= 1, "xq must have T >= 1 tokens");
-  d.Cg = gen_chunk;
-  d.Cm = mem_chunk;
-  d.K = ckpt_every;
-  d.NCg = (d.T + d.Cg - 1) / d.Cg;
-  d.NCm = (d.T + d.Cm - 1) / d.Cm;
-  d.NK = d.K > 0 ? (d.NCg + d.K - 1) / d.K : 0;
-  d.Lmax = std::max(std::min(d.Cg, d.T), std::min(d.Cm, d.T));
-  d.Cg = std::min(d.Cg, d.T);
-  d.Cm = std::min(d.Cm, d.T);
-  d.dgd = dgd;
-  d.normalize_v = normalize_v;
-  d.readout_before = readout_before;
-  d.gclip = static_cast<float>(gclip);
-  d.mclip = static_cast<float>(mclip);
+  settle(d, gen_chunk, mem_chunk, gclip, mclip, dgd, normalize_v, readout_before, ckpt_every);
   const int64_t B = d.B, H = d.H, T = d.T, D = d.D, E = d.E;
   HOPE_CHECK_SHAPE(xk, in[XK], B, H, T, D);
   HOPE_CHECK_SHAPE(xv, in[XV], B, H, T, D);
@@ -1300,8 +1437,8 @@ std::vector<at::Tensor> fwd(at::TensorList in, int64_t gen_chunk, int64_t mem_ch
   out[MEM_SCALE] = at::empty({d.B, d.H, d.NCm}, f32);
   out[GEN_CKPT] = at::empty({d.B, d.H, d.NK, d.G, 4, d.DE()}, f32);
   out[MEM_CKPT] = at::empty({d.B, d.H, d.NCm, 4, d.DE()}, f32);
-  advise_huge_pages(out[GEN_CKPT]);
-  advise_huge_pages(out[MEM_CKPT]);
+  out[STORE] = at::empty({d.B, d.H, store_floats(d)}, f32);
+  for (int i : {GEN_CKPT, MEM_CKPT, STORE}) advise_huge_pages(out[i]);
   p.y = out[Y].data_ptr<float>();
   p.gW1T = out[GW1T].data_ptr<float>();
   p.gW2T = out[GW2T].data_ptr<float>();
@@ -1317,6 +1454,7 @@ std::vector<at::Tensor> fwd(at::TensorList in, int64_t gen_chunk, int64_t mem_ch
   p.mem_scale = out[MEM_SCALE].data_ptr<float>();
   p.gen_ckpt = out[GEN_CKPT].data_ptr<float>();
   p.mem_ckpt = out[MEM_CKPT].data_ptr<float>();
+  p.store = out[STORE].data_ptr<float>();
   at::parallel_for(0, d.B * d.H, 1, [&](int64_t lo, int64_t hi) {
     for (int64_t bh = lo; bh < hi; ++bh) fwd_one(d, p, bh);
   });
@@ -1324,10 +1462,11 @@ std::vector<at::Tensor> fwd(at::TensorList in, int64_t gen_chunk, int64_t mem_ch
 }
 
 // grads: [dy, dgen W1..S2 (end), dmem W1..S2 (end)]; saved: the forward's inputs and outputs (KVQ, GATES, GEN_CKPT,
-// MEM_CKPT used). Returns the gradient of every input, in the order of In.
+// MEM_CKPT, STORE used; an empty STORE: the backward recomputes every chunk). Returns the gradient of every input, in
+// the order of In.
 std::vector<at::Tensor> bwd(at::TensorList grads, at::TensorList in,
                             const at::Tensor& kvq, const at::Tensor& gates, const at::Tensor& gen_ckpt,
-                            const at::Tensor& mem_ckpt, int64_t gen_chunk, int64_t mem_chunk, double gen_clip,
+                            const at::Tensor& mem_ckpt, const at::Tensor& store, int64_t gen_chunk, int64_t mem_chunk, double gen_clip,
                             double mem_clip, bool dgd, bool normalize_v, bool readout_before,
                             int64_t checkpoint_every, bool q_only) {
   Dims d = dims_of(in, gen_chunk, mem_chunk, gen_clip, mem_clip, dgd, normalize_v, readout_before, checkpoint_every);
@@ -1349,7 +1488,10 @@ std::vector<at::Tensor> bwd(at::TensorList grads, at::TensorList in,
   HOPE_CHECK_SHAPE(gates, gates, d.B, d.H, d.T, 2);
   HOPE_CHECK_SHAPE(gen_ckpt, gen_ckpt, d.B, d.H, d.NK, d.G, 4, d.DE());
   HOPE_CHECK_SHAPE(mem_ckpt, mem_ckpt, d.B, d.H, d.NCm, 4, d.DE());
+  d.store = d.store && store.numel() > 0;
+  HOPE_CHECK_SHAPE(store, store, d.B, d.H, store_floats(d));
   Ptrs p = inputs_of(in);
+  p.store = store.data_ptr<float>();
   p.kvq = kvq.data_ptr<float>();
   p.gates = gates.data_ptr<float>();
   p.gen_ckpt = gen_ckpt.data_ptr<float>();
@@ -1390,6 +1532,22 @@ std::vector<at::Tensor> bwd(at::TensorList grads, at::TensorList in,
   return out;
 }
 
+// floats per (b, h) of the forward's chunk store (the STORE output's last dimension) for these sizes and arguments
+int64_t store_size(int64_t T, int64_t D, int64_t E, int64_t G, int64_t gen_chunk, int64_t mem_chunk, double gen_clip,
+                   double mem_clip, bool dgd, int64_t checkpoint_every) {
+  TORCH_CHECK(T >= 1 && D >= 1 && E >= 1 && (G == 4 || G == kG), "self_modifying_titans_store_size: T, D, E >= 1 "
+              "and G = 4 or 5 expected");
+  Dims d;
+  d.B = 1;
+  d.H = 1;
+  d.T = T;
+  d.D = D;
+  d.E = E;
+  d.G = G;
+  settle(d, gen_chunk, mem_chunk, gen_clip, mem_clip, dgd, false, false, checkpoint_every);
+  return store_floats(d);
+}
+
 }  // namespace HOPE_SMT_ISA
 }  // namespace smt
 }  // namespace hope
@@ -1409,11 +1567,15 @@ std::vector<at::Tensor> fwd(at::TensorList in, int64_t gen_chunk, int64_t mem_ch
                             double mem_clip, bool dgd, bool normalize_v, bool readout_before,
                             int64_t checkpoint_every);
 std::vector<at::Tensor> bwd(at::TensorList grads, at::TensorList in, const at::Tensor& kvq, const at::Tensor& gates,
-                            const at::Tensor& gen_ckpt, const at::Tensor& mem_ckpt, int64_t gen_chunk,
-                            int64_t mem_chunk, double gen_clip, double mem_clip, bool dgd, bool normalize_v,
-                            bool readout_before, int64_t checkpoint_every, bool q_only);
+                            const at::Tensor& gen_ckpt, const at::Tensor& mem_ckpt, const at::Tensor& store,
+                            int64_t gen_chunk, int64_t mem_chunk, double gen_clip, double mem_clip, bool dgd,
+                            bool normalize_v, bool readout_before, int64_t checkpoint_every, bool q_only);
 }  // namespace avx2
 #endif
+namespace portable {
+int64_t store_size(int64_t T, int64_t D, int64_t E, int64_t G, int64_t gen_chunk, int64_t mem_chunk, double gen_clip,
+                   double mem_clip, bool dgd, int64_t checkpoint_every);
+}  // namespace portable
 
 namespace {
 // the AVX2 build runs when the CPU has AVX2 and FMA, unless ATEN_CPU_CAPABILITY=default (PyTorch's own switch to its
@@ -1447,14 +1609,14 @@ std::vector<at::Tensor> fwd_op(at::TensorList in, int64_t gen_chunk, int64_t mem
 
 std::vector<at::Tensor> bwd_op(at::TensorList grads, at::TensorList in, const at::Tensor& kvq,
                                const at::Tensor& gates, const at::Tensor& gen_ckpt, const at::Tensor& mem_ckpt,
-                               int64_t gen_chunk, int64_t mem_chunk, double gen_clip, double mem_clip, bool dgd,
+                               const at::Tensor& store, int64_t gen_chunk, int64_t mem_chunk, double gen_clip, double mem_clip, bool dgd,
                                bool normalize_v, bool readout_before, int64_t checkpoint_every, bool q_only) {
 #if HOPE_SMT_HAS_AVX2
   if (cpu_has_avx2())
-    return avx2::bwd(grads, in, kvq, gates, gen_ckpt, mem_ckpt, gen_chunk, mem_chunk, gen_clip, mem_clip, dgd,
+    return avx2::bwd(grads, in, kvq, gates, gen_ckpt, mem_ckpt, store, gen_chunk, mem_chunk, gen_clip, mem_clip, dgd,
                      normalize_v, readout_before, checkpoint_every, q_only);
 #endif
-  return portable::bwd(grads, in, kvq, gates, gen_ckpt, mem_ckpt, gen_chunk, mem_chunk, gen_clip, mem_clip, dgd,
+  return portable::bwd(grads, in, kvq, gates, gen_ckpt, mem_ckpt, store, gen_chunk, mem_chunk, gen_clip, mem_clip, dgd,
                        normalize_v, readout_before, checkpoint_every, q_only);
 }
 }  // namespace
@@ -1467,9 +1629,13 @@ TORCH_LIBRARY_FRAGMENT(hope_cpu, m) {
       "bool dgd, bool normalize_v, bool readout_before, int checkpoint_every) -> Tensor[]");
   m.def(
       "self_modifying_titans_bwd(Tensor[] grads, Tensor[] inputs, Tensor kvq, Tensor gates, Tensor gen_ckpt, "
-      "Tensor mem_ckpt, int gen_chunk, int mem_chunk, float gen_clip, float mem_clip, bool dgd, bool normalize_v, "
+      "Tensor mem_ckpt, Tensor store, int gen_chunk, int mem_chunk, float gen_clip, float mem_clip, bool dgd, bool normalize_v, "
       "bool readout_before, int checkpoint_every, bool q_only=False) -> Tensor[]");
   m.def("self_modifying_titans_isa() -> str");  // which build the operators run: "avx2" or "portable"
+  // the forward's chunk store: floats per (b, h) (the same in both builds)
+  m.def(
+      "self_modifying_titans_store_size(int T, int D, int E, int G, int gen_chunk, int mem_chunk, float gen_clip, "
+      "float mem_clip, bool dgd, int checkpoint_every) -> int");
 }
 
 TORCH_LIBRARY_IMPL(hope_cpu, CPU, m) {
@@ -1479,5 +1645,6 @@ TORCH_LIBRARY_IMPL(hope_cpu, CPU, m) {
 
 TORCH_LIBRARY_IMPL(hope_cpu, CompositeExplicitAutograd, m) {
   m.impl("self_modifying_titans_isa", &hope::smt::isa_op);
+  m.impl("self_modifying_titans_store_size", &hope::smt::portable::store_size);
 }
 #endif  // HOPE_SMT_VARIANT_BUILD

@@ -6,9 +6,10 @@ saved, ...) -> input gradients`` take and return tensor lists whose order is wri
 Their fakes give ``torch.compile(fullgraph=True)`` the shapes; ``register_autograd`` composes them into one
 differentiable op. Which kernel runs is the ``backend`` argument: the record of that name (``hope_kernels.backends``).
 
-The forward saves for the backward only the inputs, the tokens the generators produced (k, v, q and the gates:
-the memory pass's inputs) and the chunk-start states of M_mem and of every ``checkpoint_every``-th generator
-chunk; the backward recomputes each segment of generator chunks from its checkpoint
+The forward saves for the backward the inputs, the tokens the generators produced (k, v, q and the gates: the
+memory pass's inputs), the chunk-start states of M_mem and of every ``checkpoint_every``-th generator chunk, and a
+kernel's own ``store`` (the C++ kernel: every chunk's intermediates when every chunk is checkpointed; empty
+elsewhere); the backward recomputes what the store lacks, each segment of generator chunks from its checkpoint
 (docs/kernels/self_modifying_titans.md, "memory").
 """
 from __future__ import annotations
@@ -27,8 +28,8 @@ INPUT_ROLES = ("xq", "xk", "xv", "gen_W1", "gen_W2", "gen_S1", "gen_S2", "mem_W1
                "gate_readout", "gate_bias", "momentum")
 #: the forward's output list, in order: y, the final states, then what the backward and the metrics read
 OUTPUT_ROLES = ("y", "gen_W1", "gen_W2", "gen_S1", "gen_S2", "mem_W1", "mem_W2", "mem_S1", "mem_S2",
-                "kvq", "gates", "gen_scale", "mem_scale", "gen_ckpt", "mem_ckpt")
-#: outputs with a gradient (the rest are saved tokens, bound scales and checkpoints)
+                "kvq", "gates", "gen_scale", "mem_scale", "gen_ckpt", "mem_ckpt", "store")
+#: outputs with a gradient (the rest are saved tokens, bound scales, checkpoints and the kernel's store)
 N_DIFFERENTIABLE = 9
 #: at most this many generator checkpoints per (b, h) by default (memory: G x 4 D E fp32 each)
 MAX_CHECKPOINTS = 16
@@ -164,16 +165,19 @@ def _(inputs, gen_chunk_size, mem_chunk_size, gen_update_clip, mem_update_clip, 
     B, H, T, D = xq.shape
     G, E = gen_W1.shape[1] // H, gen_W1.shape[-1]
     n_gen, n_mem, n_ckpt = _counts(T, gen_chunk_size, mem_chunk_size, checkpoint_every)
+    settings = LayerSettings(gen_chunk_size, mem_chunk_size, gen_update_clip, mem_update_clip, dgd, normalize_v,
+                             readout_before, checkpoint_every)
+    n_store = _kernel(backend).store_floats(settings, T, D, E, G)
     new = lambda *shape: xq.new_empty(shape, dtype=torch.float32)  # noqa: E731
     return [new(B, H, T, D), *(x.new_empty(x.shape, dtype=torch.float32) for x in inputs[3:11]),
             new(B, H, T, 3, D), new(B, H, T, 2), new(B, H, n_gen, G), new(B, H, n_mem),
-            new(B, H, n_ckpt, G, 4, D * E), new(B, H, n_mem, 4, D * E)]
+            new(B, H, n_ckpt, G, 4, D * E), new(B, H, n_mem, 4, D * E), new(B, H, n_store)]
 
 
 @torch.library.custom_op("hope::self_modifying_titans_bwd", mutates_args=())
 def self_modifying_titans_bwd(grads: list[torch.Tensor], inputs: list[torch.Tensor], kvq: torch.Tensor,
                               gates: torch.Tensor, gen_ckpt: torch.Tensor, mem_ckpt: torch.Tensor,
-                              gen_chunk_size: int, mem_chunk_size: int, gen_update_clip: float,
+                              store: torch.Tensor, gen_chunk_size: int, mem_chunk_size: int, gen_update_clip: float,
                               mem_update_clip: float, dgd: bool, normalize_v: bool, readout_before: bool,
                               checkpoint_every: int, backend: str, q_only: bool = False) -> list[torch.Tensor]:
     """Gradients of the inputs in ``INPUT_ROLES`` order, from ``grads``: those of the ``N_DIFFERENTIABLE`` outputs.
@@ -181,17 +185,17 @@ def self_modifying_titans_bwd(grads: list[torch.Tensor], inputs: list[torch.Tens
     zeros for the others (it skips the generators' backward: q = l2n(xq) reaches only M_mem's reads)."""
     settings = LayerSettings(gen_chunk_size, mem_chunk_size, gen_update_clip, mem_update_clip, dgd, normalize_v,
                              readout_before, checkpoint_every)
-    return list(_kernel(backend).bwd(grads, inputs, (kvq, gates, gen_ckpt, mem_ckpt), settings, q_only))
+    return list(_kernel(backend).bwd(grads, inputs, (kvq, gates, gen_ckpt, mem_ckpt, store), settings, q_only))
 
 
 @self_modifying_titans_bwd.register_fake
-def _(grads, inputs, kvq, gates, gen_ckpt, mem_ckpt, *args):
+def _(grads, inputs, kvq, gates, gen_ckpt, mem_ckpt, store, *args):
     return [x.new_empty(x.shape, dtype=torch.float32) for x in inputs]
 
 
 def _setup_context(ctx, inputs, output):
     tensors, *settings, backend = inputs
-    ctx.save_for_backward(*tensors, *output[9:11], *output[13:15])
+    ctx.save_for_backward(*tensors, *output[9:11], *output[13:16])
     ctx.n_inputs = len(tensors)
     ctx.settings, ctx.backend = tuple(settings), backend
     ctx.q_only = xq_only_grad(tensors)
@@ -201,12 +205,12 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, grads):
     saved = ctx.saved_tensors
-    tensors, (kvq, gates, gen_ckpt, mem_ckpt) = list(saved[:ctx.n_inputs]), saved[ctx.n_inputs:]
+    tensors, (kvq, gates, gen_ckpt, mem_ckpt, store) = list(saved[:ctx.n_inputs]), saved[ctx.n_inputs:]
     outs = list(tensors[:1]) + list(tensors[3:11])  # the differentiable outputs' shapes: y like xq, the states
     grads = [torch.zeros_like(o) if g is None else g.float().contiguous()
              for g, o in zip(grads[:N_DIFFERENTIABLE], outs)]
-    d_inputs = self_modifying_titans_bwd(grads, tensors, kvq, gates, gen_ckpt, mem_ckpt, *ctx.settings, ctx.backend,
-                                         ctx.q_only)
+    d_inputs = self_modifying_titans_bwd(grads, tensors, kvq, gates, gen_ckpt, mem_ckpt, store, *ctx.settings,
+                                         ctx.backend, ctx.q_only)
     return d_inputs, *(None for _ in ctx.settings), None
 
 

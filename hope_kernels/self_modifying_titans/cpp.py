@@ -21,6 +21,12 @@ class CppKernel:
         return torch.ops.hope_cpu.self_modifying_titans_fwd(inputs, *settings.as_args())
 
     @staticmethod
+    def store_floats(settings, T, D, E, G) -> int:
+        return torch.ops.hope_cpu.self_modifying_titans_store_size(
+            T, D, E, G, settings.gen_chunk_size, settings.mem_chunk_size, settings.gen_update_clip,
+            settings.mem_update_clip, settings.dgd, settings.checkpoint_every)
+
+    @staticmethod
     def bwd(grads, inputs, saved, settings, q_only=False):
         return torch.ops.hope_cpu.self_modifying_titans_bwd(grads, inputs, *saved, *settings.as_args(), q_only)
 

@@ -211,12 +211,15 @@ def test_op_matches_naive(backend, rule, flags, sizes):
     cots = _cotangents(y, gen, mem)
     grads64 = torch.autograd.grad(_pairing((y, *gen, *mem), cots), ins64)
     ins = [t.detach().float().requires_grad_() for t in ins64]
-    out = _run_op(self_modifying_titans, ins, backend=backend, checkpoint_every=2, **kw)
-    for a, b in zip((out.y, *out.gen, *out.mem, out.eta), (y, *gen, *mem, eta)):
-        assert rel_err(a.double(), b) <= REL
-    grads = torch.autograd.grad(_pairing((out.y, *out.gen, *out.mem), [c.float() for c in cots]), ins)
-    for i, (a, b) in enumerate(zip(grads, grads64)):
-        assert rel_err(a.double(), b) <= REL, i
+    # every chunk checkpointed (the C++ forward then keeps every chunk's intermediates for the backward) and every
+    # second one (the backward recomputes them)
+    for every in (1, 2) if backend == "cpp" else (2,):
+        out = _run_op(self_modifying_titans, ins, backend=backend, checkpoint_every=every, **kw)
+        for a, b in zip((out.y, *out.gen, *out.mem, out.eta), (y, *gen, *mem, eta)):
+            assert rel_err(a.double(), b) <= REL
+        grads = torch.autograd.grad(_pairing((out.y, *out.gen, *out.mem), [c.float() for c in cots]), ins)
+        for i, (a, b) in enumerate(zip(grads, grads64)):
+            assert rel_err(a.double(), b) <= REL, (every, i)
     if gclip > 0:  # the bound is active on some chunks and not on others
         assert (out.gen_update_scale < 1).any() and (out.gen_update_scale == 1).any()
     if mclip > 0:
@@ -255,7 +258,8 @@ def test_xq_only_backward_matches_naive(backend, rule, readout_before, mclip):
 
 @pytest.mark.parametrize("backend", [CPP])
 def test_checkpointing_does_not_change_results(backend):
-    """The backward recomputes generator segments from checkpoints: any spacing gives the same gradients."""
+    """The backward recomputes generator segments from checkpoints, or (every chunk checkpointed, C++) loads each
+    chunk's intermediates from the forward's store: any spacing gives the same gradients, bit for bit."""
     _backend_available(backend)
     ins = [t.detach().float().requires_grad_() for t in _op_inputs(T=19)]
     kw = dict(gen_chunk_size=3, mem_chunk_size=5, gen_update_clip=0.2, mem_update_clip=0.3, rule="dgd",
@@ -268,6 +272,38 @@ def test_checkpointing_does_not_change_results(backend):
     for other in results[1:]:
         for a, b in zip(other, results[0]):
             assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("backend", [CPP])
+def test_backward_reads_the_forwards_chunk_store(backend):
+    """Every chunk checkpointed, the C++ forward also returns each chunk's intermediates (``store``) and the backward
+    loads them instead of running the chunks again: the same backward on an empty store (the recompute) gives the
+    same gradients bit for bit, and on a poisoned store NaN ones. Other spacings store nothing."""
+    _backend_available(backend)
+    from hope_kernels.self_modifying_titans.chunk import LayerSettings, LayerTensors, N_DIFFERENTIABLE, OUTPUT_ROLES
+
+    ins = [t.detach().float() for t in _op_inputs(T=19, lr_shift=-1.0)]
+    tensors = LayerTensors(ins[0], ins[1], ins[2], MLPMemoryState(*ins[3:7]), MLPMemoryState(*ins[7:11]),
+                           *ins[11:]).as_list()
+    S = OUTPUT_ROLES.index("store")
+    for every, stored in ((1, True), (2, False)):
+        settings = LayerSettings(3, 5, 0.2, 0.3, True, True, False, every).as_args()
+        out = torch.ops.hope.self_modifying_titans_fwd(tensors, *settings, backend)
+        assert (out[S].numel() > 0) == stored
+        grads = [c.float() for c in _cotangents(out[0], out[1:5], out[5:9])]
+        assert len(grads) == N_DIFFERENTIABLE
+        saved = out[9:11] + out[13:15]
+
+        def bwd(store):
+            return torch.ops.hope.self_modifying_titans_bwd(grads, tensors, *saved, store, *settings, backend)
+
+        loaded = bwd(out[S])
+        assert all(torch.isfinite(g).all() for g in loaded)
+        if stored:
+            recomputed = bwd(out[S].new_empty(*out[S].shape[:2], 0))
+            assert all(torch.equal(a, b) for a, b in zip(loaded, recomputed))
+            poisoned = bwd(torch.full_like(out[S], float("nan")))
+            assert all(torch.isnan(g).any() for g in poisoned[:11])
 
 
 _BUILD_SCRIPT = """

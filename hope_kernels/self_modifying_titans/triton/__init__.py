@@ -96,13 +96,18 @@ class TritonKernel:
             settings.mem_update_clip, BT=BT, BD=BD, BE=BE, LOG2_BT=LOG2, DGD=settings.dgd,
             BEFORE=settings.readout_before, CLIP=settings.mem_update_clip > 0, PRECISION=_precision(),
             num_warps=TUNING["num_warps"])
+        store = torch.empty(B, H, 0, device=dev, dtype=f32)  # no chunk store: the backward recomputes on chip
         return [y, *_unpack(gen, B, H, G, D, E), *_unpack(mem, B, H, 1, D, E), kvq, gates, gen_scale, mem_scale,
-                gen_ckpt, mem_ckpt]
+                gen_ckpt, mem_ckpt, store]
+
+    @staticmethod
+    def store_floats(settings, T, D, E, G) -> int:
+        return 0
 
     @staticmethod
     def bwd(grads, inputs, saved, settings, q_only=False):
         xq, xk, xv, gW1, gW2, gS1, gS2, mW1, mW2, mS1, mS2, readout, bias, mom = inputs
-        kvq, gates, gen_ckpt, mem_ckpt = saved
+        kvq, gates, gen_ckpt, mem_ckpt, _store = saved
         dy, dgW1, dgW2, dgS1, dgS2, dmW1, dmW2, dmS1, dmS2 = grads
         B, H, T, D, E, G, NCg, NCm, NK = _sizes(inputs, settings)
         dev, f32 = xq.device, torch.float32
