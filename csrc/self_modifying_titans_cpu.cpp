@@ -761,6 +761,44 @@ void chunk_bwd(const Dims& d, int L, const CMem& st, const float* K, const float
   terms_bwd(L, w);
 }
 
+// xq-only backward of one M_mem chunk (after chunk_fwd with queries): w.dQ [L, D] (written) from the read-out's
+// gradient dO alone. The state never reads Q, so nothing flows to it, to K, V, the gates or other chunks: this is
+// chunk_bwd's read-out part without the terms that leave towards them.
+void chunk_bwd_q(const Dims& d, int L, const CMem& st, const float* K, const float* th, const float* dO, Work& w) {
+  const int D = d.D, E = d.E;
+  const int shift = d.readout_before ? 1 : 0;
+  std::memcpy(w.dQ, dO, sizeof(float) * L * D);
+  // dAq = diag(Bq) dO W1 + diag(cq) dO S1 + dZ Ak, dZ = -gq * (dO Err^T)
+  gemm_nn(L, E, D, 1.f, dO, D, st.W1, E, 0.f, w.LE, E);
+  gemm_nn(L, E, D, 1.f, dO, D, st.S1, E, 0.f, w.LE2, E);
+  for (int t = 0; t < L; ++t)
+    HOPE_SIMD for (int e = 0; e < E; ++e) w.dAq[t * E + e] = w.Bq[t] * w.LE[t * E + e] + w.cq[t] * w.LE2[t * E + e];
+  gemm_nt(L, L, D, 1.f, dO, D, w.Err, D, 0.f, w.Fm, L);
+  HOPE_SIMD for (int i = 0; i < L * L; ++i) w.dZ[i] = -w.gq[i] * w.Fm[i];
+  gemm_nn(L, E, L, 1.f, w.dZ, L, w.Ak, E, 1.f, w.dAq, E);
+  for (int64_t i = 0; i < static_cast<int64_t>(L) * E; ++i) w.dHq[i] = w.dAq[i] * gelu_p(w.Hq[i]);
+  // Hq = diag(Bq) Q W2^T + diag(cq) Q S2^T - (gq * Q K^T) Gr [- (Br th * Q Kh^T) w]
+  for (int t = 0; t < L; ++t)
+    HOPE_SIMD for (int e = 0; e < E; ++e) {
+      w.LE[t * E + e] = w.Bq[t] * w.dHq[t * E + e];
+      w.LE2[t * E + e] = w.cq[t] * w.dHq[t * E + e];
+    }
+  gemm_nn(L, D, E, 1.f, w.LE, E, st.W2, D, 1.f, w.dQ, D);
+  gemm_nn(L, D, E, 1.f, w.LE2, E, st.S2, D, 1.f, w.dQ, D);
+  gemm_nt(L, L, E, -1.f, w.dHq, E, w.Gr, E, 0.f, w.dM, L);
+  for (int t = 0; t < L; ++t)
+    for (int i = 0; i < L; ++i) w.dLL[t * L + i] = i <= t ? w.dM[t * L + i] * w.gq[t * L + i] : 0.f;  // dQK
+  gemm_nn(L, D, L, 1.f, w.dLL, L, K, D, 1.f, w.dQ, D);
+  if (d.dgd) {
+    gemm_nt(L, L, E, -1.f, w.dHq, E, w.w, E, 0.f, w.dM, L);
+    for (int t = 0; t < L; ++t) {
+      const int r = t - shift;
+      for (int j = 0; j < L; ++j) w.dLL[t * L + j] = j <= r ? w.dM[t * L + j] * w.Br[r * L + j] * th[j] : 0.f;
+    }
+    gemm_nn(L, D, L, 1.f, w.dLL, L, w.Kh, D, 1.f, w.dQ, D);  // dQKh Kh
+  }
+}
+
 // The backward's chunk_fwd: its intermediates loaded from the forward's store when it kept them (with W1^T, which
 // chunk_bwd reads and the store leaves out: a copy of the chunk-start W1), else recomputed.
 // O: the recompute's read-out (Q only; its values are not used).
@@ -1209,6 +1247,40 @@ void fwd_one(const Dims& d, const Ptrs& p, int64_t bh) {
   unpack(membuf.data(), p.mW1T, p.mW2T, p.mS1T, p.mS2T, bh * DE, DE);
 }
 
+// The xq-only backward of (b, h) (d.q_only): q = l2n(xq) reaches the output through M_mem's reads alone (the
+// generators never read it, the state never reads q), so each M_mem chunk gives its queries' gradient on its own.
+void bwd_q_one(const Dims& d, const Ptrs& p, int64_t bh) {
+  const int64_t D = d.D, DE = d.DE(), T = d.T;
+  const HeadParams hp = head_params(d, p, bh % d.H);
+  Work w(d.Lmax, D, d.E);
+  const float* kvq = p.kvq + bh * T * 3 * D;
+  const float* gates = p.gates + bh * T * 2;
+  float* store = d.store ? p.store + bh * store_floats(d) : nullptr;
+  const float* xq = p.xq + bh * T * D;
+  float* dxq = p.dxq + bh * T * D;
+  std::vector<float> tok(static_cast<size_t>(3 * d.Cm * D)), th(d.Cm), y(d.Cm * D);
+  float *K = tok.data(), *V = K + d.Cm * D, *Q = V + d.Cm * D;
+  for (int64_t c = 0; c < d.NCm; ++c) {
+    const int64_t t0 = c * d.Cm;
+    const int L = static_cast<int>(std::min(d.Cm, T - t0));
+    const CMem st = cmem(mem_at(p.mem_ckpt + (bh * d.NCm + c) * 4 * DE, DE));
+    gather_kvq(d, kvq, t0, L, K, V, Q);
+    for (int t = 0; t < L; ++t) {
+      th[t] = gates[(t0 + t) * 2];
+      w.a[t] = hp.m_mem;
+      w.b[t] = 1.f - gates[(t0 + t) * 2 + 1];
+    }
+    chunk_again(d, L, st, K, V, Q, th.data(), w, d.mclip > 0, store != nullptr ? mem_store(d, store, c) : nullptr,
+                y.data());
+    chunk_bwd_q(d, L, st, K, th.data(), p.dy + (bh * T + t0) * D, w);
+    for (int t = 0; t < L; ++t) {
+      const float* x = xq + (t0 + t) * D;
+      const float n = std::sqrt(dot(x, x, static_cast<int>(D)));
+      l2n_row_bwd(Q + t * D, n, w.dQ + t * D, dxq + (t0 + t) * D, static_cast<int>(D));
+    }
+  }
+}
+
 void bwd_one(const Dims& d, const Ptrs& p, int64_t bh, float* dreadout, float* dbias, float* dmom) {
   const int64_t b = bh / d.H, h = bh % d.H, D = d.D, DE = d.DE(), T = d.T;
   const HeadParams hp = head_params(d, p, h);
@@ -1262,14 +1334,6 @@ void bwd_one(const Dims& d, const Ptrs& p, int64_t bh, float* dreadout, float* d
   unpack(dmem.data(), p.dmW1, p.dmW2, p.dmS1, p.dmS2, bh * DE, DE);
   const float *xq = p.xq + bh * T * D, *xk = p.xk + bh * T * D, *xv = p.xv + bh * T * D;
   float *dxq = p.dxq + bh * T * D, *dxk = p.dxk + bh * T * D, *dxv = p.dxv + bh * T * D;
-  if (d.q_only) {
-    // q = l2n(xq) reaches the output through M_mem's reads alone (the generators never read it): no generator pass
-    for (int64_t t = 0; t < T; ++t) {
-      const float n = std::sqrt(dot(xq + t * D, xq + t * D, static_cast<int>(D)));
-      l2n_row_bwd(kvq + t * 3 * D + 2 * D, n, dkvq.data() + t * 3 * D + 2 * D, dxq + t * D, static_cast<int>(D));
-    }
-    return;
-  }
   // generator pass, segments in reverse: recompute the segment's chunk-start states from its checkpoint, then walk
   // its chunks in reverse
   Front f(d.Cg, D, d.E);
@@ -1524,7 +1588,12 @@ std::vector<at::Tensor> bwd(at::TensorList grads, at::TensorList in,
   at::Tensor dmom = at::zeros({d.B, d.H, 2}, in[XQ].options());
   float *pr = dreadout.data_ptr<float>(), *pb = dbias.data_ptr<float>(), *pm = dmom.data_ptr<float>();
   at::parallel_for(0, d.B * d.H, 1, [&](int64_t lo, int64_t hi) {
-    for (int64_t bh = lo; bh < hi; ++bh) bwd_one(d, p, bh, pr + bh * 2 * d.D, pb + bh * 2, pm + bh * 2);
+    for (int64_t bh = lo; bh < hi; ++bh) {
+      if (d.q_only)
+        bwd_q_one(d, p, bh);
+      else
+        bwd_one(d, p, bh, pr + bh * 2 * d.D, pb + bh * 2, pm + bh * 2);
+    }
   });
   out[READOUT] = dreadout.sum(0).permute({1, 0, 2}).contiguous();  // [2, H, D]
   out[BIAS] = dbias.sum(0).t().contiguous();                        // [2, H]
