@@ -54,16 +54,6 @@ enum Out { Y, GW1T, GW2T, GS1T, GS2T, MW1T, MW2T, MS1T, MS2T, KVQ, GATES, GEN_SC
 #define HOPE_SIMD _Pragma("omp simd")
 #define HOPE_SIMD_SUM _Pragma("omp simd reduction(+ : acc)")
 
-inline float gelu(float x) { return 0.5f * x * (1.f + erff(x * kInvSqrt2)); }
-inline float gelu_p(float x) { return 0.5f * (1.f + erff(x * kInvSqrt2)) + x * expf(-0.5f * x * x) * kInvSqrt2Pi; }
-// gelu(h), gelu'(h) and gelu''(h) from one erf and one exp
-inline void gelu_all(float h, float& a, float& gp, float& gpp) {
-  const float cdf = 0.5f * (1.f + erff(h * kInvSqrt2)), pdf = expf(-0.5f * h * h) * kInvSqrt2Pi;
-  a = h * cdf;
-  gp = cdf + h * pdf;
-  gpp = pdf * (2.f - h * h);
-}
-
 // ------------------------------------------------------------------------------------------------ small products
 // Register-tiled: up to 4 rows of C by 16 columns held in 8-float vectors across the whole K loop (GCC vector
 // extensions: 256-bit registers in the AVX2 build, pairs of 128-bit ones in the baseline), one load of B per k.
@@ -82,6 +72,64 @@ inline v8 splat8(float a) { return v8{a, a, a, a, a, a, a, a}; }
 inline void finish8(float* c, v8 acc, float alpha, float beta) {
   const v8 v = splat8(alpha) * acc;
   store8(c, beta == 0.f ? v : splat8(beta) * load8(c) + v);
+}
+
+// ------------------------------------------------------------------------------------------------ gelu
+// The exact (erf) GELU on 8 lanes, branch-free so its loops vectorise (libm's erff / expf are scalar calls).
+typedef int v8i __attribute__((vector_size(32)));
+
+// exp(y) for y <= 0 (below -87 taken as -87, where it is under 2^-125): 2^n e^r with |r| <= ln2 / 2 (ln2 in two
+// parts, Cody-Waite) and e^r by its degree-6 Taylor polynomial (relative error under 2e-7)
+inline v8 exp8_nonpos(v8 y) {
+  const v8 lo = splat8(-87.f), magic = splat8(12582912.f);  // 1.5 * 2^23: x + magic - magic rounds x to an integer
+  y = y < lo ? lo : y;
+  const v8 n = (y * splat8(1.44269504088896341f) + magic) - magic;
+  const v8 r = (y - n * splat8(0.693359375f)) - n * splat8(-2.12194440e-4f);
+  v8 p = splat8(1.f / 720.f);
+  for (float c : {1.f / 120.f, 1.f / 24.f, 1.f / 6.f, 0.5f, 1.f, 1.f}) p = p * r + splat8(c);
+  const v8i bits = (__builtin_convertvector(n, v8i) + 127) << 23;  // 2^n
+  v8 scale;
+  std::memcpy(&scale, &bits, sizeof(scale));
+  return p * scale;
+}
+
+// gelu(h), gelu'(h), gelu''(h). Phi(h) = (1 + erf(h / sqrt 2)) / 2 with erf by Abramowitz-Stegun 7.1.26 (absolute
+// error under 1.5e-7): 1 - erf(z) = t P(t) exp(-z^2), t = 1 / (1 + p z) for z >= 0, whose exp(-h^2 / 2) is also the
+// normal pdf's; for h < 0, Phi(h) = t P(t) exp(-z^2) / 2 directly (no cancellation in the left tail).
+inline void gelu8(v8 h, v8& a, v8& gp, v8& gpp) {
+  const v8 zero = splat8(0.f), one = splat8(1.f), half = splat8(0.5f);
+  const v8 az = h < zero ? -h : h;
+  const v8 t = one / (one + splat8(0.3275911f * kInvSqrt2) * az);
+  v8 poly = splat8(1.061405429f);
+  for (float c : {-1.453152027f, 1.421413741f, -0.284496736f, 0.254829592f}) poly = poly * t + splat8(c);
+  const v8 e = exp8_nonpos(-half * h * h);
+  const v8 tail = half * (poly * t) * e;  // Phi(-|h|)
+  const v8 cdf = h < zero ? tail : one - tail;
+  const v8 pdf = e * splat8(kInvSqrt2Pi);
+  a = h * cdf;
+  gp = cdf + h * pdf;
+  gpp = pdf * (splat8(2.f) - h * h);
+}
+
+// a = gelu(h), gp = gelu'(h), gpp = gelu''(h) over n floats (any output may be null)
+inline void gelu_rows(int64_t n, const float* h, float* a, float* gp, float* gpp) {
+  float* outs[3] = {a, gp, gpp};
+  for (int64_t i = 0; i < n; i += 8) {
+    const int m = static_cast<int>(std::min<int64_t>(8, n - i));
+    float hb[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f}, ob[8];
+    std::memcpy(hb, h + i, sizeof(float) * m);
+    v8 vals[3];
+    gelu8(load8(hb), vals[0], vals[1], vals[2]);
+    for (int k = 0; k < 3; ++k) {
+      if (outs[k] == nullptr) continue;
+      if (m == 8) {
+        store8(outs[k] + i, vals[k]);
+      } else {
+        store8(ob, vals[k]);
+        std::memcpy(outs[k] + i, ob, sizeof(float) * m);
+      }
+    }
+  }
 }
 
 // rows i < MR of C[M, N] = beta C + alpha op(A) B, with op(A)[i, k] = A[i * a_row + k * a_k], B [K, N] (ldb)
@@ -399,7 +447,7 @@ void chunk_fwd(const Dims& d, int L, const CMem& st, const float* K, const float
   transpose(E, D, st.W2, w.W2t);  // [D, E]
   transpose(D, E, st.W1, w.W1t);  // [E, D]
   gemm_nn(L, E, D, 1.f, K, D, w.W2t, E, 0.f, w.Hk, E);
-  for (int64_t i = 0; i < static_cast<int64_t>(L) * E; ++i) gelu_all(w.Hk[i], w.Ak[i], w.Gp[i], w.Gpp[i]);
+  gelu_rows(static_cast<int64_t>(L) * E, w.Hk, w.Ak, w.Gp, w.Gpp);
   std::memcpy(w.Err, K, sizeof(float) * L * D);
   gemm_nn(L, D, E, 1.f, w.Ak, E, w.W1t, D, 1.f, w.Err, D);
   HOPE_SIMD for (int64_t i = 0; i < static_cast<int64_t>(L) * D; ++i) w.Err[i] -= V[i];
@@ -469,7 +517,7 @@ void chunk_fwd(const Dims& d, int L, const CMem& st, const float* K, const float
       }
       gemm_nn(L, E, L, -1.f, w.Aqw, L, w.w, E, 1.f, w.Hq, E);
     }
-    for (int64_t i = 0; i < static_cast<int64_t>(L) * E; ++i) w.Aq[i] = gelu(w.Hq[i]);
+    gelu_rows(static_cast<int64_t>(L) * E, w.Hq, w.Aq, nullptr, nullptr);
     gemm_nt(L, L, E, 1.f, w.Aq, E, w.Ak, E, 0.f, w.Z, L);
     gemm_nn(L, D, E, 1.f, w.Aq, E, w.W1t, D, 0.f, w.AqW1, D);
     gemm_nn(L, D, E, 1.f, w.Aq, E, w.S1t, D, 0.f, w.AqS1, D);
@@ -611,7 +659,8 @@ void chunk_bwd(const Dims& d, int L, const CMem& st, const float* K, const float
     gemm_tn(L, D, L, -1.f, w.dLL, L, dO, D, 1.f, w.dErr, D);
     gemm_nn(L, E, L, 1.f, w.dZ, L, w.Ak, E, 1.f, w.dAq, E);
     gemm_tn(L, E, L, 1.f, w.dZ, L, w.Aq, E, 1.f, w.dAk, E);
-    for (int64_t i = 0; i < static_cast<int64_t>(L) * E; ++i) w.dHq[i] = w.dAq[i] * gelu_p(w.Hq[i]);
+    gelu_rows(static_cast<int64_t>(L) * E, w.Hq, nullptr, w.dHq, nullptr);
+    HOPE_SIMD for (int64_t i = 0; i < static_cast<int64_t>(L) * E; ++i) w.dHq[i] *= w.dAq[i];
     // Hq = diag(Bk) Q W2^T + diag(c) Q S2^T - Aqk Gr [- Aqw w]
     for (int t = 0; t < L; ++t) {
       dBq[t] += dot(w.dHq + t * E, w.QW2 + t * E, E);
@@ -776,7 +825,8 @@ void chunk_bwd_q(const Dims& d, int L, const CMem& st, const float* K, const flo
   gemm_nt(L, L, D, 1.f, dO, D, w.Err, D, 0.f, w.Fm, L);
   HOPE_SIMD for (int i = 0; i < L * L; ++i) w.dZ[i] = -w.gq[i] * w.Fm[i];
   gemm_nn(L, E, L, 1.f, w.dZ, L, w.Ak, E, 1.f, w.dAq, E);
-  for (int64_t i = 0; i < static_cast<int64_t>(L) * E; ++i) w.dHq[i] = w.dAq[i] * gelu_p(w.Hq[i]);
+  gelu_rows(static_cast<int64_t>(L) * E, w.Hq, nullptr, w.dHq, nullptr);
+  HOPE_SIMD for (int64_t i = 0; i < static_cast<int64_t>(L) * E; ++i) w.dHq[i] *= w.dAq[i];
   // Hq = diag(Bq) Q W2^T + diag(cq) Q S2^T - (gq * Q K^T) Gr [- (Br th * Q Kh^T) w]
   for (int t = 0; t < L; ++t)
     HOPE_SIMD for (int e = 0; e < E; ++e) {
@@ -921,14 +971,7 @@ void mem_read(const Dims& d, int L, const float* W1t, const float* W2t, const fl
               float* P) {
   const int D = d.D, E = d.E;
   gemm_nn(L, E, D, 1.f, X, D, W2t, E, 0.f, Hx, E);
-  if (P != nullptr) {
-    for (int64_t i = 0; i < static_cast<int64_t>(L) * E; ++i) {
-      float unused;
-      gelu_all(Hx[i], Ax[i], P[i], unused);
-    }
-  } else {
-    for (int64_t i = 0; i < static_cast<int64_t>(L) * E; ++i) Ax[i] = gelu(Hx[i]);
-  }
+  gelu_rows(static_cast<int64_t>(L) * E, Hx, Ax, P, nullptr);
   std::memcpy(O, X, sizeof(float) * L * D);
   gemm_nn(L, D, E, 1.f, Ax, E, W1t, D, 1.f, O, D);
 }
