@@ -1377,27 +1377,32 @@ void bwd_one(const Dims& d, const Ptrs& p, int64_t bh, float* dreadout, float* d
   unpack(dmem.data(), p.dmW1, p.dmW2, p.dmS1, p.dmS2, bh * DE, DE);
   const float *xq = p.xq + bh * T * D, *xk = p.xk + bh * T * D, *xv = p.xv + bh * T * D;
   float *dxq = p.dxq + bh * T * D, *dxk = p.dxk + bh * T * D, *dxv = p.dxv + bh * T * D;
-  // generator pass, segments in reverse: recompute the segment's chunk-start states from its checkpoint, then walk
-  // its chunks in reverse
+  // generator pass, segments in reverse: recompute the segment's chunk-start states from its checkpoint (none to
+  // recompute when every chunk is checkpointed), then walk its chunks in reverse, reading each chunk's start state
+  // where it lies
   Front f(d.Cg, D, d.E);
-  std::vector<float> genbuf(static_cast<size_t>(d.G * 4 * DE)), dgenbuf(static_cast<size_t>(d.G * 4 * DE)),
-      states(static_cast<size_t>(d.K * d.G * 4 * DE));
+  const int64_t GM = d.G * 4 * DE;  // one chunk's generator states
+  std::vector<float> genbuf(static_cast<size_t>(GM)), dgenbuf(static_cast<size_t>(GM)),
+      states(static_cast<size_t>(d.K > 1 ? d.K * GM : 0));
   Mem gen[kG], dgen[kG];
   for (int g = 0; g < d.G; ++g) {
-    gen[g] = mem_at(genbuf.data() + g * 4 * DE, DE);
     dgen[g] = mem_at(dgenbuf.data() + g * 4 * DE, DE);
     pack(p.dgW1T, p.dgW2T, p.dgS1T, p.dgS2T, gen_off(d, b, h, g), dgenbuf.data() + g * 4 * DE, DE);
   }
   float dm_gen = 0.f;
-  const float* ckpt = p.gen_ckpt + bh * d.NK * d.G * 4 * DE;
+  float* ckpt = p.gen_ckpt + bh * d.NK * GM;  // read only
   for (int64_t s = d.NK - 1; s >= 0; --s) {
     const int64_t c0 = s * d.K, c1 = std::min(d.NCg, c0 + d.K);
-    std::memcpy(genbuf.data(), ckpt + s * d.G * 4 * DE, sizeof(float) * d.G * 4 * DE);
-    gen_pass(d, p, bh, hp, gen, c0, c1, f, w, nullptr, states.data(), nullptr, nullptr, nullptr, nullptr);
+    if (d.K > 1) {
+      std::memcpy(genbuf.data(), ckpt + s * GM, sizeof(float) * GM);
+      for (int g = 0; g < d.G; ++g) gen[g] = mem_at(genbuf.data() + g * 4 * DE, DE);
+      gen_pass(d, p, bh, hp, gen, c0, c1, f, w, nullptr, states.data(), nullptr, nullptr, nullptr, nullptr);
+    }
     for (int64_t c = c1 - 1; c >= c0; --c) {
       const int64_t t0 = c * d.Cg;
       const int L = static_cast<int>(std::min(d.Cg, T - t0));
-      std::memcpy(genbuf.data(), states.data() + (c - c0) * d.G * 4 * DE, sizeof(float) * d.G * 4 * DE);
+      float* start = d.K > 1 ? states.data() + (c - c0) * GM : ckpt + s * GM;
+      for (int g = 0; g < d.G; ++g) gen[g] = mem_at(start + g * 4 * DE, DE);
       const float* cs = store != nullptr ? store + c * gen_store_stride(d) : nullptr;
       if (cs != nullptr) {  // the forward kept this chunk's front and generator chunks
         front_inputs(d, f, xq + t0 * D, xk + t0 * D, xv + t0 * D);
