@@ -31,5 +31,11 @@ class CppKernel:
         return torch.ops.hope_cpu.self_modifying_titans_bwd(grads, inputs, *saved, *settings.as_args(), q_only)
 
 
+def empty_cache() -> int:
+    """Frees the checkpoint and chunk-store buffers the C++ operators keep for reuse once a backward has freed them
+    (a training step asks for the same sizes every step; at most 2 GiB is kept). Returns the bytes released."""
+    return int(torch.ops.hope_cpu.self_modifying_titans_empty_cache())
+
+
 BACKEND = Backend(OP, "cpp", priority=10, kernel=CppKernel, runs_on=on_cpu, supports=supports_layer_call,
                   env="HOPE_USE_CPP")

@@ -306,6 +306,32 @@ def test_backward_reads_the_forwards_chunk_store(backend):
             assert all(torch.isnan(g).any() for g in poisoned[:11])
 
 
+@pytest.mark.parametrize("backend", [CPP])
+def test_checkpoint_buffers_are_reused(backend):
+    """The C++ forward's checkpoints and store come from a cache of freed buffers: the next forward of the same sizes
+    gets the same memory (no fresh pages to fault in), and ``empty_cache`` hands them back."""
+    _backend_available(backend)
+    from hope_kernels.self_modifying_titans.chunk import LayerSettings, LayerTensors, OUTPUT_ROLES
+    from hope_kernels.self_modifying_titans.cpp import empty_cache
+
+    ins = [t.detach().float() for t in _op_inputs(T=19)]
+    tensors = LayerTensors(ins[0], ins[1], ins[2], MLPMemoryState(*ins[3:7]), MLPMemoryState(*ins[7:11]),
+                           *ins[11:]).as_list()
+    settings = LayerSettings(3, 5, 0.2, 0.3, True, True, False, 1).as_args()
+    roles = [OUTPUT_ROLES.index(r) for r in ("gen_ckpt", "mem_ckpt", "store")]
+    empty_cache()
+    out = torch.ops.hope.self_modifying_titans_fwd(tensors, *settings, backend)
+    first = [out[i].clone() for i in roles]
+    ptrs = {out[i].data_ptr() for i in roles}
+    del out
+    again = torch.ops.hope.self_modifying_titans_fwd(tensors, *settings, backend)
+    assert {again[i].data_ptr() for i in roles} == ptrs
+    assert all(torch.equal(again[i], f) for i, f in zip(roles, first))
+    del again
+    assert empty_cache() == sum(f.numel() * 4 for f in first)
+    assert empty_cache() == 0
+
+
 _BUILD_SCRIPT = """
 import sys, torch
 sys.path.insert(0, {tests!r})
