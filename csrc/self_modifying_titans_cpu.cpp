@@ -1099,9 +1099,11 @@ void gen_chunk_fwd(const Dims& d, int L, const Mem* gen, const HeadParams& hp, F
 // one generator chunk backward: gen holds the chunk-start state, dgen the gradient of its end state (replaced by the
 // chunk-start state's); f.dk, f.dv, f.dq, f.deta, f.dalpha hold what the memory pass sent to this chunk's tokens.
 // Writes dxq, dxk, dxv [L, D] (added), accumulates dr [2, D], dbias [2], dm_gen. store: the generators' chunk
-// intermediates kept by the forward (null: recomputed).
-void gen_chunk_bwd(const Dims& d, int L, const Mem* gen, const Mem* dgen, const HeadParams& hp, Front& f, Work& w,
-                   const float* store, float* dxq, float* dxk, float* dxv, float* dr, float* dbias, float* dm_gen) {
+// intermediates kept by the forward (null: recomputed). spare: a buffer like dgen[g] per generator, which a chunk whose
+// bound is the identity writes its chunk-start gradient into (the two then swap: no copy of the end gradient).
+void gen_chunk_bwd(const Dims& d, int L, const Mem* gen, Mem* dgen, Mem* spare, const HeadParams& hp, Front& f,
+                   Work& w, const float* store, float* dxq, float* dxk, float* dxv, float* dr, float* dbias,
+                   float* dm_gen) {
   const int D = d.D, E = d.E;
   const int64_t DE = d.DE();
   fill_gates(L, f.alpha, hp.m_gen, w);
@@ -1113,14 +1115,19 @@ void gen_chunk_bwd(const Dims& d, int L, const Mem* gen, const Mem* dgen, const 
     chunk_again(d, L, st, f.k, f.Vh + g * L * D, nullptr, f.eta, w, d.gclip > 0,
                 store != nullptr ? store + g * gen_chunk_stride(d) : nullptr);
     const Bound b = bound_fwd(st, w, d.gclip, DE);
-    // dgen[g] -> (w.ds*: d new), dold (direct part), kept in tDE.. : use nW* as unbounded state, dgen as dout
-    std::fill(w.dold, w.dold + 4 * DE, 0.f);
-    bound_bwd(st, w, b, d.gclip, cmem(dgen[g]), mem_at(w.dold, DE), DE);
-    const CMem dn{w.dsW1, w.dsW2, w.dsS1, w.dsS2};
-    chunk_bwd(d, L, st, f.k, nullptr, f.eta, dn, nullptr, w, dgen[g], f.dth);
-    float* out[4] = {dgen[g].W1, dgen[g].W2, dgen[g].S1, dgen[g].S2};
-    for (int m = 0; m < 4; ++m)
-      HOPE_SIMD for (int64_t i = 0; i < DE; ++i) out[m][i] += w.dold[m * DE + i];
+    if (d.gclip <= 0.f || b.raw > 1.f) {  // the bound is the identity here (bound_bwd's test)
+      chunk_bwd(d, L, st, f.k, nullptr, f.eta, cmem(dgen[g]), nullptr, w, spare[g], f.dth);
+      std::swap(dgen[g], spare[g]);
+    } else {
+      // dgen[g] -> w.ds* (the unbounded end state's gradient) and dold (the chunk-start state's direct part)
+      std::fill(w.dold, w.dold + 4 * DE, 0.f);
+      bound_bwd(st, w, b, d.gclip, cmem(dgen[g]), mem_at(w.dold, DE), DE);
+      const CMem dn{w.dsW1, w.dsW2, w.dsS1, w.dsS2};
+      chunk_bwd(d, L, st, f.k, nullptr, f.eta, dn, nullptr, w, dgen[g], f.dth);
+      float* out[4] = {dgen[g].W1, dgen[g].W2, dgen[g].S1, dgen[g].S2};
+      for (int m = 0; m < 4; ++m)
+        HOPE_SIMD for (int64_t i = 0; i < DE; ++i) out[m][i] += w.dold[m * DE + i];
+    }
     HOPE_SIMD for (int64_t i = 0; i < static_cast<int64_t>(L) * D; ++i) f.dk[i] += w.dK[i];
     // targets v^_g = M_g(v): dv += d through the read
     mem_read_bwd(d, L, st, f.v, f.Pv + g * L * E, f.Av + g * L * E, w.dV, f.LD, dgen[g].W1, dgen[g].W2, f.LE);
@@ -1392,12 +1399,13 @@ void bwd_one(const Dims& d, const Ptrs& p, int64_t bh, float* dreadout, float* d
   // where it lies
   Front f(d.Cg, D, d.E);
   const int64_t GM = d.G * 4 * DE;  // one chunk's generator states
-  std::vector<float> genbuf(static_cast<size_t>(GM)), dgenbuf(static_cast<size_t>(GM)),
+  std::vector<float> genbuf(static_cast<size_t>(GM)), dgenbuf(static_cast<size_t>(2 * GM)),
       states(static_cast<size_t>(d.K > 1 ? d.K * GM : 0));
-  Mem gen[kG], dgen[kG];
+  Mem gen[kG], dgen[kG], spare[kG];
   for (int g = 0; g < d.G; ++g) {
     dgen[g] = mem_at(dgenbuf.data() + g * 4 * DE, DE);
-    pack(p.dgW1T, p.dgW2T, p.dgS1T, p.dgS2T, gen_off(d, b, h, g), dgenbuf.data() + g * 4 * DE, DE);
+    spare[g] = mem_at(dgenbuf.data() + GM + g * 4 * DE, DE);
+    pack(p.dgW1T, p.dgW2T, p.dgS1T, p.dgS2T, gen_off(d, b, h, g), dgen[g].W1, DE);
   }
   float dm_gen = 0.f;
   float* ckpt = p.gen_ckpt + bh * d.NK * GM;  // read only
@@ -1429,12 +1437,11 @@ void bwd_one(const Dims& d, const Ptrs& p, int64_t bh, float* dreadout, float* d
         f.deta[t] = dgates[(t0 + t) * 2];
         f.dalpha[t] = dgates[(t0 + t) * 2 + 1];
       }
-      gen_chunk_bwd(d, L, gen, dgen, hp, f, w, cs, dxq + t0 * D, dxk + t0 * D, dxv + t0 * D, dreadout, dbias,
-                    &dm_gen);
+      gen_chunk_bwd(d, L, gen, dgen, spare, hp, f, w, cs, dxq + t0 * D, dxk + t0 * D, dxv + t0 * D, dreadout,
+                    dbias, &dm_gen);
     }
   }
-  for (int g = 0; g < d.G; ++g)
-    unpack(dgenbuf.data() + g * 4 * DE, p.dgW1, p.dgW2, p.dgS1, p.dgS2, gen_off(d, b, h, g), DE);
+  for (int g = 0; g < d.G; ++g) unpack(dgen[g].W1, p.dgW1, p.dgW2, p.dgS1, p.dgS2, gen_off(d, b, h, g), DE);
   dmom[0] += dm_gen;
   dmom[1] += dm_mem;
 }
