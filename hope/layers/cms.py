@@ -71,6 +71,11 @@ def block_coefficients(beta: float, n: int, device) -> tuple[torch.Tensor, torch
     return C.float(), (beta * C).float(), powers.float()
 
 
+def _rows_from(r0: int, x: torch.Tensor) -> torch.Tensor:
+    """x [B, T - r0, F] as rows r0.. of a [B, T, F] tensor whose first r0 rows are zero."""
+    return F.pad(x, (0, 0, r0, 0)) if r0 else x
+
+
 class CMSLevel(nn.Module):
     def __init__(self, dim: int, hidden: int, period: int, init_std: float = 0.02, out_scale: float = 1.0):
         super().__init__()
@@ -138,6 +143,9 @@ class CMSLevel(nn.Module):
             t_block = (st.fill + torch.arange(T, device=x.device)) // P  # block of each query token
             gap = t_block[:, None] - s_block[None, :]
             K = torch.where(gap > 0, C[gap.clamp(0, n_fire)], torch.zeros((), device=x.device))  # [T, S]
+            # K's nonzero block: queries after the segment's first boundary, keys before the last query's block
+            r0, c1 = max(0, P - st.fill), (S - 1) // P * P
+            K = K[r0:, :c1]
             c_t = c[t_block]  # momentum carried into this segment, weight per query token
         n = rmsnorm(x.float())
         h = F.linear(n, self.w1.float())
@@ -145,14 +153,14 @@ class CMSLevel(nn.Module):
             h = h + torch.einsum("bed,btd->bte", st.off1, n) - lr * c_t[None, :, None] * torch.einsum(
                 "bed,btd->bte", st.mom1, n)
         if n_fire > 0:
-            h = h - lr * (K * torch.einsum("btd,bsd->bts", n, n1)) @ dh
+            h = h - lr * _rows_from(r0, (K * torch.einsum("btd,bsd->bts", n[:, r0:], n1[:, :c1])) @ dh[:, :c1])
         a = F.gelu(h)
         y = x.float() + F.linear(a, self.w2.float())
         if not fresh:
             y = y + torch.einsum("bde,bte->btd", st.off2, a) - lr * c_t[None, :, None] * torch.einsum(
                 "bde,bte->btd", st.mom2, a)
         if n_fire > 0:
-            y = y - lr * (K * torch.einsum("bte,bse->bts", a, a1)) @ D1
+            y = y - lr * _rows_from(r0, (K * torch.einsum("bte,bse->bts", a[:, r0:], a1[:, :c1])) @ D1[:, :c1])
         return y.to(x.dtype), self._advance(st, X1, D1, n1, a1, dh, n_fire, C, c, powers, lr=lr)
 
     @torch.no_grad()
