@@ -19,8 +19,8 @@ Two ways to run a level over a segment (docs/equations.md, "Continual CMS"):
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from typing import Sequence
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -37,10 +37,12 @@ def gelu_grad(h: torch.Tensor) -> torch.Tensor:
 
 @dataclass
 class CMSLevelState:
-    """Per-stream state of one level: fast-weight offset, momenta, the open block's tokens, telemetry."""
+    """Per-stream state of one level: fast-weight offset (``off1``, ``off2``), momenta, the open block's tokens,
+    telemetry. A chunk-parallel segment leaves the offsets to be summed when first read (``defer_offsets``): a caller
+    that drops the state, as a training step does, never pays for them."""
 
-    off1: torch.Tensor  # [B, E, D] fast W1 - slow W1
-    off2: torch.Tensor  # [B, D, E]
+    _off1: torch.Tensor  # [B, E, D] fast W1 - slow W1
+    _off2: torch.Tensor  # [B, D, E]
     mom1: torch.Tensor  # [B, E, D]
     mom2: torch.Tensor  # [B, D, E]
     buf_x: torch.Tensor  # [B, period, D] inputs of the open block's tokens
@@ -49,6 +51,36 @@ class CMSLevelState:
     update_count: int = 0
     update_norm: float = 0.0  # L2 norm of the last update (W1 and W2 together, mean over samples)
     teach_signal_norm: float = 0.0  # norm of the errors fed in the last call
+    _pending: Callable[[], tuple[torch.Tensor, torch.Tensor]] | None = field(default=None, repr=False)
+
+    def defer_offsets(self, make: Callable[[], tuple[torch.Tensor, torch.Tensor]]) -> None:
+        """``make()`` gives (off1, off2), called once, when either is first read."""
+        self._pending = make
+
+    def _resolve(self) -> None:
+        if self._pending is not None:
+            make, self._pending = self._pending, None
+            self._off1, self._off2 = make()
+
+    @property
+    def off1(self) -> torch.Tensor:
+        self._resolve()
+        return self._off1
+
+    @off1.setter
+    def off1(self, value: torch.Tensor) -> None:
+        self._resolve()
+        self._off1 = value
+
+    @property
+    def off2(self) -> torch.Tensor:
+        self._resolve()
+        return self._off2
+
+    @off2.setter
+    def off2(self, value: torch.Tensor) -> None:
+        self._resolve()
+        self._off2 = value
 
     def detach_copy(self) -> "CMSLevelState":
         return CMSLevelState(self.off1.detach(), self.off2.detach(), self.mom1.detach(), self.mom2.detach(),
@@ -175,13 +207,21 @@ class CMSLevel(nn.Module):
         if n_fire > 0:
             nf = n_fire * P
             blk = torch.arange(nf, device=X1.device) // P
-            # weight of each fired token's gradient in the end weights and in the end momentum: [2, nf]
-            wts = torch.stack([C[n_fire - blk], powers[n_fire - 1 - blk]])
-            G1s = torch.einsum("bkse,bsd->bked", dh[:, None, :nf] * wts[None, :, :, None], n1[:, :nf])
-            G2s = torch.einsum("bksd,bse->bkde", D1[:, None, :nf] * wts[None, :, :, None], a1[:, :nf])
-            G1, G1m, G2, G2m = G1s[:, 0], G1s[:, 1], G2s[:, 0], G2s[:, 1]
-            new.off1 = st.off1 - lr * (c[n_fire] * st.mom1 + G1)
-            new.off2 = st.off2 - lr * (c[n_fire] * st.mom2 + G2)
+            dh, n1, D1f, a1 = dh[:, :nf], n1[:, :nf], D1[:, :nf], a1[:, :nf]
+
+            def summed(weight):  # each fired token's gradient, weighted by its block: (sum dh n1^T, sum delta a1^T)
+                w = weight[None, :, None]
+                return (torch.einsum("bse,bsd->bed", dh * w, n1), torch.einsum("bsd,bse->bde", D1f * w, a1))
+
+            G1m, G2m = summed(powers[n_fire - 1 - blk])  # the end momentum (telemetry reads it)
+            off1, off2, mom1, mom2, cn = st.off1, st.off2, st.mom1, st.mom2, c[n_fire]
+
+            @torch.no_grad()
+            def end_offsets():  # the end weights: summed when first read
+                G1, G2 = summed(C[n_fire - blk])
+                return off1 - lr * (cn * mom1 + G1), off2 - lr * (cn * mom2 + G2)
+
+            new.defer_offsets(end_offsets)
             new.mom1 = powers[n_fire] * st.mom1 + G1m
             new.mom2 = powers[n_fire] * st.mom2 + G2m
             new.update_count = st.update_count + n_fire
