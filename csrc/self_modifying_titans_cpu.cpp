@@ -215,21 +215,56 @@ inline float dot(const float* a, const float* b, int n) {
   return acc;
 }
 
+// the 8 x 8 block in rows r[0..7] transposed in place (three rounds of two-input shuffles)
+inline void transpose8(v8* r) {
+  typedef int m8 __attribute__((vector_size(32)));
+  const m8 lo1 = {0, 8, 1, 9, 4, 12, 5, 13}, hi1 = {2, 10, 3, 11, 6, 14, 7, 15};
+  const m8 lo2 = {0, 1, 8, 9, 4, 5, 12, 13}, hi2 = {2, 3, 10, 11, 6, 7, 14, 15};
+  const m8 lo4 = {0, 1, 2, 3, 8, 9, 10, 11}, hi4 = {4, 5, 6, 7, 12, 13, 14, 15};
+  v8 t[8], u[8];
+  for (int k = 0; k < 8; k += 2) {  // pairs of rows interleaved
+    t[k] = __builtin_shuffle(r[k], r[k + 1], lo1);
+    t[k + 1] = __builtin_shuffle(r[k], r[k + 1], hi1);
+  }
+  for (int k = 0; k < 8; k += 4)  // then pairs of pairs
+    for (int h = 0; h < 2; ++h) {
+      u[k + 2 * h] = __builtin_shuffle(t[k + h], t[k + h + 2], lo2);
+      u[k + 2 * h + 1] = __builtin_shuffle(t[k + h], t[k + h + 2], hi2);
+    }
+  for (int k = 0; k < 4; ++k) {  // then the two halves: column k and column k + 4
+    r[k] = __builtin_shuffle(u[k], u[k + 4], lo4);
+    r[k + 4] = __builtin_shuffle(u[k], u[k + 4], hi4);
+  }
+}
+
+// At [N, M] (row stride ldt) = A^T for A [M, N] (row stride lda), in 8 x 8 register blocks
+inline void transpose(int M, int N, const float* A, int64_t lda, float* At, int64_t ldt) {
+  int i = 0;
+  for (; i + 8 <= M; i += 8) {
+    int j = 0;
+    for (; j + 8 <= N; j += 8) {
+      v8 r[8];
+      for (int k = 0; k < 8; ++k) r[k] = load8(A + (i + k) * lda + j);
+      transpose8(r);
+      for (int k = 0; k < 8; ++k) store8(At + (j + k) * ldt + i, r[k]);
+    }
+    for (; j < N; ++j)
+      for (int k = 0; k < 8; ++k) At[j * ldt + i + k] = A[(i + k) * lda + j];
+  }
+  for (; i < M; ++i)
+    for (int j = 0; j < N; ++j) At[j * ldt + i] = A[i * lda + j];
+}
+inline void transpose(int M, int N, const float* A, float* At) { transpose(M, N, A, N, At, M); }
+
 // C[M, N] = beta C + alpha A B^T with A [M, K], B [N, K] (the [L, L] terms): B^T copied to a task-local [K, N] tile
 inline void gemm_nt(int M, int N, int K, float alpha, const float* A, int lda, const float* B, int ldb, float beta,
                     float* C, int ldc) {
   thread_local std::vector<float> bt;
   if (bt.size() < static_cast<size_t>(K) * N) bt.resize(static_cast<size_t>(K) * N);
-  for (int j = 0; j < N; ++j)
-    for (int k = 0; k < K; ++k) bt[static_cast<size_t>(k) * N + j] = B[static_cast<int64_t>(j) * ldb + k];
+  transpose(N, K, B, ldb, bt.data(), N);
   gemm_strided(M, N, K, alpha, A, lda, 1, bt.data(), N, beta, C, ldc);
 }
 
-// At [N, M] = A^T for A [M, N]
-inline void transpose(int M, int N, const float* A, float* At) {
-  for (int i = 0; i < M; ++i)
-    for (int j = 0; j < N; ++j) At[static_cast<int64_t>(j) * M + i] = A[static_cast<int64_t>(i) * N + j];
-}
 
 inline float sum_prod(const float* a, const float* b, int64_t n) {
   float acc = 0.f;
