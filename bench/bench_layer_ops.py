@@ -13,6 +13,10 @@ Three measurements, ``python bench/bench_layer_ops.py [ops] [speed] [layer] [--t
   (``fused=False``), interleaved, median over repeats, at the smoke and pilot sizes.
 - ``profile``: where one smoke HOPE step goes (``torch.profiler``): the fused op's forward and backward (self time,
   calls) against everything else the step runs.
+- ``flops``: model FLOPs of one smoke step (forward + backward of the LM loss, B 8, T 128) per model, counted by
+  ``torch.utils.flop_counter`` (matrix products and convolutions); HOPE on its reference path (the layer's loop and
+  the reference kernels, every product visible to the counter; the fused op computes the same recurrences), and with
+  the ``speed`` rows of the same run, each model's GFLOP/s.
 
 ``--json FILE`` also writes FILE with a ``.png`` suffix: tokens/s of the smoke presets, the step's split and the
 layer's fused-vs-loop times.
@@ -265,6 +269,71 @@ def step_profile(reps: int = 3, **hope_overrides) -> dict:
     return row
 
 
+def _count_cpu_attention() -> None:
+    """torch's FLOP counter has formulas for the CUDA attention kernels only: counts the CPU flash kernel, forward and
+    backward, with the same formulas (the full T x T, as torch counts the CUDA ones)."""
+    from torch.utils import flop_counter as fc
+
+    aten = torch.ops.aten
+    fwd, bwd = aten._scaled_dot_product_flash_attention_for_cpu, aten._scaled_dot_product_flash_attention_for_cpu_backward
+    if fwd.default in fc.flop_registry:
+        return
+
+    @fc.register_flop_formula(fwd)
+    def _fwd(q, k, v, *args, out_shape=None, **kwargs):
+        return fc.sdpa_flop_count(q, k, v)
+
+    @fc.register_flop_formula(bwd)
+    def _bwd(grad_out, q, k, v, *args, out_shape=None, **kwargs):
+        return fc.sdpa_backward_flop_count(grad_out, q, k, v)
+
+
+def smoke_flops(B: int = 8, T: int = 128) -> list[dict]:
+    """Model FLOPs of one smoke step per model (see the module docstring). The depthwise causal conv's backward is
+    counted as twice its forward: the counter's convolution_backward formula does not divide by the groups (it
+    reports a 384-channel depthwise conv's backward 384x too large)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    _count_cpu_attention()
+
+    from hope.models import build_model, preset
+    from hope_kernels._checks import value_checks_off
+
+    rows = []
+    for arch in ARCHS:
+        cfg = preset(SMOKE_PRESETS[arch], **({"backend": "reference"} if arch == "hope" else {}))
+        torch.manual_seed(0)
+        model = build_model(cfg)
+        if arch == "hope":
+            for block in model.blocks:
+                block.titans.fused = False
+        tokens = torch.randint(0, cfg.vocab_size, (B, T + 1), generator=torch.Generator().manual_seed(0))
+        with value_checks_off(), FlopCounterMode(display=False) as counter:
+            model(tokens[:, :-1], labels=tokens[:, 1:]).loss.backward()
+        by_op = {str(k): v for k, v in counter.get_flop_counts()["Global"].items()}
+        conv = 2 * by_op.get("aten.convolution", 0) if by_op.pop("aten.convolution_backward", 0) else 0
+        total = sum(by_op.values()) + conv
+        rows.append({"measure": "flops", "arch": arch, "preset": SMOKE_PRESETS[arch], "B": B, "T": T,
+                     "gflop_per_step": round(total / 1e9, 3),
+                     "by_op_gflop": {k: round(v / 1e9, 3) for k, v in sorted(by_op.items())}
+                     | ({"aten.convolution_backward (2x forward)": round(conv / 1e9, 3)} if conv else {})})
+    base = next(r["gflop_per_step"] for r in rows if r["arch"] == "transformer")
+    for r in rows:
+        r["vs_transformer"] = round(r["gflop_per_step"] / base, 2)
+    return rows
+
+
+def with_flop_rates(rows: list[dict]) -> None:
+    """Adds GFLOP/s to the flops rows from the first speed row of each model in ``rows``."""
+    step_ms = {}
+    for r in rows:
+        if r["measure"] == "speed" and "gen_chunk_size" not in r:
+            step_ms.setdefault(r["arch"], r["median_step_ms"])
+    for r in rows:
+        if r["measure"] == "flops" and r["arch"] in step_ms:
+            r["gflop_per_s"] = round(r["gflop_per_step"] / (step_ms[r["arch"]] / 1e3), 1)
+
+
 def plot(rows: list[dict], path: str) -> None:
     """Smoke tokens/s per model, the HOPE step's split (kernels vs rest) and the layer's fused vs loop times."""
     import matplotlib
@@ -332,7 +401,7 @@ def run(device="cpu"):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("what", nargs="*", default=["all"], choices=("ops", "speed", "layer", "profile", "all"))
+    ap.add_argument("what", nargs="*", default=["all"], choices=("ops", "speed", "layer", "profile", "flops", "all"))
     ap.add_argument("--json", help="write the rows and the machine to this file")
     ap.add_argument("--machine-note", default="", help="what the machine is (shared, cores), stored with the rows")
     ap.add_argument("--reps", type=int, default=9)
@@ -370,6 +439,12 @@ def main(argv=None):
         row = step_profile(**over)
         print(json.dumps(row), flush=True)
         rows.append(row)
+    if {"flops", "all"} & set(args.what):
+        flops = smoke_flops()
+        rows.extend(flops)
+        with_flop_rates(rows)
+        for row in flops:
+            print(json.dumps(row), flush=True)
     if args.json:
         plot(rows, os.path.splitext(args.json)[0] + ".png")
         tmp = args.json + ".tmp"
