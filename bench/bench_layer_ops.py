@@ -276,7 +276,7 @@ def _count_cpu_attention() -> None:
 
     aten = torch.ops.aten
     fwd, bwd = aten._scaled_dot_product_flash_attention_for_cpu, aten._scaled_dot_product_flash_attention_for_cpu_backward
-    if fwd.default in fc.flop_registry:
+    if fwd in fc.flop_registry or fwd.default in fc.flop_registry:
         return
 
     @fc.register_flop_formula(fwd)
@@ -335,7 +335,8 @@ def with_flop_rates(rows: list[dict]) -> None:
 
 
 def plot(rows: list[dict], path: str) -> None:
-    """Smoke tokens/s per model, the HOPE step's split (kernels vs rest) and the layer's fused vs loop times."""
+    """Smoke tokens/s per model, the HOPE step's split (kernels vs rest), the layer's fused vs loop times and, with
+    flops rows, each model's FLOPs per step and FLOP rate."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -344,11 +345,16 @@ def plot(rows: list[dict], path: str) -> None:
     speed = [r for r in rows if r["measure"] == "speed"]
     prof = [r for r in rows if r["measure"] == "profile"]
     layer = [r for r in rows if r["measure"] == "layer"]
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    flops = [r for r in rows if r["measure"] == "flops"]
     # the first group's three models, then HOPE at each further generator chunk
     speed = speed[:3] + [r for r in speed[3:] if r["arch"] == "hope"]
+    panels = [name for name, rs in (("speed", speed), ("profile", prof), ("layer", layer), ("flops", flops)) if rs]
+    if not panels:
+        return
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4.2), squeeze=False)
+    ax_of = dict(zip(panels, axes[0]))
     if speed:
-        ax = axes[0]
+        ax = ax_of["speed"]
         labels = [r["arch"] + (f' (gen chunk {r["gen_chunk_size"]})' if "gen_chunk_size" in r else "") for r in speed]
         colors = {"hope": "C3", "titan": "C1", "transformer": "C0"}
         ax.bar(labels, [r["tokens_per_s"] for r in speed], color=[colors[r["arch"]] for r in speed])
@@ -358,12 +364,12 @@ def plot(rows: list[dict], path: str) -> None:
         ax.set_yscale("log")
         ax.set_title("smoke presets, fwd+bwd tokens/s (vs Transformer++)")
     if prof:
-        ax, r = axes[1], prof[-1]
+        ax, r = ax_of["profile"], prof[-1]
         ax.bar(["self_modifying_titans kernels", "rest of the step"], [r["kernels_s"], r["rest_s"]], color=["C3", "C7"])
         ax.set_ylabel("s per step")
         ax.set_title(f'one smoke HOPE step: {r["step_s"]:.2f} s')
     if layer:
-        ax = axes[2]
+        ax = ax_of["layer"]
         xs = range(len(layer))
         ax.bar([x - 0.2 for x in xs], [r["fused_ms"] for r in layer], 0.4, label="fused op")
         ax.bar([x + 0.2 for x in xs], [r["loop_ms"] for r in layer], 0.4, label="layer loop")
@@ -371,6 +377,16 @@ def plot(rows: list[dict], path: str) -> None:
         ax.set_ylabel("ms, fwd+bwd")
         ax.set_title("self-modifying Titans layer")
         ax.legend()
+    if flops:
+        ax = ax_of["flops"]
+        ax.bar([r["arch"] for r in flops], [r["gflop_per_step"] for r in flops],
+               color=[{"hope": "C3", "titan": "C1", "transformer": "C0"}[r["arch"]] for r in flops])
+        for i, r in enumerate(flops):
+            rate = f'\n{r["gflop_per_s"]:.0f} GFLOP/s' if "gflop_per_s" in r else ""
+            ax.text(i, r["gflop_per_step"], f'{r["vs_transformer"]:.2f}x{rate}', ha="center", va="bottom")
+        ax.set_ylim(0, 1.25 * max(r["gflop_per_step"] for r in flops))
+        ax.set_ylabel("GFLOP per step (model FLOPs)")
+        ax.set_title("smoke step FLOPs (vs Transformer++)")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
