@@ -1251,14 +1251,19 @@ inline void unpack(const float* src, float* W1, float* W2, float* S1, float* S2,
   std::memcpy(S2 + off, src + 3 * DE, sizeof(float) * DE);
 }
 
-// chunk c of the memory pass: rows, and the tokens' k, v, q (read from the kvq buffer [T, 3, D] into K, V, Q)
-inline void gather_kvq(const Dims& d, const float* kvq, int64_t t0, int L, float* K, float* V, float* Q) {
+// the M_mem chunk of L tokens from t0: its tokens' k, v, q (from the kvq buffer [T, 3, D] into K, V, Q), lr th,
+// and w.a (momentum m_mem), w.b (keep = 1 - decay) from the gates [T, 2]
+inline void mem_chunk_inputs(const Dims& d, const float* kvq, const float* gates, float m_mem, int64_t t0, int L,
+                             float* K, float* V, float* Q, float* th, Work& w) {
   const int64_t D = d.D;
   for (int t = 0; t < L; ++t) {
     const float* row = kvq + (t0 + t) * 3 * D;
     std::memcpy(K + t * D, row, sizeof(float) * D);
     std::memcpy(V + t * D, row + D, sizeof(float) * D);
     std::memcpy(Q + t * D, row + 2 * D, sizeof(float) * D);
+    th[t] = gates[(t0 + t) * 2];
+    w.a[t] = m_mem;
+    w.b[t] = 1.f - gates[(t0 + t) * 2 + 1];
   }
 }
 
@@ -1327,12 +1332,7 @@ void fwd_one(const Dims& d, const Ptrs& p, int64_t bh) {
     const int64_t t0 = c * d.Cm;
     const int L = static_cast<int>(std::min(d.Cm, T - t0));
     std::memcpy(p.mem_ckpt + (bh * d.NCm + c) * 4 * DE, membuf.data(), sizeof(float) * 4 * DE);
-    gather_kvq(d, kvq, t0, L, K, V, Q);
-    for (int t = 0; t < L; ++t) {
-      th[t] = gates[(t0 + t) * 2];
-      w.a[t] = hp.m_mem;
-      w.b[t] = 1.f - gates[(t0 + t) * 2 + 1];
-    }
+    mem_chunk_inputs(d, kvq, gates, hp.m_mem, t0, L, K, V, Q, th.data(), w);
     chunk_fwd(d, L, cmem(mem), K, V, Q, th.data(), w, p.y + (bh * T + t0) * D);
     if (store != nullptr) move_chunk(d, L, true, d.mclip > 0, &w, mem_store(d, store, c), true);
     const Bound bd = bound_fwd(cmem(mem), w, d.mclip, DE);
@@ -1359,12 +1359,7 @@ void bwd_q_one(const Dims& d, const Ptrs& p, int64_t bh) {
     const int64_t t0 = c * d.Cm;
     const int L = static_cast<int>(std::min(d.Cm, T - t0));
     const CMem st = cmem(mem_at(p.mem_ckpt + (bh * d.NCm + c) * 4 * DE, DE));
-    gather_kvq(d, kvq, t0, L, K, V, Q);
-    for (int t = 0; t < L; ++t) {
-      th[t] = gates[(t0 + t) * 2];
-      w.a[t] = hp.m_mem;
-      w.b[t] = 1.f - gates[(t0 + t) * 2 + 1];
-    }
+    mem_chunk_inputs(d, kvq, gates, hp.m_mem, t0, L, K, V, Q, th.data(), w);
     chunk_again(d, L, st, K, V, Q, th.data(), w, d.mclip > 0, store != nullptr ? mem_store(d, store, c) : nullptr,
                 y.data());
     chunk_bwd_q(d, L, st, K, th.data(), p.dy + (bh * T + t0) * D, w);
@@ -1395,15 +1390,8 @@ void bwd_one(const Dims& d, const Ptrs& p, int64_t bh, float* dreadout, float* d
     const int64_t t0 = c * d.Cm;
     const int L = static_cast<int>(std::min(d.Cm, T - t0));
     const CMem st = cmem(mem_at(p.mem_ckpt + (bh * d.NCm + c) * 4 * DE, DE));
-    gather_kvq(d, kvq, t0, L, K, V, Q);
-    for (int t = 0; t < L; ++t) {
-      th[t] = gates[(t0 + t) * 2];
-      w.a[t] = hp.m_mem;
-      w.b[t] = 1.f - gates[(t0 + t) * 2 + 1];
-      dth[t] = 0.f;
-      w.ga[t] = 0.f;
-      w.gb[t] = 0.f;
-    }
+    mem_chunk_inputs(d, kvq, gates, hp.m_mem, t0, L, K, V, Q, th.data(), w);
+    for (int t = 0; t < L; ++t) dth[t] = w.ga[t] = w.gb[t] = 0.f;
     chunk_again(d, L, st, K, V, Q, th.data(), w, d.mclip > 0, store != nullptr ? mem_store(d, store, c) : nullptr,
                 y.data());
     const Bound bd = bound_fwd(st, w, d.mclip, DE);

@@ -326,7 +326,8 @@ def test_checkpoint_buffers_are_reused(backend):
     del out
     again = torch.ops.hope.self_modifying_titans_fwd(tensors, *settings, backend)
     assert {again[i].data_ptr() for i in roles} == ptrs
-    assert all(torch.equal(again[i], f) for i, f in zip(roles, first))
+    # bit for bit (a short last chunk fills only the start of its store slot: the rest is whatever the memory held)
+    assert all(torch.equal(again[i].view(torch.int32), f.view(torch.int32)) for i, f in zip(roles, first))
     del again
     assert empty_cache() == sum(f.numel() * 4 for f in first)
     assert empty_cache() == 0
