@@ -894,8 +894,8 @@ void chunk_bwd_q(const Dims& d, int L, const CMem& st, const float* K, const flo
   }
 }
 
-// The backward's chunk_fwd: its intermediates loaded from the forward's store when it kept them (with W1^T, which
-// chunk_bwd reads and the store leaves out: a copy of the chunk-start W1), else recomputed.
+// The backward's chunk_fwd: its intermediates loaded from the forward's store when it kept them (and W1^T, which
+// chunk_bwd reads and the store leaves out, transposed again from the chunk-start W1), else recomputed.
 // O: the recompute's read-out (Q only; its values are not used).
 void chunk_again(const Dims& d, int L, const CMem& st, const float* K, const float* V, const float* Q,
                  const float* th, Work& w, bool bound, const float* store, float* O = nullptr) {
