@@ -132,7 +132,8 @@ def default_checkpoint_every(T: int, gen_chunk_size: int) -> int:
     return max(1, math.ceil(math.ceil(T / gen_chunk_size) / MAX_CHECKPOINTS))
 
 
-def _counts(T: int, gen_chunk: int, mem_chunk: int, checkpoint_every: int) -> tuple[int, int, int]:
+def chunk_counts(T: int, gen_chunk: int, mem_chunk: int, checkpoint_every: int) -> tuple[int, int, int]:
+    """Generator chunks, M_mem chunks and stored generator checkpoints of a segment of T tokens."""
     n_gen = math.ceil(T / gen_chunk)
     return n_gen, math.ceil(T / mem_chunk), math.ceil(n_gen / checkpoint_every) if checkpoint_every else 0
 
@@ -164,7 +165,7 @@ def _(inputs, gen_chunk_size, mem_chunk_size, gen_update_clip, mem_update_clip, 
     xq, gen_W1 = inputs[0], inputs[3]
     B, H, T, D = xq.shape
     G, E = gen_W1.shape[1] // H, gen_W1.shape[-1]
-    n_gen, n_mem, n_ckpt = _counts(T, gen_chunk_size, mem_chunk_size, checkpoint_every)
+    n_gen, n_mem, n_ckpt = chunk_counts(T, gen_chunk_size, mem_chunk_size, checkpoint_every)
     settings = LayerSettings(gen_chunk_size, mem_chunk_size, gen_update_clip, mem_update_clip, dgd, normalize_v,
                              readout_before, checkpoint_every)
     n_store = _kernel(backend).store_floats(settings, T, D, E, G)
@@ -218,4 +219,4 @@ self_modifying_titans_fwd.register_autograd(_backward, setup_context=_setup_cont
 
 __all__ = ["OP", "LayerTensors", "LayerSettings", "SelfModifyingTitansCall", "supports_layer_call", "RULES",
            "INPUT_ROLES", "OUTPUT_ROLES", "N_DIFFERENTIABLE", "MAX_CHECKPOINTS", "default_checkpoint_every",
-           "xq_only_grad", "self_modifying_titans_fwd", "self_modifying_titans_bwd"]
+           "chunk_counts", "xq_only_grad", "self_modifying_titans_fwd", "self_modifying_titans_bwd"]

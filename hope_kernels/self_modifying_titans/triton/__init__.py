@@ -10,7 +10,7 @@ import torch
 import triton
 
 from hope_kernels.backends import Backend, triton_runs_on
-from hope_kernels.self_modifying_titans.chunk import OP, supports_layer_call
+from hope_kernels.self_modifying_titans.chunk import OP, chunk_counts, supports_layer_call
 from hope_kernels.self_modifying_titans.naive import NORM_EPS
 from hope_kernels.self_modifying_titans.triton.kernels import (
     _gen_bwd_kernel,
@@ -54,9 +54,8 @@ def _sizes(inputs, settings):
     xq = inputs[0]
     B, H, T, D = xq.shape
     G, E = inputs[3].shape[1] // H, inputs[3].shape[-1]
-    NCg = math.ceil(T / settings.gen_chunk_size)
-    every = settings.checkpoint_every
-    return B, H, T, D, E, G, NCg, math.ceil(T / settings.mem_chunk_size), math.ceil(NCg / every) if every else 0
+    counts = chunk_counts(T, settings.gen_chunk_size, settings.mem_chunk_size, settings.checkpoint_every)
+    return (B, H, T, D, E, G, *counts)
 
 
 def _l2n_bwd(x: torch.Tensor, y: torch.Tensor, dy: torch.Tensor) -> torch.Tensor:
