@@ -43,6 +43,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 ARCHS = ("hope", "titan", "transformer")
 PILOT_PRESETS = {"hope": "pilot-hope", "titan": "pilot-titan", "transformer": "pilot-transformer"}
 SMOKE_PRESETS = {"hope": "smoke-hope", "titan": "smoke-titan", "transformer": "smoke-transformer"}
+ARCH_COLORS = {"hope": "C3", "titan": "C1", "transformer": "C0"}  # one color per model in every plot
 
 
 class OpCounter(TorchDispatchMode):
@@ -294,11 +295,10 @@ def smoke_flops(B: int = 8, T: int = 128) -> list[dict]:
     reports a 384-channel depthwise conv's backward 384x too large)."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    _count_cpu_attention()
-
     from hope.models import build_model, preset
     from hope_kernels._checks import value_checks_off
 
+    _count_cpu_attention()
     rows = []
     for arch in ARCHS:
         cfg = preset(SMOKE_PRESETS[arch], **({"backend": "reference"} if arch == "hope" else {}))
@@ -356,8 +356,7 @@ def plot(rows: list[dict], path: str) -> None:
     if speed:
         ax = ax_of["speed"]
         labels = [r["arch"] + (f' (gen chunk {r["gen_chunk_size"]})' if "gen_chunk_size" in r else "") for r in speed]
-        colors = {"hope": "C3", "titan": "C1", "transformer": "C0"}
-        ax.bar(labels, [r["tokens_per_s"] for r in speed], color=[colors[r["arch"]] for r in speed])
+        ax.bar(labels, [r["tokens_per_s"] for r in speed], color=[ARCH_COLORS[r["arch"]] for r in speed])
         ax.tick_params(axis="x", labelrotation=20)
         for i, r in enumerate(speed):
             ax.text(i, r["tokens_per_s"], f'{r["vs_transformer"]:.3f}x', ha="center", va="bottom")
@@ -380,7 +379,7 @@ def plot(rows: list[dict], path: str) -> None:
     if flops:
         ax = ax_of["flops"]
         ax.bar([r["arch"] for r in flops], [r["gflop_per_step"] for r in flops],
-               color=[{"hope": "C3", "titan": "C1", "transformer": "C0"}[r["arch"]] for r in flops])
+               color=[ARCH_COLORS[r["arch"]] for r in flops])
         for i, r in enumerate(flops):
             rate = f'\n{r["gflop_per_s"]:.0f} GFLOP/s' if "gflop_per_s" in r else ""
             ax.text(i, r["gflop_per_step"], f'{r["vs_transformer"]:.2f}x{rate}', ha="center", va="bottom")
