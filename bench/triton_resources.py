@@ -203,7 +203,9 @@ def _cms_update_launches():
 
 
 def _self_modifying_titans_launches():
-    """self_modifying_titans forward + backward (its four kernels) at the pilot heads (D 64, E 128)."""
+    """self_modifying_titans' four kernels at the largest chunks its backend record takes (``MAX_CHUNKS`` in
+    ``self_modifying_titans/triton``) per head-dim tile: the forward kernels at the forward-only caps, the backward
+    kernels at the caps with a backward."""
     import importlib
 
     import torch
@@ -211,7 +213,7 @@ def _self_modifying_titans_launches():
     smt = importlib.import_module("hope_kernels.self_modifying_titans.triton")
     from hope_kernels.self_modifying_titans.chunk import LayerSettings
 
-    def launch(H, D, E, G, gen_chunk, mem_chunk, rule, clip):
+    def launch(H, D, E, G, gen_chunk, mem_chunk, rule, clip, backward):
         B, T = 1, 2 * max(gen_chunk, mem_chunk)
         f = lambda *s: torch.zeros(*s)  # noqa: E731
         inputs = [f(B, H, T, D), f(B, H, T, D), f(B, H, T, D), f(B, G * H, D, E), f(B, G * H, E, D),
@@ -224,17 +226,25 @@ def _self_modifying_titans_launches():
         grads = [f(B, H, T, D)] + [x.clone() for x in inputs[3:11]]
 
         def run():
+            if backward:
+                smt.TritonKernel.bwd(grads, inputs, saved, settings)
+                return
             try:
                 smt.TritonKernel.fwd(inputs, settings)
             except (TypeError, IndexError, ValueError):
                 pass  # the recorded launches return nothing: unpacking their outputs fails after they are recorded
-            smt.TritonKernel.bwd(grads, inputs, saved, settings)
         return run
 
-    names = ("_gen_fwd_kernel", "_mem_fwd_kernel", "_mem_bwd_kernel", "_gen_bwd_kernel")
-    # the largest tiles (pilot heads): the defaults, and titans with the adaptive q and a generator bound
-    return [(f"self_modifying_titans pilot G{G} {rule} clip={clip}", smt, names,
-             launch(12, 64, 128, G, 8, 64, rule, clip)) for G, rule, clip in ((4, "dgd", 0.0), (5, "titans", 0.1))]
+    out = []
+    for (D, backward), caps in smt.MAX_CHUNKS.items():
+        if caps is None:
+            continue
+        names = ("_mem_bwd_kernel", "_gen_bwd_kernel") if backward else ("_gen_fwd_kernel", "_mem_fwd_kernel")
+        for G, rule, clip in ((4, "dgd", 0.0), (5, "titans", 0.1)):  # the defaults; titans, adaptive q, gen bound
+            tag = (f"self_modifying_titans D{D} E{2 * D} G{G} {rule} clip={clip} gen C{caps[0]} mem C{caps[1]} "
+                   f"{'bwd' if backward else 'fwd'}")
+            out.append((tag, smt, names, launch(2, D, 2 * D, G, *caps, rule, clip, backward)))
+    return out
 
 
 #: every launch family the report covers by default

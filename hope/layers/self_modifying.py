@@ -217,7 +217,8 @@ class SelfModifyingTitans(nn.Module):
         call = SelfModifyingTitansCall(
             xq.device, xq.dtype, B, H, T, Dh, self.gen_w1.shape[-1], len(self.generators), self.rule,
             self.gen_chunk_size, self.mem_chunk_size, float(self.gen_update_clip), float(self.mem_update_clip),
-            normalize_v=self.normalize_v, readout_before=self.mem_readout == "before_update", selfmod=self.selfmod)
+            normalize_v=self.normalize_v, readout_before=self.mem_readout == "before_update", selfmod=self.selfmod,
+            backward=torch.is_grad_enabled() and (xq.requires_grad or any(p.requires_grad for p in self.parameters())))
         self.fused_path, self.fused_reason = kernel_backend(call, self.backend)
         return self.fused_path
 

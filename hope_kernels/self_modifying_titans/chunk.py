@@ -87,7 +87,8 @@ class SelfModifyingTitansCall:
 
     ``selfmod``: the generators update in context (off: they are static projections, not this op).
     ``other_flags``: any further layer setting that changes the recurrence, as ``"name=value"`` (the kernels
-    implement none, so a call that names one is declined with it as the reason)."""
+    implement none, so a call that names one is declined with it as the reason).
+    ``backward``: a backward of this call may run (some kernels take larger chunks forward-only)."""
 
     device: torch.device
     dtype: torch.dtype
@@ -106,6 +107,7 @@ class SelfModifyingTitansCall:
     readout_before: bool
     selfmod: bool = True
     other_flags: tuple[str, ...] = ()
+    backward: bool = True
 
 
 def supports_layer_call(call: SelfModifyingTitansCall) -> tuple[bool, str]:

@@ -5,6 +5,7 @@ T not a multiple of any chunk, both rules, the update bound active on some chunk
 from __future__ import annotations
 
 import copy
+import importlib
 
 import pytest
 import torch
@@ -482,6 +483,39 @@ def test_backend_choice_and_reasons():
     if HAS_CPP:
         with pytest.raises(ValueError, match="selfmod"):
             backends.resolve_backend(OP, "cpu", "cpp", _call(selfmod=False))
+
+
+def test_triton_record_takes_the_chunks_that_fit_an_h100(monkeypatch):
+    """The Triton record declines, with the reason, the chunks whose kernels need more shared memory than an H100 has
+    (bench/triton_resources.py): at the pilot heads M_mem's chunk 64 forward-only, not with a backward (the teach
+    pass's xq-only call runs that backward too), and the layer tells a training call from an evaluation one."""
+    triton_rec = pytest.importorskip("hope_kernels.self_modifying_titans.triton")
+    def pilot(**over):
+        return _call(**{**dict(device=torch.device("cuda"), D=64, E=128, G=4, gen_update_clip=0.0,
+                               mem_update_clip=0.0, readout_before=True, gen_chunk_size=8, mem_chunk_size=64), **over})
+
+    assert triton_rec.supports(pilot(backward=False)) == (True, "")
+    assert triton_rec.supports(pilot(mem_chunk_size=32)) == (True, "")
+    ok, why = triton_rec.supports(pilot())
+    assert not ok and "mem_chunk_size <= 32" in why and "shared memory" in why and "backward" in why
+    ok, why = triton_rec.supports(pilot(mem_chunk_size=16, gen_chunk_size=64))
+    assert not ok and "gen_chunk_size <= 32" in why
+    ok, why = triton_rec.supports(pilot(mem_chunk_size=16, D=96, E=192))  # the D 128 tile: forward-only
+    assert not ok and "D <= 64 when a backward follows" in why
+    assert triton_rec.supports(pilot(mem_chunk_size=16, D=96, E=192, backward=False)) == (True, "")
+    assert not triton_rec.supports(pilot(mem_chunk_size=16, D=129, E=258, backward=False))[0]
+    # the layer's call says whether a backward follows
+    pkg = importlib.import_module("hope_kernels.self_modifying_titans")  # the package (its function shares the name)
+    asked, resolve = [], pkg.kernel_backend
+    monkeypatch.setattr(pkg, "kernel_backend", lambda call, backend="auto": asked.append(call.backward)
+                        or resolve(call, backend))
+    layer, x = SelfModifyingTitans(16, 2, gen_chunk_size=4, mem_chunk_size=8), torch.randn(1, 9, 16)
+    layer(x)
+    with torch.no_grad():
+        layer(x)
+    layer.requires_grad_(False)
+    layer(x)
+    assert asked == [True, False, False]
 
 
 def test_layer_falls_back_to_its_loop_when_declined():

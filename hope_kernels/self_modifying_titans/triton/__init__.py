@@ -21,9 +21,13 @@ from hope_kernels.self_modifying_titans.triton.kernels import (
 
 #: hidden units per state tile; warps per program
 TUNING = {"be": 32, "num_warps": 4}
-#: the largest head dim and chunk the kernels take (one [BT, BD] tile per token block)
+#: the largest head dim the kernels take (one [BT, BD] tile per token block)
 MAX_D = 128
-MAX_CHUNK = 64
+#: (largest generator chunk, largest M_mem chunk), as power-of-two tiles, per (head-dim tile, a backward follows);
+#: None: no chunk. Every launch compiled for sm_90 (bench/triton_resources.py, Triton 3.6 as on the GPU machine)
+#: needs at most an H100's 227 KiB of shared memory. The backward kernels are the largest: at D 64 the memory pass's
+#: needs 336 KiB at chunk 64 (204 KiB at 32); at D 128 the generator pass's needs 252 KiB at the smallest tile.
+MAX_CHUNKS = {(64, False): (32, 64), (64, True): (32, 32), (128, False): (16, 64), (128, True): None}
 
 
 def _blocks(C: int, D: int, E: int) -> tuple[int, int, int, int]:
@@ -148,9 +152,17 @@ def supports(call) -> tuple[bool, str]:
         return ok, why
     if call.D > MAX_D:
         return False, f"takes head dim D <= {MAX_D}, got {call.D}"
-    for name in ("gen_chunk_size", "mem_chunk_size"):
-        if getattr(call, name) > MAX_CHUNK:
-            return False, f"takes {name} <= {MAX_CHUNK}, got {getattr(call, name)}"
+    tile = max(64, triton.next_power_of_2(call.D))
+    caps = MAX_CHUNKS[(tile, call.backward)]
+    when = " when a backward follows" if call.backward else ""
+    if caps is None:
+        largest = max(t for (t, bwd), c in MAX_CHUNKS.items() if bwd == call.backward and c is not None)
+        return False, (f"takes head dim D <= {largest}{when} (larger heads' kernels need more shared memory than "
+                       f"an H100 has), got D={call.D}")
+    for name, cap in zip(("gen_chunk_size", "mem_chunk_size"), caps):
+        if triton.next_power_of_2(getattr(call, name)) > cap:
+            return False, (f"takes {name} <= {cap} at D={call.D}{when} (a larger chunk's kernels need more shared "
+                           f"memory than an H100 has), got {getattr(call, name)}")
     return True, ""
 
 
