@@ -15,9 +15,10 @@ from hope_kernels import backends
 from hope_kernels._checks import value_checks_off
 from hope_kernels.self_modifying_titans.chunk import OP
 
-# (name, B, T, d_model, heads): the smoke and pilot presets' layer
-GPU_SHAPES = [("smoke", 8, 128, 128, 4), ("pilot", 4, 2048, 768, 12)]
-CPU_SHAPES = [("smoke", 8, 128, 128, 4), ("pilot", 1, 512, 768, 12)]
+# (name, B, T, d_model, heads, M_mem chunk): the smoke and pilot presets' layer at the layer's default M_mem chunk
+# (64); on the GPU also the pilot layer at chunk 32, the largest whose backward the Triton kernels take
+GPU_SHAPES = [("smoke", 8, 128, 128, 4, 64), ("pilot", 4, 2048, 768, 12, 64), ("pilot", 4, 2048, 768, 12, 32)]
+CPU_SHAPES = [("smoke", 8, 128, 128, 4, 64), ("pilot", 1, 512, 768, 12, 64)]
 
 
 def _step(layer, x, local_grad: bool):
@@ -35,21 +36,21 @@ def _step(layer, x, local_grad: bool):
 def run(device="cuda") -> list[dict]:
     device = torch.device(device)
     rows = []
-    for name, B, T, dim, heads in GPU_SHAPES if device.type == "cuda" else CPU_SHAPES:
+    for name, B, T, dim, heads, mem_chunk in GPU_SHAPES if device.type == "cuda" else CPU_SHAPES:
         torch.manual_seed(0)
-        base = SelfModifyingTitans(dim, heads).to(device)
+        base = SelfModifyingTitans(dim, heads, mem_chunk_size=mem_chunk).to(device)
         x = (torch.randn(B, T, dim, generator=torch.Generator().manual_seed(0)) * 0.5).to(device)
-        layers = {"loop": SelfModifyingTitans(dim, heads, fused=False).to(device)}
+        layers = {"loop": SelfModifyingTitans(dim, heads, mem_chunk_size=mem_chunk, fused=False).to(device)}
         for be in backends.available_backends(OP, device):
             if be != "reference":
-                layers[be] = SelfModifyingTitans(dim, heads, backend=be).to(device)
+                layers[be] = SelfModifyingTitans(dim, heads, mem_chunk_size=mem_chunk, backend=be).to(device)
         for layer in layers.values():
             layer.load_state_dict(base.state_dict())
         for local_grad in (False, True):
             loop_ms = None
             for impl, layer in layers.items():
                 fn = _step(layer, x, local_grad)
-                shape = f"{name} B{B} T{T} d{dim} h{heads}"
+                shape = f"{name} B{B} T{T} d{dim} h{heads} mem_chunk{mem_chunk}"
                 try:
                     with value_checks_off():
                         fn()
