@@ -490,6 +490,7 @@ def test_triton_record_takes_the_chunks_that_fit_an_h100(monkeypatch):
     (bench/triton_resources.py): at the pilot heads M_mem's chunk 64 forward-only, not with a backward (the teach
     pass's xq-only call runs that backward too), and the layer tells a training call from an evaluation one."""
     triton_rec = pytest.importorskip("hope_kernels.self_modifying_titans.triton")
+
     def pilot(**over):
         return _call(**{**dict(device=torch.device("cuda"), D=64, E=128, G=4, gen_update_clip=0.0,
                                mem_update_clip=0.0, readout_before=True, gen_chunk_size=8, mem_chunk_size=64), **over})
