@@ -62,25 +62,22 @@ class CMSLevelState:
             make, self._pending = self._pending, None
             self._off1, self._off2 = make()
 
-    @property
-    def off1(self) -> torch.Tensor:
-        self._resolve()
-        return self._off1
+    def _offset(name: str) -> property:  # run in the class body: builds the off1 / off2 properties
+        """An offset read or written after the deferred one (if any) is summed."""
 
-    @off1.setter
-    def off1(self, value: torch.Tensor) -> None:
-        self._resolve()
-        self._off1 = value
+        def get(self) -> torch.Tensor:
+            self._resolve()
+            return getattr(self, name)
 
-    @property
-    def off2(self) -> torch.Tensor:
-        self._resolve()
-        return self._off2
+        def put(self, value: torch.Tensor) -> None:
+            self._resolve()
+            setattr(self, name, value)
 
-    @off2.setter
-    def off2(self, value: torch.Tensor) -> None:
-        self._resolve()
-        self._off2 = value
+        return property(get, put)
+
+    off1 = _offset("_off1")
+    off2 = _offset("_off2")
+    del _offset
 
     def detach_copy(self) -> "CMSLevelState":
         return CMSLevelState(self.off1.detach(), self.off2.detach(), self.mom1.detach(), self.mom2.detach(),
