@@ -21,14 +21,14 @@ from hope_kernels.self_modifying_titans.triton.kernels import (
 
 #: hidden units per state tile; warps per program
 TUNING = {"be": 32, "num_warps": 4}
-#: the largest head dim the kernels take (one [BT, BD] tile per token block)
-MAX_D = 128
 #: (largest generator chunk, largest M_mem chunk), as power-of-two tiles, per (head-dim tile, a backward follows);
 #: None: no chunk. Every launch compiled for sm_90 (bench/triton_resources.py, Triton 3.6 as on the GPU machine)
 #: needs at most an H100's 227 KiB of shared memory. The backward kernels are the largest: at D 64 the memory pass's
 #: needs 336 KiB at chunk 64 (204 KiB at 32); at D 128 the generator pass's needs 252 KiB at the smallest tile. The
 #: memory pass's forward: 168 KiB at D 64, chunk 64; at D 128 256 KiB at chunk 64, 144 KiB at 32.
 MAX_CHUNKS = {(64, False): (32, 64), (64, True): (32, 32), (128, False): (16, 32), (128, True): None}
+#: the largest head dim the kernels take (one [BT, BD] tile per token block): the largest tile above
+MAX_D = max(tile for tile, _ in MAX_CHUNKS)
 
 
 def _blocks(C: int, D: int, E: int) -> tuple[int, int, int, int]:
