@@ -136,15 +136,18 @@ def _titan_launches():
             out.append((tag + " bwd", linear, ("_linear_fwd_kernel", "_linear_bwd_kernel"),
                         lambda a=a: linear.backward([torch.zeros_like(a[2]), *(torch.zeros_like(s) for s in a[4])],
                                                     *a)))
-    # the mlp kernels at the largest chunk each head-dim tile allows, forward-only and with a backward
+    # the mlp kernels at the largest chunk each head-dim tile allows, forward-only and with a backward; on bf16
+    # inputs (TF32 products) and fp32 ones (exact fp32 products: other layouts, other shared memory)
     for (D, rule, backward), C in mlp.MLP_MAX_CHUNK.items():
-        a = raw(*inputs(D, 2 * D, C, "mlp", dtype), C, rule, "mlp")
-        tag = f"mlp {rule} D{D} E{2 * D} C{C} {str(dtype)[6:]}"
-        if backward:
-            out.append((tag + " bwd", mlp, ("_mlp_fwd_kernel", "_mlp_bwd_kernel"),
-                        lambda a=a: mlp.backward([torch.zeros_like(a[0]), *(torch.zeros_like(s) for s in a[4])], *a)))
-        else:
-            out.append((tag + " fwd", mlp, ("_mlp_fwd_kernel",), lambda a=a: mlp.forward(*a)))
+        for mlp_dtype in (dtype, torch.float32):
+            a = raw(*inputs(D, 2 * D, C, "mlp", mlp_dtype), C, rule, "mlp")
+            tag = f"mlp {rule} D{D} E{2 * D} C{C} {str(mlp_dtype)[6:]}"
+            if backward:
+                out.append((tag + " bwd", mlp, ("_mlp_fwd_kernel", "_mlp_bwd_kernel"),
+                            lambda a=a: mlp.backward([torch.zeros_like(a[0]), *(torch.zeros_like(s) for s in a[4])],
+                                                     *a)))
+            else:
+                out.append((tag + " fwd", mlp, ("_mlp_fwd_kernel",), lambda a=a: mlp.forward(*a)))
     return out
 
 

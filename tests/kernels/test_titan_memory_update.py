@@ -534,9 +534,9 @@ def test_triton_mlp_limits_refuse_by_name_and_auto_falls_back(monkeypatch):
 
     assert mlp.why_not_mlp(136, 64, 16, "titans", True) is not None
     assert mlp.why_not_mlp(64, 1000, 64, "titans", True) is None  # any E: it is tiled
-    assert mlp.why_not_mlp(64, 128, 32, "dgd", True) is None and mlp.why_not_mlp(64, 128, 64, "dgd", False) is None
-    assert "chunk_size <= 32" in mlp.why_not_mlp(64, 128, 64, "dgd", True)
-    args, state = titan_mlp_inputs(1, 1, 9, 8, 12, device=_device("triton"))
+    assert mlp.why_not_mlp(64, 128, 64, "dgd", True) is None and mlp.why_not_mlp(128, 256, 64, "titans", False) is None
+    assert "chunk_size <= 32" in mlp.why_not_mlp(128, 256, 64, "dgd", True)
+    args, state = titan_mlp_inputs(1, 1, 9, 72, 12, device=_device("triton"))
     leaves = [t.clone().requires_grad_(True) for t in args]
     with pytest.raises(ValueError, match="chunk_size <= 32"):
         titan_memory_update(*leaves, chunk_size=64, memory="mlp", rule="dgd", state=MLPMemoryState(*state),

@@ -7,7 +7,7 @@ import torch
 #: caps for the forward / backward kernels, warps per program, software-pipelining stages (None: Triton's)
 TUNING = {"fwd_bv": 64, "bwd_bv": 32, "num_warps": 4, "num_stages": None, "dgd_num_stages": 1,
           # mlp kernels: hidden units per tile, warps (one program per (b, h) holds several [C, D] tiles), stages
-          "mlp_be": 32, "mlp_num_warps": 8, "mlp_num_stages": 1, "mlp_fused_fwd": True}
+          "mlp_be": 32, "mlp_bwd_be": 16, "mlp_num_warps": 8, "mlp_num_stages": 1, "mlp_fused_fwd": True}
 #: the last compiled kernel of each pass ("fwd" / "bwd"): its n_regs / n_spills feed the benchmark report
 LAST_KERNELS: dict = {}
 

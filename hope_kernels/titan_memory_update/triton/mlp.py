@@ -88,16 +88,18 @@ def _chunk_offsets(i_bh, i_c, T, Tp, NC, C, D, E, o_t, o_d, m_d):
 
 @triton.jit
 def _chunk_inputs(p_q, p_k, p_kh, p_v, p_aqk, p_akk, p_tinv, p_aqw, p_vec, o_td, o_tdp, o_tt, o_vec, m_t, m_td, m_tt, C,
-                  DGD: tl.constexpr):
-    """The chunk's tokens (fp32) and state-independent terms; without DGD its terms are stand-ins, never read."""
-    b_q = tl.load(p_q + o_td, mask=m_td, other=0.0).to(tl.float32)
-    b_k = tl.load(p_k + o_td, mask=m_td, other=0.0).to(tl.float32)
-    b_v = tl.load(p_v + o_td, mask=m_td, other=0.0).to(tl.float32)
-    b_aqk = tl.load(p_aqk + o_tt, mask=m_tt, other=0.0)
-    b_Bc = tl.load(p_vec + o_vec, mask=m_t, other=0.0)
-    b_c = tl.load(p_vec + o_vec + C, mask=m_t, other=0.0)
-    b_wg = tl.load(p_vec + o_vec + 4 * C, mask=m_t, other=0.0)
-    b_wp = tl.load(p_vec + o_vec + 5 * C, mask=m_t, other=0.0)
+                  DGD: tl.constexpr, VOLATILE: tl.constexpr = False):
+    """The chunk's tokens (fp32) and state-independent terms; without DGD its terms are stand-ins, never read.
+    VOLATILE inside a tile loop: the compiler would hoist plain loads out of the loop, and with them their dot operands'
+    shared-memory copies, which then stay allocated across the whole loop beside every tile's own."""
+    b_q = tl.load(p_q + o_td, mask=m_td, other=0.0, volatile=VOLATILE).to(tl.float32)
+    b_k = tl.load(p_k + o_td, mask=m_td, other=0.0, volatile=VOLATILE).to(tl.float32)
+    b_v = tl.load(p_v + o_td, mask=m_td, other=0.0, volatile=VOLATILE).to(tl.float32)
+    b_aqk = tl.load(p_aqk + o_tt, mask=m_tt, other=0.0, volatile=VOLATILE)
+    b_Bc = tl.load(p_vec + o_vec, mask=m_t, other=0.0, volatile=VOLATILE)
+    b_c = tl.load(p_vec + o_vec + C, mask=m_t, other=0.0, volatile=VOLATILE)
+    b_wg = tl.load(p_vec + o_vec + 4 * C, mask=m_t, other=0.0, volatile=VOLATILE)
+    b_wp = tl.load(p_vec + o_vec + 5 * C, mask=m_t, other=0.0, volatile=VOLATILE)
     b_kh = b_k
     b_akk = b_aqk
     b_tinv = b_aqk
@@ -106,13 +108,13 @@ def _chunk_inputs(p_q, p_k, p_kh, p_v, p_aqk, p_akk, p_tinv, p_aqw, p_vec, o_td,
     b_cp = b_c
     b_wb = b_wg
     if DGD:
-        b_kh = tl.load(p_kh + o_tdp, mask=m_td, other=0.0)
-        b_akk = tl.load(p_akk + o_tt, mask=m_tt, other=0.0)
-        b_tinv = tl.load(p_tinv + o_tt, mask=m_tt, other=0.0)
-        b_aqw = tl.load(p_aqw + o_tt, mask=m_tt, other=0.0)
-        b_Bp = tl.load(p_vec + o_vec + 2 * C, mask=m_t, other=0.0)
-        b_cp = tl.load(p_vec + o_vec + 3 * C, mask=m_t, other=0.0)
-        b_wb = tl.load(p_vec + o_vec + 6 * C, mask=m_t, other=0.0)
+        b_kh = tl.load(p_kh + o_tdp, mask=m_td, other=0.0, volatile=VOLATILE)
+        b_akk = tl.load(p_akk + o_tt, mask=m_tt, other=0.0, volatile=VOLATILE)
+        b_tinv = tl.load(p_tinv + o_tt, mask=m_tt, other=0.0, volatile=VOLATILE)
+        b_aqw = tl.load(p_aqw + o_tt, mask=m_tt, other=0.0, volatile=VOLATILE)
+        b_Bp = tl.load(p_vec + o_vec + 2 * C, mask=m_t, other=0.0, volatile=VOLATILE)
+        b_cp = tl.load(p_vec + o_vec + 3 * C, mask=m_t, other=0.0, volatile=VOLATILE)
+        b_wb = tl.load(p_vec + o_vec + 6 * C, mask=m_t, other=0.0, volatile=VOLATILE)
     return b_q, b_k, b_v, b_aqk, b_Bc, b_c, b_wg, b_wp, b_kh, b_akk, b_tinv, b_aqw, b_Bp, b_cp, b_wb
 
 
@@ -317,6 +319,10 @@ def _mlp_bwd_kernel(
             b_err += tl.dot(_gelu(b_hk), tl.trans(b_w1), input_precision=PRECISION)
 
         if READOUT:
+            # Err and dErr are parked in dk_r / dv_r (written for good only at the end) and reloaded in each tile
+            # of passes 3 and 4 with the chunk's inputs: held across the passes, their dot operands would keep
+            # their shared memory beside every tile's
+            tl.store(p_dk_r + o_td, b_err, mask=m_td)
             # pass 2: the score Z = Aq A^T; O = ... - (gth * Z) Err gives dZ, dgth and dErr's first part
             b_do = tl.load(p_do + o_td, mask=m_td, other=0.0).to(tl.float32)
             b_gth = tl.load(p_gth + o_tt, mask=m_tt, other=0.0)
@@ -330,8 +336,9 @@ def _mlp_bwd_kernel(
                 b_z += tl.dot(b_aq, tl.trans(b_a), input_precision=PRECISION)
             b_doerr = tl.dot(b_do, tl.trans(b_err), input_precision=PRECISION)  # -dAaa
             b_dz = -b_gth * b_doerr
-            b_dgth = -b_doerr * b_z
+            tl.store(p_dgth + o_tt, -b_doerr * b_z, mask=m_tt)
             b_derr = -tl.dot(tl.trans(b_gth * b_z), b_do, input_precision=PRECISION)
+            tl.debug_barrier()
         else:
             b_BL = tl.load(p_end + o_end)
             b_cL = tl.load(p_end + o_end + 1)
@@ -342,6 +349,12 @@ def _mlp_bwd_kernel(
 
         # pass 3: the rest of dErr (a sum over E), through U = Err W1 [and the W1 / S1 updates]
         for e0 in range(0, E, BE):
+            b_q, b_k, b_v, b_aqk, b_Bc, b_c, b_wg, b_wp, b_kh, b_akk, b_tinv, b_aqw, b_Bp, b_cp, b_wb = _chunk_inputs(
+                p_q, p_k, p_kh, p_v, p_aqk, p_akk, p_tinv, p_aqw, p_vec, o_td, o_tdp, o_tt, o_vec, m_t, m_td, m_tt, C,
+                DGD, True)
+            if READOUT:
+                b_err = tl.load(p_dk_r + o_td, mask=m_td, other=0.0, volatile=True)
+                b_do = tl.load(p_do + o_td, mask=m_td, other=0.0, volatile=True).to(tl.float32)
             o_de, o_ed, m_de, m_ed, b_w1, b_w2, b_s1, b_s2 = _state_tiles(
                 p_cw1, p_cw2, p_cs1, p_cs2, e0, o_d, o_e, m_d, D, E)
             b_hk, b_a, b_u, b_g, b_r, b_w, b_hq, b_aq, b_qw2, b_qs2, b_khw2, b_khs2 = _mlp_tile(
@@ -360,6 +373,9 @@ def _mlp_bwd_kernel(
             b_derr += tl.dot(b_dg * _gelu_grad(b_hk), tl.trans(b_w1), input_precision=PRECISION)
 
         # pass 4: every other gradient, and the chunk-start state's
+        if READOUT:
+            tl.store(p_dv_r + o_td, -b_derr, mask=m_td)
+            tl.debug_barrier()
         b_dk = b_derr
         b_dq = b_do
         b_daqk = tl.zeros([BT, BT], dtype=tl.float32)
@@ -376,6 +392,13 @@ def _mlp_bwd_kernel(
         b_dcL = b_dBL
         b_dAL = b_dBL
         for e0 in range(0, E, BE):
+            b_q, b_k, b_v, b_aqk, b_Bc, b_c, b_wg, b_wp, b_kh, b_akk, b_tinv, b_aqw, b_Bp, b_cp, b_wb = _chunk_inputs(
+                p_q, p_k, p_kh, p_v, p_aqk, p_akk, p_tinv, p_aqw, p_vec, o_td, o_tdp, o_tt, o_vec, m_t, m_td, m_tt, C,
+                DGD, True)
+            if READOUT:
+                b_err = tl.load(p_dk_r + o_td, mask=m_td, other=0.0, volatile=True)
+                b_derr = -tl.load(p_dv_r + o_td, mask=m_td, other=0.0, volatile=True)
+                b_do = tl.load(p_do + o_td, mask=m_td, other=0.0, volatile=True).to(tl.float32)
             o_de, o_ed, m_de, m_ed, b_w1, b_w2, b_s1, b_s2 = _state_tiles(
                 p_cw1, p_cw2, p_cs1, p_cs2, e0, o_d, o_e, m_d, D, E)
             b_hk, b_a, b_u, b_g, b_r, b_w, b_hq, b_aq, b_qw2, b_qs2, b_khw2, b_khs2 = _mlp_tile(
@@ -455,11 +478,10 @@ def _mlp_bwd_kernel(
                 tl.store(p_ds2 + o_base + o_ed, b_ds2n, mask=m_ed)
 
         if READOUT:
+            tl.debug_barrier()
             tl.store(p_dq + o_td, b_dq.to(p_dq.dtype.element_ty), mask=m_td)
             tl.store(p_dk_r + o_td, b_dk, mask=m_td)
-            tl.store(p_dv_r + o_td, -b_derr, mask=m_td)
             tl.store(p_daqk + o_tt, b_daqk, mask=m_tt)
-            tl.store(p_dgth + o_tt, b_dgth, mask=m_tt)
             tl.store(p_dvec + o_vec, b_dv1, mask=m_t)
             tl.store(p_dvec + o_vec + C, b_dv2, mask=m_t)
             if DGD:
@@ -498,10 +520,11 @@ def _mlp_bwd_kernel(
 #: the largest chunk size (as its power-of-two tile) the mlp kernels take, per (head-dim tile, rule, backward):
 #: every launch compiled for sm_90 (Triton 3.6 as on our H100, and 3.9) needs at most the H100's 227 KiB of shared
 #: memory there (bench/triton_resources.py; tests/kernels/test_triton_resources.py keeps it so). Each step up
-#: would not fit, e.g. the dgd read-out backward at D 64, C 64 needs 344 KiB, the titans one at D 128, C 64 360 KiB.
-MLP_MAX_CHUNK = {(64, "titans", False): 64, (64, "titans", True): 64, (64, "dgd", False): 64, (64, "dgd", True): 32,
+#: would not fit, e.g. the titans read-out backward at D 128, C 64 on fp32 inputs (exact fp32 products) needs 228 KiB,
+#: the dgd one 292 KiB on bf16 inputs.
+MLP_MAX_CHUNK = {(64, "titans", False): 64, (64, "titans", True): 64, (64, "dgd", False): 64, (64, "dgd", True): 64,
                  (128, "titans", False): 64, (128, "titans", True): 32, (128, "dgd", False): 32,
-                 (128, "dgd", True): 16}
+                 (128, "dgd", True): 32}
 MLP_MAX_HEAD_DIM = 128
 
 
@@ -517,11 +540,12 @@ def why_not_mlp(D: int, E: int, chunk_size: int, rule: str, backward: bool) -> s
             f"H100 has), got chunk_size={chunk_size}")
 
 
-def _mlp_blocks(C: int, D: int, E: int) -> tuple[int, int, int]:
-    """(BT, BD, BE): tl.dot needs every dimension >= 16; E is visited in tiles of BE hidden units."""
+def _mlp_blocks(C: int, D: int, E: int, backward: bool = False) -> tuple[int, int, int]:
+    """(BT, BD, BE): tl.dot needs every dimension >= 16; E is visited in tiles of BE hidden units (fewer in the
+    backward's launches, whose tiles keep more [C, D] operands on chip)."""
     BT = max(16, triton.next_power_of_2(C))
     BD = max(16, triton.next_power_of_2(D))
-    BE = max(16, min(TUNING["mlp_be"], triton.next_power_of_2(E)))
+    BE = max(16, min(TUNING["mlp_bwd_be" if backward else "mlp_be"], triton.next_power_of_2(E)))
     return BT, BD, BE
 
 
@@ -590,7 +614,7 @@ def backward(grads, q, k, v, terms, state, chunk_size):
     NC = rows.shape[2]
     C = chunk_size
     Tp = NC * C
-    BT, BD, BE = _mlp_blocks(C, D, E)
+    BT, BD, BE = _mlp_blocks(C, D, E, backward=True)
     dev = q.device
     *_, states = _run_fwd(q, k, v, terms, state, C, write_out=False, store_states=True)
     do = grads[0]
