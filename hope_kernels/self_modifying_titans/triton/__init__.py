@@ -50,9 +50,11 @@ def _pack(W1, W2, S1, S2, G: int) -> torch.Tensor:
 
 
 def _unpack(work: torch.Tensor, B: int, H: int, G: int, D: int, E: int) -> list[torch.Tensor]:
+    """The kernels' layout -> [B, G H, ...] x 4, each its own copy (the op's outputs may not alias each other, as
+    views of one buffer would at B = H = G = 1)."""
     x = work.view(B, H, G, 4, D * E).permute(3, 0, 2, 1, 4)  # [4, B, G, H, D E]
     shapes = ((D, E), (E, D), (D, E), (E, D))
-    return [x[i].reshape(B, G * H, *shapes[i]).contiguous() for i in range(4)]
+    return [x[i].clone(memory_format=torch.contiguous_format).view(B, G * H, *shapes[i]) for i in range(4)]
 
 
 def _sizes(inputs, settings):
