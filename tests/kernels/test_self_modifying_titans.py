@@ -188,12 +188,15 @@ def _pairing(outs, cots):
 FLAG_CASES = [(5, True, False, 0.5, 0.3), (4, False, True, 0.0, 0.0), (4, False, False, 0.5, 0.3),
               (5, False, True, 0.5, 0.0)]
 _flag_id = "G{}-v{:d}-before{:d}-clip{}".format
-# (backend, rule, flags, sizes B, H, T, D, E): every flag case on the C++ kernels; two small ones under the Triton
-# interpreter (slow), together covering both rules, G 4 and 5, both read-outs and the bounds
+# (backend, rule, flags, sizes B, H, T, D, E): every flag case on the C++ kernels; small ones under the Triton
+# interpreter (slow), together covering both rules, G 4 and 5, both read-outs and the bounds, and a hidden width of
+# two state tiles (E 40: the memory pass's backward reloads its parked operands in every tile)
 OP_CASES = [pytest.param(CPP.values[0], rule, f, (2, 3, 13, 6, 10), marks=CPP.marks, id=f"cpp-{rule}-{_flag_id(*f)}")
             for rule in RULES for f in FLAG_CASES] + [
     pytest.param("triton", "titans", FLAG_CASES[0], (1, 2, 11, 4, 6), id="triton-titans-" + _flag_id(*FLAG_CASES[0])),
-    pytest.param("triton", "dgd", FLAG_CASES[1], (1, 2, 11, 4, 6), id="triton-dgd-" + _flag_id(*FLAG_CASES[1]))]
+    pytest.param("triton", "dgd", FLAG_CASES[1], (1, 2, 11, 4, 6), id="triton-dgd-" + _flag_id(*FLAG_CASES[1])),
+    pytest.param("triton", "dgd", (4, False, False, 0.0, 0.3), (1, 1, 16, 4, 40),
+                 id="triton-dgd-" + _flag_id(4, False, False, 0.0, 0.3) + "-E40")]
 
 
 @pytest.mark.parametrize("backend, rule, flags, sizes", OP_CASES)
@@ -487,24 +490,26 @@ def test_backend_choice_and_reasons():
 
 def test_triton_record_takes_the_chunks_that_fit_an_h100(monkeypatch):
     """The Triton record declines, with the reason, the chunks whose kernels need more shared memory than an H100 has
-    (bench/triton_resources.py): at the pilot heads M_mem's chunk 64 forward-only, not with a backward (the teach
-    pass's xq-only call runs that backward too), and the layer tells a training call from an evaluation one."""
+    (bench/triton_resources.py): the pilot heads' M_mem chunk 64 with a backward (the teach pass's xq-only call runs
+    that backward too), not 128; at the D 128 tile chunk 32; and the layer tells a training call from an evaluation
+    one."""
     triton_rec = pytest.importorskip("hope_kernels.self_modifying_titans.triton")
 
     def pilot(**over):
         return _call(**{**dict(device=torch.device("cuda"), D=64, E=128, G=4, gen_update_clip=0.0,
                                mem_update_clip=0.0, readout_before=True, gen_chunk_size=8, mem_chunk_size=64), **over})
 
+    assert triton_rec.supports(pilot()) == (True, "")
     assert triton_rec.supports(pilot(backward=False)) == (True, "")
-    assert triton_rec.supports(pilot(mem_chunk_size=32)) == (True, "")
-    ok, why = triton_rec.supports(pilot())
-    assert not ok and "mem_chunk_size <= 32" in why and "shared memory" in why and "backward" in why
+    ok, why = triton_rec.supports(pilot(mem_chunk_size=128))
+    assert not ok and "mem_chunk_size <= 64" in why and "shared memory" in why and "backward" in why
     ok, why = triton_rec.supports(pilot(mem_chunk_size=16, gen_chunk_size=64))
     assert not ok and "gen_chunk_size <= 32" in why
-    ok, why = triton_rec.supports(pilot(mem_chunk_size=16, D=96, E=192))  # the D 128 tile: forward-only
-    assert not ok and "D <= 64 when a backward follows" in why
-    assert triton_rec.supports(pilot(mem_chunk_size=16, D=96, E=192, backward=False)) == (True, "")
-    assert not triton_rec.supports(pilot(mem_chunk_size=16, D=129, E=258, backward=False))[0]
+    assert triton_rec.supports(pilot(mem_chunk_size=32, D=96, E=192)) == (True, "")  # the D 128 tile
+    ok, why = triton_rec.supports(pilot(D=96, E=192, backward=False))
+    assert not ok and "mem_chunk_size <= 32 at D=96" in why
+    ok, why = triton_rec.supports(pilot(mem_chunk_size=16, D=129, E=258, backward=False))
+    assert not ok and "D <= 128" in why
     # the layer's call says whether a backward follows
     pkg = importlib.import_module("hope_kernels.self_modifying_titans")  # the package (its function shares the name)
     asked, resolve = [], pkg.kernel_backend

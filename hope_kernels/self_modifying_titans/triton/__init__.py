@@ -19,14 +19,15 @@ from hope_kernels.self_modifying_titans.triton.kernels import (
     _mem_fwd_kernel,
 )
 
-#: hidden units per state tile; warps per program
-TUNING = {"be": 32, "num_warps": 4}
-#: (largest generator chunk, largest M_mem chunk), as power-of-two tiles, per (head-dim tile, a backward follows);
-#: None: no chunk. Every launch compiled for sm_90 (bench/triton_resources.py, Triton 3.6 as on the GPU machine)
-#: needs at most an H100's 227 KiB of shared memory. The backward kernels are the largest: at D 64 the memory pass's
-#: needs 336 KiB at chunk 64 (204 KiB at 32); at D 128 the generator pass's needs 252 KiB at the smallest tile. The
-#: memory pass's forward: 168 KiB at D 64, chunk 64; at D 128 256 KiB at chunk 64, 144 KiB at 32.
-MAX_CHUNKS = {(64, False): (32, 64), (64, True): (32, 32), (128, False): (16, 32), (128, True): None}
+#: hidden units per state tile; warps per program; software-pipelining stages (1: none, whose prefetch buffers would
+#: take shared memory beside every tile's)
+TUNING = {"be": 32, "num_warps": 4, "num_stages": 1}
+#: (largest generator chunk, largest M_mem chunk), as power-of-two tiles, per (head-dim tile, a backward follows).
+#: Every launch compiled for sm_90 (bench/triton_resources.py, Triton 3.6 as on the GPU machine)
+#: needs at most an H100's 227 KiB of shared memory. The memory pass's forward sets the M_mem caps (at D 128 it needs
+#: 256 KiB at chunk 64); its backward reloads each chunk operand per product (kernels.py ``_operand``) and needs
+#: 136 KiB at D 64, chunk 64 (336 KiB when the operands stayed in registers).
+MAX_CHUNKS = {(64, False): (32, 64), (64, True): (32, 64), (128, False): (16, 32), (128, True): (16, 32)}
 #: the largest head dim the kernels take (one [BT, BD] tile per token block): the largest tile above
 MAX_D = max(tile for tile, _ in MAX_CHUNKS)
 
@@ -35,6 +36,10 @@ def _blocks(C: int, D: int, E: int) -> tuple[int, int, int, int]:
     BT = max(16, triton.next_power_of_2(C))
     return BT, max(16, triton.next_power_of_2(D)), max(16, min(TUNING["be"], triton.next_power_of_2(E))), \
         int(math.log2(BT))
+
+
+def _launch_options() -> dict:
+    return {"num_warps": TUNING["num_warps"], "num_stages": TUNING["num_stages"]}
 
 
 def _precision() -> str:
@@ -95,13 +100,13 @@ class TritonKernel:
             xq, xk, xv, gen, new, readout, bias, mom, kvq, gates, gen_scale, ckpt,
             T, H, D, E, settings.gen_chunk_size, NCg, max(NK, 1), every, settings.gen_update_clip,
             BT=BT, BD=BD, BE=BE, LOG2_BT=LOG2, G=G, DGD=settings.dgd, NORM_V=settings.normalize_v,
-            CLIP=settings.gen_update_clip > 0, PRECISION=_precision(), num_warps=TUNING["num_warps"])
+            CLIP=settings.gen_update_clip > 0, PRECISION=_precision(), **_launch_options())
         BT, BD, BE, LOG2 = _blocks(settings.mem_chunk_size, D, E)
         _mem_fwd_kernel[(B * H,)](
             kvq, gates, mem, new, mom, y, mem_scale, mem_ckpt, T, H, D, E, settings.mem_chunk_size, NCm,
             settings.mem_update_clip, BT=BT, BD=BD, BE=BE, LOG2_BT=LOG2, DGD=settings.dgd,
             BEFORE=settings.readout_before, CLIP=settings.mem_update_clip > 0, PRECISION=_precision(),
-            num_warps=TUNING["num_warps"])
+            **_launch_options())
         store = torch.empty(B, H, 0, device=dev, dtype=f32)  # no chunk store: the backward recomputes on chip
         return [y, *_unpack(gen, B, H, G, D, E), *_unpack(mem, B, H, 1, D, E), kvq, gates, gen_scale, mem_scale,
                 gen_ckpt, mem_ckpt, store]
@@ -120,15 +125,16 @@ class TritonKernel:
         dmem = _pack(dmW1, dmW2, dmS1, dmS2, 1)
         dgen = _pack(dgW1, dgW2, dgS1, dgS2, G)
         dn = torch.empty(B * H, 4, D * E, device=dev, dtype=f32)
+        BT, BD, BE, LOG2 = _blocks(settings.mem_chunk_size, D, E)
+        park = torch.empty(B * H, 6 * BT * BD + 5 * BT * BT, device=dev, dtype=f32)
         dkvq = torch.empty(B, H, T, 3, D, device=dev, dtype=f32)
         dgates = torch.empty(B, H, T, 2, device=dev, dtype=f32)
         dmom_mem = torch.empty(B * H, device=dev, dtype=f32)
-        BT, BD, BE, LOG2 = _blocks(settings.mem_chunk_size, D, E)
         _mem_bwd_kernel[(B * H,)](
-            kvq, gates, mem_ckpt, dmem, dn, mom, dy, dkvq, dgates, dmom_mem, T, H, D, E, settings.mem_chunk_size,
-            NCm, settings.mem_update_clip, BT=BT, BD=BD, BE=BE, LOG2_BT=LOG2, DGD=settings.dgd,
-            BEFORE=settings.readout_before, CLIP=settings.mem_update_clip > 0, PRECISION=_precision(),
-            num_warps=TUNING["num_warps"])
+            kvq, gates, mem_ckpt, dmem, dn, park, mom, dy, dkvq, dgates, dmom_mem, T, H, D, E,
+            settings.mem_chunk_size, NCm, settings.mem_update_clip, BT=BT, BD=BD, BE=BE, LOG2_BT=LOG2,
+            DGD=settings.dgd, BEFORE=settings.readout_before, CLIP=settings.mem_update_clip > 0, PARK=True,
+            PRECISION=_precision(), **_launch_options())
         if q_only:  # q = l2n(xq) reaches only M_mem's reads: no generator pass
             return [_l2n_bwd(xq, kvq[..., 2, :], dkvq[..., 2, :]), *(torch.zeros_like(x) for x in inputs[1:])]
         work = torch.empty(B * H, G, 4, D * E, device=dev, dtype=f32)
@@ -141,7 +147,7 @@ class TritonKernel:
             xq, xk, xv, gen_ckpt, work, seg, new, dgen, dn, readout, bias, mom, dkvq, dgates, dxq, dxk, dxv, dparams,
             T, H, D, E, settings.gen_chunk_size, NCg, NK, settings.checkpoint_every, settings.gen_update_clip,
             BT=BT, BD=BD, BE=BE, LOG2_BT=LOG2, G=G, DGD=settings.dgd, NORM_V=settings.normalize_v,
-            CLIP=settings.gen_update_clip > 0, PRECISION=_precision(), num_warps=TUNING["num_warps"])
+            CLIP=settings.gen_update_clip > 0, PRECISION=_precision(), **_launch_options())
         p = dparams.view(B, H, 2 * D + 3).sum(0)  # [H, 2 D + 3]
         d_readout = torch.stack([p[:, :D], p[:, D:2 * D]])
         d_bias = p[:, 2 * D:2 * D + 2].t().contiguous()
@@ -156,13 +162,8 @@ def supports(call) -> tuple[bool, str]:
     if call.D > MAX_D:
         return False, f"takes head dim D <= {MAX_D}, got {call.D}"
     tile = max(64, triton.next_power_of_2(call.D))
-    caps = MAX_CHUNKS[(tile, call.backward)]
     when = " when a backward follows" if call.backward else ""
-    if caps is None:
-        largest = max(t for (t, bwd), c in MAX_CHUNKS.items() if bwd == call.backward and c is not None)
-        return False, (f"takes head dim D <= {largest}{when} (larger heads' kernels need more shared memory than "
-                       f"an H100 has), got D={call.D}")
-    for name, cap in zip(("gen_chunk_size", "mem_chunk_size"), caps):
+    for name, cap in zip(("gen_chunk_size", "mem_chunk_size"), MAX_CHUNKS[(tile, call.backward)]):
         if triton.next_power_of_2(getattr(call, name)) > cap:
             return False, (f"takes {name} <= {cap} at D={call.D}{when} (a larger chunk's kernels need more shared "
                            f"memory than an H100 has), got {getattr(call, name)}")

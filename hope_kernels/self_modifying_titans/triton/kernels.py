@@ -186,6 +186,39 @@ def _read_bwd(p, p_d, X, dO, o_d, o_e, m_d, D, E, BT: tl.constexpr, BD: tl.const
 
 
 # ------------------------------------------------------------------------------------------------ one chunk
+#: slots of a chunk's parked dot operands (``_chunk_bwd`` with PARK): [BT, BD] blocks, then [BT, BT] ones
+_K, _KH, _Q, _ERR, _DO, _DERR = (tl.constexpr(i) for i in range(6))
+_AKK, _TINV, _AQK, _AQW, _DZ = (tl.constexpr(6 + i) for i in range(5))
+_N_SLOTS_TD = 6
+_N_SLOTS_TT = 5
+
+
+@triton.jit
+def _slot(p_park, SLOT: tl.constexpr, o_t, o_d, BT: tl.constexpr, BD: tl.constexpr):
+    """Offsets of a park slot: [BT, BD] for the first six, [BT, BT] for the rest."""
+    if SLOT < 6:
+        o = p_park + SLOT * BT * BD + o_t[:, None] * BD + o_d[None, :]
+    else:
+        o = p_park + 6 * BT * BD + (SLOT - 6) * BT * BT + o_t[:, None] * BT + o_t[None, :]
+    return o
+
+
+@triton.jit
+def _park(p_park, SLOT: tl.constexpr, x, o_t, o_d, BT: tl.constexpr, BD: tl.constexpr, PARK: tl.constexpr):
+    if PARK:
+        tl.store(_slot(p_park, SLOT, o_t, o_d, BT, BD), x)
+
+
+@triton.jit
+def _operand(p_park, SLOT: tl.constexpr, x, o_t, o_d, BT: tl.constexpr, BD: tl.constexpr, PARK: tl.constexpr):
+    """A chunk-constant dot operand at one use: x, or (PARK) a fresh volatile load of its parked copy. One load per
+    use keeps its shared-memory copy alive from that load to that product only; a value held in registers (or a
+    plain load, which the compiler hoists and merges) keeps one copy alive from its first product to its last,
+    across every tile loop, beside every tile's own."""
+    if PARK:
+        x = tl.load(_slot(p_park, SLOT, o_t, o_d, BT, BD), volatile=True)
+    return x
+
 @triton.jit
 def _chunk_terms(b_th, b_a, b_b, b_k, b_q, L, o_t, m_d, BT: tl.constexpr, LOG2_BT: tl.constexpr,
                  DGD: tl.constexpr, READOUT: tl.constexpr, BEFORE: tl.constexpr, PRECISION: tl.constexpr):
@@ -250,47 +283,52 @@ def _chunk_terms(b_th, b_a, b_b, b_k, b_q, L, o_t, m_d, BT: tl.constexpr, LOG2_B
 
 
 @triton.jit
-def _tile_fwd(w1, w2, s1, s2, b_k, kh, b_q, err, Akk, Tinv, Bp, cp, Aqk, Aqw, Bq, cq,
-              DGD: tl.constexpr, READOUT: tl.constexpr, PRECISION: tl.constexpr):
+def _tile_fwd(w1, w2, s1, s2, b_k, kh, b_q, err, Akk, Tinv, Bp, cp, Aqk, Aqw, Bq, cq, p_park, o_t, o_d,
+              BT: tl.constexpr, BD: tl.constexpr, DGD: tl.constexpr, READOUT: tl.constexpr, PARK: tl.constexpr,
+              PRECISION: tl.constexpr):
     """One tile of hidden units at the chunk-start state: Hk, Ak, U, Gr [, K^ W2^T, K^ S2^T, R, w]
-    [, Q W2^T, Q S2^T, Hq, Aq]."""
-    hk = _mm(b_k, tl.trans(w2), PRECISION)
+    [, Q W2^T, Q S2^T, Hq, Aq]. PARK: the chunk's operands are read from p_park at each use (``_operand``)."""
+    hk = _mm(_operand(p_park, _K, b_k, o_t, o_d, BT, BD, PARK), tl.trans(w2), PRECISION)
     ak = _gelu(hk)
-    u = _mm(err, w1, PRECISION)
+    u = _mm(_operand(p_park, _ERR, err, o_t, o_d, BT, BD, PARK), w1, PRECISION)
     gr = u * _gelu_grad(hk)
     khw2 = hk
     khs2 = hk
     r = hk
     w = hk
     if DGD:
-        khw2 = _mm(kh, tl.trans(w2), PRECISION)
-        khs2 = _mm(kh, tl.trans(s2), PRECISION)
-        r = Bp[:, None] * khw2 + cp[:, None] * khs2 - _mm(Akk, gr, PRECISION)
-        w = _mm(Tinv, r, PRECISION)
+        khw2 = _mm(_operand(p_park, _KH, kh, o_t, o_d, BT, BD, PARK), tl.trans(w2), PRECISION)
+        khs2 = _mm(_operand(p_park, _KH, kh, o_t, o_d, BT, BD, PARK), tl.trans(s2), PRECISION)
+        r = (Bp[:, None] * khw2 + cp[:, None] * khs2
+             - _mm(_operand(p_park, _AKK, Akk, o_t, o_d, BT, BD, PARK), gr, PRECISION))
+        w = _mm(_operand(p_park, _TINV, Tinv, o_t, o_d, BT, BD, PARK), r, PRECISION)
     qw2 = hk
     qs2 = hk
     hq = hk
     aq = hk
     if READOUT:
-        qw2 = _mm(b_q, tl.trans(w2), PRECISION)
-        qs2 = _mm(b_q, tl.trans(s2), PRECISION)
-        hq = Bq[:, None] * qw2 + cq[:, None] * qs2 - _mm(Aqk, gr, PRECISION)
+        qw2 = _mm(_operand(p_park, _Q, b_q, o_t, o_d, BT, BD, PARK), tl.trans(w2), PRECISION)
+        qs2 = _mm(_operand(p_park, _Q, b_q, o_t, o_d, BT, BD, PARK), tl.trans(s2), PRECISION)
+        hq = (Bq[:, None] * qw2 + cq[:, None] * qs2
+              - _mm(_operand(p_park, _AQK, Aqk, o_t, o_d, BT, BD, PARK), gr, PRECISION))
         if DGD:
-            hq -= _mm(Aqw, w, PRECISION)
+            hq -= _mm(_operand(p_park, _AQW, Aqw, o_t, o_d, BT, BD, PARK), w, PRECISION)
         aq = _gelu(hq)
     return hk, ak, u, gr, khw2, khs2, r, w, qw2, qs2, hq, aq
 
 
 @triton.jit
-def _tile_new(w1, w2, s1, s2, b_k, kh, err, ak, gr, w, wg, wp, wb, BL, cL, AL, DGD: tl.constexpr,
-              PRECISION: tl.constexpr):
+def _tile_new(w1, w2, s1, s2, b_k, kh, err, ak, gr, w, wg, wp, wb, BL, cL, AL, p_park, o_t, o_d, BT: tl.constexpr,
+              BD: tl.constexpr, DGD: tl.constexpr, PARK: tl.constexpr, PRECISION: tl.constexpr):
     """The tile's end-of-chunk state (before the bound)."""
-    w1n = BL * w1 + cL * s1 - _mm(tl.trans(err), ak * wg[:, None], PRECISION)
-    s1n = AL * s1 - _mm(tl.trans(err), ak * wp[:, None], PRECISION)
-    w2n = BL * w2 + cL * s2 - _mm(tl.trans(gr * wg[:, None]), b_k, PRECISION)
+    w1n = BL * w1 + cL * s1 - _mm(tl.trans(_operand(p_park, _ERR, err, o_t, o_d, BT, BD, PARK)), ak * wg[:, None],
+                                  PRECISION)
+    s1n = AL * s1 - _mm(tl.trans(_operand(p_park, _ERR, err, o_t, o_d, BT, BD, PARK)), ak * wp[:, None], PRECISION)
+    w2n = BL * w2 + cL * s2 - _mm(tl.trans(gr * wg[:, None]), _operand(p_park, _K, b_k, o_t, o_d, BT, BD, PARK),
+                                  PRECISION)
     if DGD:
-        w2n -= _mm(tl.trans(w * wb[:, None]), kh, PRECISION)
-    s2n = AL * s2 - _mm(tl.trans(gr * wp[:, None]), b_k, PRECISION)
+        w2n -= _mm(tl.trans(w * wb[:, None]), _operand(p_park, _KH, kh, o_t, o_d, BT, BD, PARK), PRECISION)
+    s2n = AL * s2 - _mm(tl.trans(gr * wp[:, None]), _operand(p_park, _K, b_k, o_t, o_d, BT, BD, PARK), PRECISION)
     return w1n, w2n, s1n, s2n
 
 
@@ -322,12 +360,13 @@ def _chunk_fwd(p_st, p_new, p_start, b_k, b_v, b_q, rho, L, o_t, o_d, o_e, m_t, 
         if STORE_START:
             _store_tiles(p_start, o_de, o_ed, m_de, m_ed, DE, w1, w2, s1, s2)
         hk, ak, u, gr, khw2, khs2, r, w, qw2, qs2, hq, aq = _tile_fwd(
-            w1, w2, s1, s2, b_k, kh, b_q, err, Akk, Tinv, Bp, cp, Aqk, Aqw, Bq, cq, DGD, READOUT, PRECISION)
+            w1, w2, s1, s2, b_k, kh, b_q, err, Akk, Tinv, Bp, cp, Aqk, Aqw, Bq, cq, p_st, o_t, o_d, BT, BD, DGD,
+            READOUT, False, PRECISION)
         if READOUT:
             acc += (Bq[:, None] * _mm(aq, tl.trans(w1), PRECISION) + cq[:, None] * _mm(aq, tl.trans(s1), PRECISION))
             z += _mm(aq, tl.trans(ak), PRECISION)
-        w1n, w2n, s1n, s2n = _tile_new(w1, w2, s1, s2, b_k, kh, err, ak, gr, w, wg, wp, wb, BL, cL, AL, DGD,
-                                       PRECISION)
+        w1n, w2n, s1n, s2n = _tile_new(w1, w2, s1, s2, b_k, kh, err, ak, gr, w, wg, wp, wb, BL, cL, AL, p_st, o_t, o_d,
+                                       BT, BD, DGD, False, PRECISION)
         if CLIP:
             d2 += tl.sum(tl.sum((w1n - w1) * (w1n - w1), axis=1), axis=0)
             d2 += tl.sum(tl.sum((w2n - w2) * (w2n - w2), axis=1), axis=0)
@@ -355,18 +394,33 @@ def _chunk_fwd(p_st, p_new, p_start, b_k, b_v, b_q, rho, L, o_t, o_d, o_e, m_t, 
 
 
 @triton.jit
-def _chunk_bwd(p_st, p_dst, p_dn, b_k, b_v, b_q, b_do, rho, L, o_t, o_d, o_e, m_t, m_d, D, E, b_th, b_a, b_b,
-               P, Br, Gd, A, Bk, c, Brs, Gs, wg, wp, wb, BL, cL, AL, kh, kn, KhKh, KhK, M, Akk, Tinv, Bp, cp,
+def _chunk_bwd(p_st, p_dst, p_dn, p_park, b_k, b_v, b_q, b_do, rho, L, o_t, o_d, o_e, m_t, m_d, D, E, b_th, b_a,
+               b_b, P, Br, Gd, A, Bk, c, Brs, Gs, wg, wp, wb, BL, cL, AL, kh, kn, KhKh, KhK, M, Akk, Tinv, Bp, cp,
                Bq, cq, gq, bq, QK, QKh,
                BT: tl.constexpr, BD: tl.constexpr, BE: tl.constexpr, DGD: tl.constexpr, READOUT: tl.constexpr,
-               BEFORE: tl.constexpr, CLIP: tl.constexpr, PRECISION: tl.constexpr):
+               BEFORE: tl.constexpr, CLIP: tl.constexpr, PARK: tl.constexpr, PRECISION: tl.constexpr):
     """Backward of ``_chunk_fwd`` (docs: "backward"): p_st the chunk-start state (read only); p_dst holds the
     gradient of the bounded end state on entry and that of the chunk-start state on exit; p_dn: scratch for the
-    unbounded end state's gradient (CLIP). Returns dK, dV, dQ [BT, BD] and dtheta, da, db [BT]."""
+    unbounded end state's gradient (CLIP). PARK: the chunk's constant dot operands are parked at p_park (its
+    ``_slot``s, [6 BT BD + 5 BT BT] floats) and each product reloads its operand there (``_operand``).
+    Returns dK, dV, dQ [BT, BD] and dtheta, da, db [BT]."""
     DE = D * E
     err = _errors(p_st, b_k, b_v, o_d, o_e, m_d, D, E, BT, BD, BE, PRECISION)
     Aqk = gq * QK
     Aqw = bq * QKh
+    if PARK:  # the previous chunk's last reads of the park come first
+        tl.debug_barrier()
+    _park(p_park, _K, b_k, o_t, o_d, BT, BD, PARK)
+    _park(p_park, _KH, kh, o_t, o_d, BT, BD, PARK)
+    _park(p_park, _Q, b_q, o_t, o_d, BT, BD, PARK)
+    _park(p_park, _ERR, err, o_t, o_d, BT, BD, PARK)
+    _park(p_park, _DO, b_do, o_t, o_d, BT, BD, PARK)
+    _park(p_park, _AKK, Akk, o_t, o_d, BT, BD, PARK)
+    _park(p_park, _TINV, Tinv, o_t, o_d, BT, BD, PARK)
+    _park(p_park, _AQK, Aqk, o_t, o_d, BT, BD, PARK)
+    _park(p_park, _AQW, Aqw, o_t, o_d, BT, BD, PARK)
+    if PARK:
+        tl.debug_barrier()
     zero_t = tl.zeros([BT], dtype=tl.float32)
     p_dnn = p_dst
     if CLIP:
@@ -379,9 +433,10 @@ def _chunk_bwd(p_st, p_dst, p_dn, b_k, b_v, b_q, b_do, rho, L, o_t, o_d, o_e, m_
             o_de, o_ed, m_de, m_ed = _tile_offsets(e0, o_d, o_e, m_d, D, E)
             w1, w2, s1, s2 = _load_tiles(p_st, o_de, o_ed, m_de, m_ed, DE)
             hk, ak, u, gr, khw2, khs2, r, w, qw2, qs2, hq, aq = _tile_fwd(
-                w1, w2, s1, s2, b_k, kh, b_q, err, Akk, Tinv, Bp, cp, Aqk, Aqw, Bq, cq, DGD, False, PRECISION)
-            w1n, w2n, s1n, s2n = _tile_new(w1, w2, s1, s2, b_k, kh, err, ak, gr, w, wg, wp, wb, BL, cL, AL, DGD,
-                                           PRECISION)
+                w1, w2, s1, s2, b_k, kh, b_q, err, Akk, Tinv, Bp, cp, Aqk, Aqw, Bq, cq, p_park, o_t, o_d, BT, BD, DGD,
+                False, PARK, PRECISION)
+            w1n, w2n, s1n, s2n = _tile_new(w1, w2, s1, s2, b_k, kh, err, ak, gr, w, wg, wp, wb, BL, cL, AL, p_park, o_t,
+                                           o_d, BT, BD, DGD, PARK, PRECISION)
             g1, g2, h1, h2 = _load_tiles(p_dst, o_de, o_ed, m_de, m_ed, DE)
             ds += tl.sum(tl.sum(g1 * (w1n - w1) + h1 * (s1n - s1), axis=1), axis=0)
             ds += tl.sum(tl.sum(g2 * (w2n - w2) + h2 * (s2n - s2), axis=1), axis=0)
@@ -397,9 +452,10 @@ def _chunk_bwd(p_st, p_dst, p_dn, b_k, b_v, b_q, b_do, rho, L, o_t, o_d, o_e, m_
             o_de, o_ed, m_de, m_ed = _tile_offsets(e0, o_d, o_e, m_d, D, E)
             w1, w2, s1, s2 = _load_tiles(p_st, o_de, o_ed, m_de, m_ed, DE)
             hk, ak, u, gr, khw2, khs2, r, w, qw2, qs2, hq, aq = _tile_fwd(
-                w1, w2, s1, s2, b_k, kh, b_q, err, Akk, Tinv, Bp, cp, Aqk, Aqw, Bq, cq, DGD, False, PRECISION)
-            w1n, w2n, s1n, s2n = _tile_new(w1, w2, s1, s2, b_k, kh, err, ak, gr, w, wg, wp, wb, BL, cL, AL, DGD,
-                                           PRECISION)
+                w1, w2, s1, s2, b_k, kh, b_q, err, Akk, Tinv, Bp, cp, Aqk, Aqw, Bq, cq, p_park, o_t, o_d, BT, BD, DGD,
+                False, PARK, PRECISION)
+            w1n, w2n, s1n, s2n = _tile_new(w1, w2, s1, s2, b_k, kh, err, ak, gr, w, wg, wp, wb, BL, cL, AL, p_park, o_t,
+                                           o_d, BT, BD, DGD, PARK, PRECISION)
             g1, g2, h1, h2 = _load_tiles(p_dst, o_de, o_ed, m_de, m_ed, DE)
             x1 = 2.0 * dd2 * (w1n - w1)
             x2 = 2.0 * dd2 * (w2n - w2)
@@ -419,33 +475,44 @@ def _chunk_bwd(p_st, p_dst, p_dn, b_k, b_v, b_q, b_do, rho, L, o_t, o_d, o_e, m_
             o_de, o_ed, m_de, m_ed = _tile_offsets(e0, o_d, o_e, m_d, D, E)
             w1, w2, s1, s2 = _load_tiles(p_st, o_de, o_ed, m_de, m_ed, DE)
             hk, ak, u, gr, khw2, khs2, r, w, qw2, qs2, hq, aq = _tile_fwd(
-                w1, w2, s1, s2, b_k, kh, b_q, err, Akk, Tinv, Bp, cp, Aqk, Aqw, Bq, cq, DGD, READOUT, PRECISION)
+                w1, w2, s1, s2, b_k, kh, b_q, err, Akk, Tinv, Bp, cp, Aqk, Aqw, Bq, cq, p_park, o_t, o_d, BT, BD, DGD,
+                READOUT, PARK, PRECISION)
             z += _mm(aq, tl.trans(ak), PRECISION)
         F = _mm(b_do, tl.trans(err), PRECISION)
         dgq = -F * z
         dz = -gq * F
         derr = -_mm(tl.trans(gq * z), b_do, PRECISION)
+        _park(p_park, _DZ, dz, o_t, o_d, BT, BD, PARK)
+        if PARK:
+            tl.debug_barrier()
     # the rest of dErr (a sum over E)
     for e0 in range(0, E, BE):
         o_de, o_ed, m_de, m_ed = _tile_offsets(e0, o_d, o_e, m_d, D, E)
         w1, w2, s1, s2 = _load_tiles(p_st, o_de, o_ed, m_de, m_ed, DE)
         hk, ak, u, gr, khw2, khs2, r, w, qw2, qs2, hq, aq = _tile_fwd(
-            w1, w2, s1, s2, b_k, kh, b_q, err, Akk, Tinv, Bp, cp, Aqk, Aqw, Bq, cq, DGD, READOUT, PRECISION)
+            w1, w2, s1, s2, b_k, kh, b_q, err, Akk, Tinv, Bp, cp, Aqk, Aqw, Bq, cq, p_park, o_t, o_d, BT, BD, DGD,
+                READOUT, PARK, PRECISION)
         n1, n2_, m1, m2 = _load_tiles(p_dnn, o_de, o_ed, m_de, m_ed, DE)  # dW1', dW2', dS1', dS2'
         derr -= (wg[:, None] * _mm(ak, tl.trans(n1), PRECISION) + wp[:, None] * _mm(ak, tl.trans(m1), PRECISION))
-        dgr = -(wg[:, None] * _mm(b_k, tl.trans(n2_), PRECISION) + wp[:, None] * _mm(b_k, tl.trans(m2), PRECISION))
+        dgr = -(wg[:, None] * _mm(_operand(p_park, _K, b_k, o_t, o_d, BT, BD, PARK), tl.trans(n2_), PRECISION)
+                + wp[:, None] * _mm(_operand(p_park, _K, b_k, o_t, o_d, BT, BD, PARK), tl.trans(m2), PRECISION))
         dw = dgr
         if DGD:
-            dw = -wb[:, None] * _mm(kh, tl.trans(n2_), PRECISION)
+            dw = -wb[:, None] * _mm(_operand(p_park, _KH, kh, o_t, o_d, BT, BD, PARK), tl.trans(n2_), PRECISION)
         if READOUT:
-            dhq = ((Bq[:, None] * _mm(b_do, w1, PRECISION) + cq[:, None] * _mm(b_do, s1, PRECISION)
-                    + _mm(dz, ak, PRECISION)) * _gelu_grad(hq))
-            dgr -= _mm(tl.trans(Aqk), dhq, PRECISION)
+            dhq = ((Bq[:, None] * _mm(_operand(p_park, _DO, b_do, o_t, o_d, BT, BD, PARK), w1, PRECISION)
+                    + cq[:, None] * _mm(_operand(p_park, _DO, b_do, o_t, o_d, BT, BD, PARK), s1, PRECISION)
+                    + _mm(_operand(p_park, _DZ, dz, o_t, o_d, BT, BD, PARK), ak, PRECISION)) * _gelu_grad(hq))
+            dgr -= _mm(tl.trans(_operand(p_park, _AQK, Aqk, o_t, o_d, BT, BD, PARK)), dhq, PRECISION)
             if DGD:
-                dw -= _mm(tl.trans(Aqw), dhq, PRECISION)
+                dw -= _mm(tl.trans(_operand(p_park, _AQW, Aqw, o_t, o_d, BT, BD, PARK)), dhq, PRECISION)
         if DGD:
-            dgr -= _mm(tl.trans(Akk), _mm(tl.trans(Tinv), dw, PRECISION), PRECISION)
+            dr = _mm(tl.trans(_operand(p_park, _TINV, Tinv, o_t, o_d, BT, BD, PARK)), dw, PRECISION)
+            dgr -= _mm(tl.trans(_operand(p_park, _AKK, Akk, o_t, o_d, BT, BD, PARK)), dr, PRECISION)
         derr += _mm(dgr * _gelu_grad(hk), tl.trans(w1), PRECISION)
+    _park(p_park, _DERR, derr, o_t, o_d, BT, BD, PARK)
+    if PARK:
+        tl.debug_barrier()
     # every other gradient, and the chunk-start state's (tile by tile, into p_dst)
     dk = derr
     dq = b_do
@@ -468,14 +535,16 @@ def _chunk_bwd(p_st, p_dst, p_dn, b_k, b_v, b_q, b_do, rho, L, o_t, o_d, o_e, m_
         o_de, o_ed, m_de, m_ed = _tile_offsets(e0, o_d, o_e, m_d, D, E)
         w1, w2, s1, s2 = _load_tiles(p_st, o_de, o_ed, m_de, m_ed, DE)
         hk, ak, u, gr, khw2, khs2, r, w, qw2, qs2, hq, aq = _tile_fwd(
-            w1, w2, s1, s2, b_k, kh, b_q, err, Akk, Tinv, Bp, cp, Aqk, Aqw, Bq, cq, DGD, READOUT, PRECISION)
+            w1, w2, s1, s2, b_k, kh, b_q, err, Akk, Tinv, Bp, cp, Aqk, Aqw, Bq, cq, p_park, o_t, o_d, BT, BD, DGD,
+                READOUT, PARK, PRECISION)
         n1, n2_, m1, m2 = _load_tiles(p_dnn, o_de, o_ed, m_de, m_ed, DE)
-        kn2 = _mm(b_k, tl.trans(n2_), PRECISION)
-        km2 = _mm(b_k, tl.trans(m2), PRECISION)
+        kn2 = _mm(_operand(p_park, _K, b_k, o_t, o_d, BT, BD, PARK), tl.trans(n2_), PRECISION)
+        km2 = _mm(_operand(p_park, _K, b_k, o_t, o_d, BT, BD, PARK), tl.trans(m2), PRECISION)
         dgr = -(wg[:, None] * kn2 + wp[:, None] * km2)
-        err_n1 = _mm(err, n1, PRECISION)
-        err_m1 = _mm(err, m1, PRECISION)
-        da_ = _mm(derr, w1, PRECISION) - wg[:, None] * err_n1 - wp[:, None] * err_m1
+        err_n1 = _mm(_operand(p_park, _ERR, err, o_t, o_d, BT, BD, PARK), n1, PRECISION)
+        err_m1 = _mm(_operand(p_park, _ERR, err, o_t, o_d, BT, BD, PARK), m1, PRECISION)
+        da_ = (_mm(_operand(p_park, _DERR, derr, o_t, o_d, BT, BD, PARK), w1, PRECISION)
+               - wg[:, None] * err_n1 - wp[:, None] * err_m1)
         dwg -= tl.sum(err_n1 * ak, axis=1) + tl.sum(gr * kn2, axis=1)
         dwp -= tl.sum(err_m1 * ak, axis=1) + tl.sum(gr * km2, axis=1)
         dk -= wg[:, None] * _mm(gr, n2_, PRECISION) + wp[:, None] * _mm(gr, m2, PRECISION)
@@ -484,7 +553,7 @@ def _chunk_bwd(p_st, p_dst, p_dn, b_k, b_v, b_q, b_do, rho, L, o_t, o_d, o_e, m_
         dAL += tl.sum(tl.sum(m1 * s1, axis=1), axis=0) + tl.sum(tl.sum(m2 * s2, axis=1), axis=0)
         dw = dgr
         if DGD:
-            khn2 = _mm(kh, tl.trans(n2_), PRECISION)
+            khn2 = _mm(_operand(p_park, _KH, kh, o_t, o_d, BT, BD, PARK), tl.trans(n2_), PRECISION)
             dw = -wb[:, None] * khn2
             dwb -= tl.sum(w * khn2, axis=1)
             dkh -= wb[:, None] * _mm(w, n2_, PRECISION)
@@ -494,38 +563,40 @@ def _chunk_bwd(p_st, p_dst, p_dn, b_k, b_v, b_q, b_do, rho, L, o_t, o_d, o_e, m_
         dw2s = tl.zeros([BE, BD], dtype=tl.float32)
         ds2s = tl.zeros([BE, BD], dtype=tl.float32)
         if READOUT:
-            dow1 = _mm(b_do, w1, PRECISION)
-            dos1 = _mm(b_do, s1, PRECISION)
-            dhq = (Bq[:, None] * dow1 + cq[:, None] * dos1 + _mm(dz, ak, PRECISION)) * _gelu_grad(hq)
-            dgr -= _mm(tl.trans(Aqk), dhq, PRECISION)
-            da_ += _mm(tl.trans(dz), aq, PRECISION)
+            dow1 = _mm(_operand(p_park, _DO, b_do, o_t, o_d, BT, BD, PARK), w1, PRECISION)
+            dos1 = _mm(_operand(p_park, _DO, b_do, o_t, o_d, BT, BD, PARK), s1, PRECISION)
+            dhq = (Bq[:, None] * dow1 + cq[:, None] * dos1
+                   + _mm(_operand(p_park, _DZ, dz, o_t, o_d, BT, BD, PARK), ak, PRECISION)) * _gelu_grad(hq)
+            dgr -= _mm(tl.trans(_operand(p_park, _AQK, Aqk, o_t, o_d, BT, BD, PARK)), dhq, PRECISION)
+            da_ += _mm(tl.trans(_operand(p_park, _DZ, dz, o_t, o_d, BT, BD, PARK)), aq, PRECISION)
             dq += Bq[:, None] * _mm(dhq, w2, PRECISION) + cq[:, None] * _mm(dhq, s2, PRECISION)
             dAqk -= _mm(dhq, tl.trans(gr), PRECISION)
             dBq += tl.sum(dow1 * aq, axis=1) + tl.sum(dhq * qw2, axis=1)
             dcq += tl.sum(dos1 * aq, axis=1) + tl.sum(dhq * qs2, axis=1)
-            dw1s += _mm(tl.trans(b_do * Bq[:, None]), aq, PRECISION)
-            ds1s += _mm(tl.trans(b_do * cq[:, None]), aq, PRECISION)
-            dw2s += _mm(tl.trans(dhq * Bq[:, None]), b_q, PRECISION)
-            ds2s += _mm(tl.trans(dhq * cq[:, None]), b_q, PRECISION)
+            dw1s += _mm(tl.trans(_operand(p_park, _DO, b_do, o_t, o_d, BT, BD, PARK) * Bq[:, None]), aq, PRECISION)
+            ds1s += _mm(tl.trans(_operand(p_park, _DO, b_do, o_t, o_d, BT, BD, PARK) * cq[:, None]), aq, PRECISION)
+            dw2s += _mm(tl.trans(dhq * Bq[:, None]), _operand(p_park, _Q, b_q, o_t, o_d, BT, BD, PARK), PRECISION)
+            ds2s += _mm(tl.trans(dhq * cq[:, None]), _operand(p_park, _Q, b_q, o_t, o_d, BT, BD, PARK), PRECISION)
             if DGD:
-                dw -= _mm(tl.trans(Aqw), dhq, PRECISION)
+                dw -= _mm(tl.trans(_operand(p_park, _AQW, Aqw, o_t, o_d, BT, BD, PARK)), dhq, PRECISION)
                 dAqw -= _mm(dhq, tl.trans(w), PRECISION)
         if DGD:
-            dr = _mm(tl.trans(Tinv), dw, PRECISION)
+            dr = _mm(tl.trans(_operand(p_park, _TINV, Tinv, o_t, o_d, BT, BD, PARK)), dw, PRECISION)
             dM -= _mm(dr, tl.trans(w), PRECISION)
-            dgr -= _mm(tl.trans(Akk), dr, PRECISION)
+            dgr -= _mm(tl.trans(_operand(p_park, _AKK, Akk, o_t, o_d, BT, BD, PARK)), dr, PRECISION)
             dkh += Bp[:, None] * _mm(dr, w2, PRECISION) + cp[:, None] * _mm(dr, s2, PRECISION)
             dBp += tl.sum(dr * khw2, axis=1)
             dcp += tl.sum(dr * khs2, axis=1)
             dAkk -= _mm(dr, tl.trans(gr), PRECISION)
-            dw2s += _mm(tl.trans(dr * Bp[:, None]), kh, PRECISION)
-            ds2s += _mm(tl.trans(dr * cp[:, None]), kh, PRECISION)
+            dw2s += _mm(tl.trans(dr * Bp[:, None]), _operand(p_park, _KH, kh, o_t, o_d, BT, BD, PARK), PRECISION)
+            ds2s += _mm(tl.trans(dr * cp[:, None]), _operand(p_park, _KH, kh, o_t, o_d, BT, BD, PARK), PRECISION)
         du = dgr * _gelu_grad(hk)
         dhk = da_ * _gelu_grad(hk) + dgr * u * _gelu_grad2(hk)
         dk += _mm(dhk, w2, PRECISION)
-        dw1s += BL * n1 + _mm(tl.trans(err), du, PRECISION) + _mm(tl.trans(derr), ak, PRECISION)
+        dw1s += (BL * n1 + _mm(tl.trans(_operand(p_park, _ERR, err, o_t, o_d, BT, BD, PARK)), du, PRECISION)
+                 + _mm(tl.trans(_operand(p_park, _DERR, derr, o_t, o_d, BT, BD, PARK)), ak, PRECISION))
         ds1s += cL * n1 + AL * m1
-        dw2s += BL * n2_ + _mm(tl.trans(dhk), b_k, PRECISION)
+        dw2s += BL * n2_ + _mm(tl.trans(dhk), _operand(p_park, _K, b_k, o_t, o_d, BT, BD, PARK), PRECISION)
         ds2s += cL * n2_ + AL * m2
         if CLIP:  # plus the bound's direct part, already in p_dst
             o1, o2, o3, o4 = _load_tiles(p_dst, o_de, o_ed, m_de, m_ed, DE)
@@ -553,8 +624,8 @@ def _chunk_bwd(p_st, p_dst, p_dn, b_k, b_v, b_q, b_do, rho, L, o_t, o_d, o_e, m_
     gA = tl.where(o_t == L - 1, dAL, 0.0)
     if READOUT:
         dqk = dAqk * gq
-        dq += _mm(dqk, b_k, PRECISION)
-        dk += _mm(tl.trans(dqk), b_q, PRECISION)
+        dq += _mm(dqk, _operand(p_park, _K, b_k, o_t, o_d, BT, BD, PARK), PRECISION)
+        dk += _mm(tl.trans(dqk), _operand(p_park, _Q, b_q, o_t, o_d, BT, BD, PARK), PRECISION)
         dgq += dAqk * QK
         if BEFORE:  # Bq_t = Bk_{t-1}, gq[t] = G[t-1] theta, bq[t] = Br[t-1] theta
             gBk += _shift_vec_up(dBq, o_t)
@@ -570,8 +641,8 @@ def _chunk_bwd(p_st, p_dst, p_dn, b_k, b_v, b_q, b_do, rho, L, o_t, o_d, o_e, m_
             dth += tl.sum(dgq * Gd, axis=0)
         if DGD:
             dqkh = dAqw * bq
-            dq += _mm(dqkh, kh, PRECISION)
-            dkh += _mm(tl.trans(dqkh), b_q, PRECISION)
+            dq += _mm(dqkh, _operand(p_park, _KH, kh, o_t, o_d, BT, BD, PARK), PRECISION)
+            dkh += _mm(tl.trans(dqkh), _operand(p_park, _Q, b_q, o_t, o_d, BT, BD, PARK), PRECISION)
             dbq = dAqw * QKh
             if BEFORE:
                 dbq = tl.where(strict, dbq, 0.0)
@@ -584,15 +655,16 @@ def _chunk_bwd(p_st, p_dst, p_dn, b_k, b_v, b_q, b_do, rho, L, o_t, o_d, o_e, m_
     if DGD:
         dM = tl.where(strict, dM, 0.0)
         dkk = dM * Brs * th_row
-        dkh += _mm(dkk, kh, PRECISION) + _mm(tl.trans(dkk), kh, PRECISION)
+        dkh += (_mm(dkk, _operand(p_park, _KH, kh, o_t, o_d, BT, BD, PARK), PRECISION)
+                + _mm(tl.trans(dkk), _operand(p_park, _KH, kh, o_t, o_d, BT, BD, PARK), PRECISION))
         gBr += _shift_up(dM * th_row * KhKh, o_t, PRECISION)
         dth += tl.sum(dM * Brs * KhKh, axis=0)
         gBk += _shift_vec_up(dBp, o_t)
         gc += _shift_vec_up(dcp, o_t)
         dAkk = tl.where(strict, dAkk, 0.0)
         dkhk = dAkk * Gs * th_row
-        dkh += _mm(dkhk, b_k, PRECISION)
-        dk += _mm(tl.trans(dkhk), kh, PRECISION)
+        dkh += _mm(dkhk, _operand(p_park, _K, b_k, o_t, o_d, BT, BD, PARK), PRECISION)
+        dk += _mm(tl.trans(dkhk), _operand(p_park, _KH, kh, o_t, o_d, BT, BD, PARK), PRECISION)
         gG += _shift_up(dAkk * th_row * KhK, o_t, PRECISION)
         dth += tl.sum(dAkk * Gs * KhK, axis=0)
         dk += _l2n_bwd(kh, kn, dkh)
@@ -754,13 +826,13 @@ def _mem_fwd_kernel(p_kvq, p_gates, p_state, p_new, p_mom, p_y, p_scale, p_ckpt,
 
 
 @triton.jit
-def _mem_bwd_kernel(p_kvq, p_gates, p_ckpt, p_dstate, p_dn, p_mom, p_dy, p_dkvq, p_dgates, p_dmom,
+def _mem_bwd_kernel(p_kvq, p_gates, p_ckpt, p_dstate, p_dn, p_park, p_mom, p_dy, p_dkvq, p_dgates, p_dmom,
                     T, H, D, E, C, NC, rho,
                     BT: tl.constexpr, BD: tl.constexpr, BE: tl.constexpr, LOG2_BT: tl.constexpr, DGD: tl.constexpr,
-                    BEFORE: tl.constexpr, CLIP: tl.constexpr, PRECISION: tl.constexpr):
+                    BEFORE: tl.constexpr, CLIP: tl.constexpr, PARK: tl.constexpr, PRECISION: tl.constexpr):
     """Backward of the memory pass for one (b, h), chunks in reverse: p_dstate [4, D E] holds the final state's
     gradient on entry and the initial state's on exit; writes dk, dv, dq [T, 3, D], deta, dalpha [T, 2] and this
-    (b, h)'s d momentum into p_dmom."""
+    (b, h)'s d momentum into p_dmom. PARK: p_park holds [6 BT BD + 5 BT BT] floats per (b, h) (``_chunk_bwd``)."""
     i_bh = tl.program_id(0).to(tl.int64)
     h = i_bh % H
     o_t = tl.arange(0, BT)
@@ -780,10 +852,10 @@ def _mem_bwd_kernel(p_kvq, p_gates, p_ckpt, p_dstate, p_dn, p_mom, p_dy, p_dkvq,
          Bq, cq, gq, bq, QK, QKh) = _chunk_terms(th, b_a, b_b, b_k, b_q, L, o_t, m_d, BT, LOG2_BT, DGD, True, BEFORE,
                                                  PRECISION)
         dk, dv, dq, dth, da, db = _chunk_bwd(
-            p_ckpt + (i_bh * NC + c) * DE4, p_dstate + i_bh * DE4, p_dn + i_bh * DE4, b_k, b_v, b_q, b_do, rho, L,
-            o_t, o_d, o_e, m_t, m_d, D, E, th, b_a, b_b, P, Br, Gd, A, Bk, cc, Brs, Gs, wg, wp, wb, BL, cL, AL, kh,
-            khn, KhKh, KhK, M, Akk, Tinv, Bp, cp, Bq, cq, gq, bq, QK, QKh, BT, BD, BE, DGD, True, BEFORE, CLIP,
-            PRECISION)
+            p_ckpt + (i_bh * NC + c) * DE4, p_dstate + i_bh * DE4, p_dn + i_bh * DE4,
+            p_park + i_bh * (6 * BT * BD + 5 * BT * BT), b_k, b_v, b_q, b_do, rho, L, o_t, o_d, o_e, m_t, m_d, D, E,
+            th, b_a, b_b, P, Br, Gd, A, Bk, cc, Brs, Gs, wg, wp, wb, BL, cL, AL, kh, khn, KhKh, KhK, M, Akk, Tinv,
+            Bp, cp, Bq, cq, gq, bq, QK, QKh, BT, BD, BE, DGD, True, BEFORE, CLIP, PARK, PRECISION)
         tl.store(p_dkvq + o_kvq, dk, mask=m_td)
         tl.store(p_dkvq + o_kvq + D, dv, mask=m_td)
         tl.store(p_dkvq + o_kvq + 2 * D, dq, mask=m_td)
@@ -863,10 +935,10 @@ def _gen_bwd_kernel(p_xq, p_xk, p_xv, p_ckpt, p_work, p_seg, p_new, p_dstate, p_
             for g in range(G):  # one copy of the chunk backward, not G
                 vh = _read(p_start + g * DE4, v, o_d, o_e, m_d, D, E, BT, BD, BE, PRECISION)
                 dk_g, dvh, dq_g, dth, da, db = _chunk_bwd(
-                    p_start + g * DE4, p_dst + g * DE4, p_dn + i_bh * DE4, k, vh, k, zeros_td, rho, L, o_t, o_d, o_e,
-                    m_t, m_d, D, E, eta, b_a, b_b, P, Br, Gd, A, Bk, cc, Brs, Gs, wg, wp, wb, BL, cL, AL, kh, khn,
-                    KhKh, KhK, M, Akk, Tinv, Bp, cp, Bq, cq, gq, bq, QK, QKh, BT, BD, BE, DGD, False, False, CLIP,
-                    PRECISION)
+                    p_start + g * DE4, p_dst + g * DE4, p_dn + i_bh * DE4, p_dn, k, vh, k, zeros_td, rho, L, o_t, o_d,
+                    o_e, m_t, m_d, D, E, eta, b_a, b_b, P, Br, Gd, A, Bk, cc, Brs, Gs, wg, wp, wb, BL, cL, AL, kh,
+                    khn, KhKh, KhK, M, Akk, Tinv, Bp, cp, Bq, cq, gq, bq, QK, QKh, BT, BD, BE, DGD, False, False, CLIP,
+                    False, PRECISION)
                 dk += dk_g
                 deta += dth
                 dalpha -= db
