@@ -15,9 +15,8 @@ from hope_kernels import backends
 from hope_kernels._checks import value_checks_off
 from hope_kernels.self_modifying_titans.chunk import OP
 
-# (name, B, T, d_model, heads, M_mem chunk): the smoke and pilot presets' layer; on the GPU also the pilot layer at
-# M_mem chunk 32, the largest whose backward the Triton kernels take
-GPU_SHAPES = [("smoke", 8, 128, 128, 4, 32), ("pilot", 4, 2048, 768, 12, 64), ("pilot", 4, 2048, 768, 12, 32)]
+# (name, B, T, d_model, heads, M_mem chunk): the smoke and pilot presets' layer
+GPU_SHAPES = [("smoke", 8, 128, 128, 4, 32), ("pilot", 4, 2048, 768, 12, 64)]
 CPU_SHAPES = [("smoke", 8, 128, 128, 4, 32), ("pilot", 1, 512, 768, 12, 64)]
 
 
