@@ -189,22 +189,21 @@ def _read_bwd(p, p_d, X, dO, o_d, o_e, m_d, D, E, BT: tl.constexpr, BD: tl.const
 #: slots of a chunk's parked dot operands (``_chunk_bwd`` with PARK): [BT, BD] blocks, then [BT, BT] ones
 _K, _KH, _Q, _ERR, _DO, _DERR = (tl.constexpr(i) for i in range(6))
 _AKK, _TINV, _AQK, _AQW, _DZ = (tl.constexpr(6 + i) for i in range(5))
-_N_SLOTS_TD = 6
-_N_SLOTS_TT = 5
 
 
 @triton.jit
 def _slot(p_park, SLOT: tl.constexpr, o_t, o_d, BT: tl.constexpr, BD: tl.constexpr):
-    """Offsets of a park slot: [BT, BD] for the first six, [BT, BT] for the rest."""
+    """Pointers of a park slot's block: [BT, BD] for the first six, [BT, BT] for the rest."""
     if SLOT < 6:
-        o = p_park + SLOT * BT * BD + o_t[:, None] * BD + o_d[None, :]
+        p_slot = p_park + SLOT * BT * BD + o_t[:, None] * BD + o_d[None, :]
     else:
-        o = p_park + 6 * BT * BD + (SLOT - 6) * BT * BT + o_t[:, None] * BT + o_t[None, :]
-    return o
+        p_slot = p_park + 6 * BT * BD + (SLOT - 6) * BT * BT + o_t[:, None] * BT + o_t[None, :]
+    return p_slot
 
 
 @triton.jit
 def _park(p_park, SLOT: tl.constexpr, x, o_t, o_d, BT: tl.constexpr, BD: tl.constexpr, PARK: tl.constexpr):
+    """Stores x (a whole block, padding included) in its slot when PARK."""
     if PARK:
         tl.store(_slot(p_park, SLOT, o_t, o_d, BT, BD), x)
 
@@ -218,6 +217,7 @@ def _operand(p_park, SLOT: tl.constexpr, x, o_t, o_d, BT: tl.constexpr, BD: tl.c
     if PARK:
         x = tl.load(_slot(p_park, SLOT, o_t, o_d, BT, BD), volatile=True)
     return x
+
 
 @triton.jit
 def _chunk_terms(b_th, b_a, b_b, b_k, b_q, L, o_t, m_d, BT: tl.constexpr, LOG2_BT: tl.constexpr,
