@@ -240,8 +240,6 @@ def _self_modifying_titans_launches():
 
     out = []
     for (D, backward), caps in smt.MAX_CHUNKS.items():
-        if caps is None:
-            continue
         names = ("_mem_bwd_kernel", "_gen_bwd_kernel") if backward else ("_gen_fwd_kernel", "_mem_fwd_kernel")
         for G, rule, clip in ((4, "dgd", 0.0), (5, "titans", 0.1)):  # the defaults; titans, adaptive q, gen bound
             tag = (f"self_modifying_titans D{D} E{2 * D} G{G} {rule} clip={clip} gen C{caps[0]} mem C{caps[1]} "
