@@ -75,8 +75,9 @@ def test_titan_auto_choice_on_cuda_from_the_triton_record():
 
     assert choose() == "triton"
     assert choose(Dk=129, width=129) == "reference"  # Triton's tiles stay on chip up to Dk 128
-    assert choose(memory="mlp", rule="dgd", Dk=128, width=256, chunk_size=32, backward=True) == "reference"
-    assert choose(memory="mlp", rule="dgd", Dk=128, width=256, chunk_size=16, backward=True) == "triton"
+    assert choose(memory="mlp", rule="dgd", Dk=128, width=256, chunk_size=64, backward=True) == "reference"
+    assert choose(memory="mlp", rule="dgd", Dk=128, width=256, chunk_size=32, backward=True) == "triton"
+    assert choose(memory="mlp", rule="dgd", Dk=64, width=128, chunk_size=64, backward=True) == "triton"
     assert choose(dtype=torch.float64) == "reference"
 
 
