@@ -3,9 +3,12 @@
 The self-modifying Titans layer (generators + M_mem, its defaults: dgd, 4 generators, generator chunk 8) forward +
 backward on every kernel backend of the fused op that runs on the device, against the layer's own loop over
 generator chunks (``fused=False``: ``titan_memory_update`` per chunk on auto's backends), and the teach pass's call
-(``local_grad=True``: the xq-only backward). Rows: median ms, peak MB (CUDA), speedup against the loop.
+(``local_grad=True``: the xq-only backward). On the GPU also the Triton kernels with three-pass TF32 products
+(``triton-tf32x3``, ``TUNING["precision"]``). Rows: median ms, peak MB (CUDA), speedup against the loop.
 """
 from __future__ import annotations
+
+import contextlib
 
 import torch
 from _timing import peak_mb, time_ms
@@ -18,6 +21,22 @@ from hope_kernels.self_modifying_titans.chunk import OP
 # (name, B, T, d_model, heads, M_mem chunk): the smoke and pilot presets' layer
 GPU_SHAPES = [("smoke", 8, 128, 128, 4, 32), ("pilot", 4, 2048, 768, 12, 64)]
 CPU_SHAPES = [("smoke", 8, 128, 128, 4, 32), ("pilot", 1, 512, 768, 12, 64)]
+
+
+@contextlib.contextmanager
+def _triton_precision(precision: str | None):
+    """The fused op's Triton products at ``precision`` for the block (None: unchanged)."""
+    if precision is None:
+        yield
+        return
+    from hope_kernels.self_modifying_titans import triton as smt_triton
+
+    saved = smt_triton.TUNING["precision"]
+    smt_triton.TUNING["precision"] = precision
+    try:
+        yield
+    finally:
+        smt_triton.TUNING["precision"] = saved
 
 
 def _step(layer, x, local_grad: bool):
@@ -43,6 +62,9 @@ def run(device="cuda") -> list[dict]:
         for be in backends.available_backends(OP, device):
             if be != "reference":
                 layers[be] = SelfModifyingTitans(dim, heads, mem_chunk_size=mem_chunk, backend=be).to(device)
+        if "triton" in layers and device.type == "cuda":
+            layers["triton-tf32x3"] = SelfModifyingTitans(dim, heads, mem_chunk_size=mem_chunk,
+                                                          backend="triton").to(device)
         for layer in layers.values():
             layer.load_state_dict(base.state_dict())
         for local_grad in (False, True):
@@ -51,7 +73,7 @@ def run(device="cuda") -> list[dict]:
                 fn = _step(layer, x, local_grad)
                 shape = f"{name} B{B} T{T} d{dim} h{heads} mem_chunk{mem_chunk}"
                 try:
-                    with value_checks_off():
+                    with value_checks_off(), _triton_precision("tf32x3" if impl == "triton-tf32x3" else None):
                         fn()
                         ms = time_ms(fn, device, reps=5)
                         mb = peak_mb(fn, device)

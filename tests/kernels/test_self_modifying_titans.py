@@ -23,6 +23,7 @@ from hope_kernels.self_modifying_titans.chunk import OP
 from hope_kernels.titan_memory_update import MLPMemoryState
 
 RULES = ("titans", "dgd")
+HAS_CUDA = torch.cuda.is_available()
 HAS_CPP = "cpp" in backends.available_backends(OP, "cpu")
 CPP = pytest.param("cpp", marks=pytest.mark.skipif(not HAS_CPP, reason="C++ kernels not built"))
 KERNEL_BACKENDS = [CPP, "triton"]
@@ -34,9 +35,14 @@ METRIC_KEYS = {"memory_update_norm", "generator_update_norm", "memory_lr_mean", 
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    a, b = a.detach(), b.detach()
+    a, b = a.detach().cpu(), b.detach().cpu()
     assert torch.isfinite(a).all() and torch.isfinite(b).all(), "NaN / inf never passes"
     return float((a - b).norm() / b.norm().clamp_min(1e-30))
+
+
+def _device(backend: str) -> torch.device:
+    """Where a backend's kernels run here: Triton on the GPU when there is one (else under its interpreter)."""
+    return torch.device("cuda" if backend == "triton" and HAS_CUDA else "cpu")
 
 
 def _backend_available(backend: str):
@@ -54,7 +60,7 @@ def _layer_pair(rule: str, backend: str, *, dim=36, heads=3, gen_chunk=5, mem_ch
     with torch.no_grad():  # larger learning rates than at init, so the bounds bite on some chunks
         ref.gate_bias[0].add_(lr_shift)
         ref.gate_readout.normal_(0.0, 0.3)
-    fused = copy.deepcopy(ref)
+    fused = copy.deepcopy(ref).to(_device(backend))
     fused.backend = backend
     return ref, fused
 
@@ -94,7 +100,7 @@ def test_layer_matches_reference_layer(backend, rule, flags, sizes):
                              **LAYER_FLAGS[flags])
     x = torch.randn(B, T, dim, generator=torch.Generator().manual_seed(1))
     loss_r, grads_r, met_r = _loss_and_grads(ref, x)
-    loss_f, grads_f, met_f = _loss_and_grads(fused, x)
+    loss_f, grads_f, met_f = _loss_and_grads(fused, x.to(_device(backend)))
     assert ref.fused_path is None and fused.fused_path == backend, fused.fused_reason
     assert rel_err(loss_f, loss_r) <= REL
     assert set(grads_f) == set(grads_r)
@@ -119,7 +125,7 @@ def test_layer_local_grad_matches_reference_layer(backend, adaptive_q):
     results = []
     for layer in (ref, fused):
         layer.zero_grad(set_to_none=True)
-        x = x0.clone().requires_grad_()
+        x = x0.to(layer.gate_bias.device).requires_grad_()
         y, _, _ = layer(x, local_grad=True)
         y.square().sum().backward()
         results.append((y.detach(), x.grad, {n: p.grad for n, p in layer.named_parameters()}))
@@ -147,7 +153,7 @@ def test_teach_pass_call_takes_the_xq_only_backward(backend, monkeypatch):
 
     monkeypatch.setattr(kernel, "bwd", staticmethod(spy))
     _, layer = _layer_pair("dgd", backend, dim=12, heads=2, gen_chunk=4, mem_chunk=5)
-    x = torch.randn(1, 11, 12, generator=torch.Generator().manual_seed(4), requires_grad=True)
+    x = torch.randn(1, 11, 12, generator=torch.Generator().manual_seed(4)).to(_device(backend)).requires_grad_()
     y, _, _ = layer(x, local_grad=True)
     torch.autograd.grad(y.square().sum(), x)
     layer(x)[0].square().sum().backward()
@@ -214,20 +220,51 @@ def test_op_matches_naive(backend, rule, flags, sizes):
                                                    MLPMemoryState(*ins64[7:11]), *ins64[11:], **kw)
     cots = _cotangents(y, gen, mem)
     grads64 = torch.autograd.grad(_pairing((y, *gen, *mem), cots), ins64)
-    ins = [t.detach().float().requires_grad_() for t in ins64]
+    ins = [t.detach().float().to(_device(backend)).requires_grad_() for t in ins64]
     # every chunk checkpointed (the C++ forward then keeps every chunk's intermediates for the backward) and every
     # second one (the backward recomputes them)
     for every in (1, 2) if backend == "cpp" else (2,):
         out = _run_op(self_modifying_titans, ins, backend=backend, checkpoint_every=every, **kw)
         for a, b in zip((out.y, *out.gen, *out.mem, out.eta), (y, *gen, *mem, eta)):
             assert rel_err(a.double(), b) <= REL
-        grads = torch.autograd.grad(_pairing((out.y, *out.gen, *out.mem), [c.float() for c in cots]), ins)
+        grads = torch.autograd.grad(_pairing((out.y, *out.gen, *out.mem), [c.float().to(ins[0].device) for c in cots]),
+                                    ins)
         for i, (a, b) in enumerate(zip(grads, grads64)):
             assert rel_err(a.double(), b) <= REL, (every, i)
     if gclip > 0:  # the bound is active on some chunks and not on others
         assert (out.gen_update_scale < 1).any() and (out.gen_update_scale == 1).any()
     if mclip > 0:
         assert (out.mem_update_scale < 1).any()
+
+
+@pytest.mark.parametrize("precision", ["ieee", "tf32x3"])
+@pytest.mark.parametrize("rule", RULES)
+def test_triton_at_the_pilot_tiles_matches_naive(rule, precision, monkeypatch):
+    """The pilot's head (D 64, E 128: four state tiles), generator chunk 8 and M_mem chunk 64 (the memory pass's
+    backward reloading its parked operands), three M_mem chunks, the memory bound active: outputs, final states and
+    every input gradient vs naive.py in float64, rel <= 1e-5; on a GPU also titans and three-pass TF32 products."""
+    _backend_available("triton")
+    if not HAS_CUDA and (rule, precision) != ("dgd", "ieee"):
+        pytest.skip("on the GPU only: the interpreter takes over a minute per case and computes fp32 products "
+                    "whatever the precision")
+    triton_rec = importlib.import_module("hope_kernels.self_modifying_titans.triton")
+    monkeypatch.setitem(triton_rec.TUNING, "precision", precision)
+    kw = dict(gen_chunk_size=8, mem_chunk_size=64, gen_update_clip=0.5, mem_update_clip=0.3, rule=rule,
+              normalize_v=True, readout_before=False)
+    ins64 = _op_inputs(B=1, H=2, T=150, D=64, E=128, G=4, lr_shift=-1.0)
+    y, gen, mem, eta = self_modifying_titans_naive(*ins64[:3], MLPMemoryState(*ins64[3:7]),
+                                                   MLPMemoryState(*ins64[7:11]), *ins64[11:], **kw)
+    cots = _cotangents(y, gen, mem)
+    grads64 = torch.autograd.grad(_pairing((y, *gen, *mem), cots), ins64)
+    ins = [t.detach().float().to(_device("triton")).requires_grad_() for t in ins64]
+    out = _run_op(self_modifying_titans, ins, backend="triton", **kw)
+    for a, b in zip((out.y, *out.gen, *out.mem, out.eta), (y, *gen, *mem, eta)):
+        assert rel_err(a.double(), b) <= REL
+    grads = torch.autograd.grad(_pairing((out.y, *out.gen, *out.mem), [c.float().to(ins[0].device) for c in cots]),
+                                ins)
+    for i, (a, b) in enumerate(zip(grads, grads64)):
+        assert rel_err(a.double(), b) <= REL, i
+    assert (out.mem_update_scale < 1).any()
 
 
 # (backend, rule, readout_before, mem clip): the xq-only backward (the teach pass's) on both read-outs, with and
@@ -253,10 +290,11 @@ def test_xq_only_backward_matches_naive(backend, rule, readout_before, mclip):
                                                  MLPMemoryState(*ins64[7:11]), *ins64[11:], **kw)
     cots = _cotangents(y, gen, mem)
     (dxq64,) = torch.autograd.grad(_pairing((y, *gen, *mem), cots), ins64[:1])
-    ins = [t.detach().float() for t in ins64]
+    ins = [t.detach().float().to(_device(backend)) for t in ins64]
     ins[0].requires_grad_()
     out = _run_op(self_modifying_titans, ins, backend=backend, **kw)
-    (dxq,) = torch.autograd.grad(_pairing((out.y, *out.gen, *out.mem), [c.float() for c in cots]), ins[:1])
+    (dxq,) = torch.autograd.grad(_pairing((out.y, *out.gen, *out.mem), [c.float().to(ins[0].device) for c in cots]),
+                                 ins[:1])
     assert rel_err(dxq.double(), dxq64) <= REL
 
 
@@ -393,7 +431,7 @@ def test_naive_matches_reference_layer():
 def test_nan_propagates(backend):
     """A NaN in one head's input reaches that head's output; the other heads stay finite (no silent zeros)."""
     _backend_available(backend)
-    ins = [t.detach().float() for t in _op_inputs(H=2, T=11, D=4, E=6)]
+    ins = [t.detach().float().to(_device(backend)) for t in _op_inputs(H=2, T=11, D=4, E=6)]
     ins[1][0, 1, 5, 2] = float("nan")
     with value_checks_off():  # the kernels' own propagation (with checks on, the NaN gates raise: test below)
         out = _run_op(self_modifying_titans, ins, gen_chunk_size=4, mem_chunk_size=7, rule="dgd", backend=backend)

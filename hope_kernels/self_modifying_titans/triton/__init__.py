@@ -20,8 +20,10 @@ from hope_kernels.self_modifying_titans.triton.kernels import (
 )
 
 #: hidden units per state tile; warps per program; software-pipelining stages (1: none, whose prefetch buffers would
-#: take shared memory beside every tile's)
-TUNING = {"be": 32, "num_warps": 4, "num_stages": 1}
+#: take shared memory beside every tile's); the products' precision: "ieee" exact fp32 as the reference computes
+#: them, or "tf32x3" (three TF32 products per fp32 one, on tensor cores; its accuracy shows on a GPU only: the
+#: interpreter computes fp32 whatever the setting)
+TUNING = {"be": 32, "num_warps": 4, "num_stages": 1, "precision": "ieee"}
 #: (largest generator chunk, largest M_mem chunk), as power-of-two tiles, per (head-dim tile, a backward follows).
 #: Every launch compiled for sm_90 (bench/triton_resources.py, Triton 3.6 as on the GPU machine)
 #: needs at most an H100's 227 KiB of shared memory. The memory pass's forward sets the M_mem caps (at D 128 it needs
@@ -43,7 +45,7 @@ def _launch_options() -> dict:
 
 
 def _precision() -> str:
-    return "ieee"  # fp32 products exactly as the reference computes them (no tf32)
+    return TUNING["precision"]
 
 
 def _pack(W1, W2, S1, S2, G: int) -> torch.Tensor:
