@@ -8,7 +8,9 @@ everything in a chunk is separable over the hidden units except a few sums over 
 read-out's score), so each chunk makes a fixed number of passes over the tiles. The chunk's decay terms ([BT, BT]
 and [BT]) are formed from its gates in registers; their backward is a handful of [BT, BT] products
 (``_terms_bwd``). Padded rows of a chunk (t >= L) have lr 0 and keep / momentum 1, and zero tokens, so they change
-nothing. ``tl.debug_barrier`` separates a tile's loads from its in-place store and one pass from the next.
+nothing. ``tl.debug_barrier`` separates a tile's loads from its in-place store and one pass from the next. The
+memory pass's backward parks each chunk's constant dot operands in global memory and reloads one at every product
+(``_operand``): held in registers, their shared-memory copies outlived every tile loop and overflowed an H100.
 """
 from __future__ import annotations
 
@@ -491,7 +493,7 @@ def _chunk_bwd(p_st, p_dst, p_dn, p_park, b_k, b_v, b_q, b_do, rho, L, o_t, o_d,
         w1, w2, s1, s2 = _load_tiles(p_st, o_de, o_ed, m_de, m_ed, DE)
         hk, ak, u, gr, khw2, khs2, r, w, qw2, qs2, hq, aq = _tile_fwd(
             w1, w2, s1, s2, b_k, kh, b_q, err, Akk, Tinv, Bp, cp, Aqk, Aqw, Bq, cq, p_park, o_t, o_d, BT, BD, DGD,
-                READOUT, PARK, PRECISION)
+            READOUT, PARK, PRECISION)
         n1, n2_, m1, m2 = _load_tiles(p_dnn, o_de, o_ed, m_de, m_ed, DE)  # dW1', dW2', dS1', dS2'
         derr -= (wg[:, None] * _mm(ak, tl.trans(n1), PRECISION) + wp[:, None] * _mm(ak, tl.trans(m1), PRECISION))
         dgr = -(wg[:, None] * _mm(_operand(p_park, _K, b_k, o_t, o_d, BT, BD, PARK), tl.trans(n2_), PRECISION)
@@ -536,7 +538,7 @@ def _chunk_bwd(p_st, p_dst, p_dn, p_park, b_k, b_v, b_q, b_do, rho, L, o_t, o_d,
         w1, w2, s1, s2 = _load_tiles(p_st, o_de, o_ed, m_de, m_ed, DE)
         hk, ak, u, gr, khw2, khs2, r, w, qw2, qs2, hq, aq = _tile_fwd(
             w1, w2, s1, s2, b_k, kh, b_q, err, Akk, Tinv, Bp, cp, Aqk, Aqw, Bq, cq, p_park, o_t, o_d, BT, BD, DGD,
-                READOUT, PARK, PRECISION)
+            READOUT, PARK, PRECISION)
         n1, n2_, m1, m2 = _load_tiles(p_dnn, o_de, o_ed, m_de, m_ed, DE)
         kn2 = _mm(_operand(p_park, _K, b_k, o_t, o_d, BT, BD, PARK), tl.trans(n2_), PRECISION)
         km2 = _mm(_operand(p_park, _K, b_k, o_t, o_d, BT, BD, PARK), tl.trans(m2), PRECISION)
