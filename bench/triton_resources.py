@@ -8,6 +8,13 @@ fails at launch there (``OutOfResources``); this finds it here. Checked against 
 backward at Dk = 128, C = 64 needed 270336 bytes on the GPU (Triton 3.6) and compiles to 270336 here with Triton 3.6.
 
     python bench/triton_resources.py [--arch 90] [--json PATH]     # report every launch of LAUNCHES
+    python bench/triton_resources.py --op self_modifying_titans --no-ptxas   # shared memory only, faster
+
+``--no-ptxas`` stops each compile once Triton has allocated shared memory, before PTX and ptxas (the fused op's
+memory-pass backward: about a minute instead of eight on 2 cores): shared memory is exact, registers and spills are
+not reported. To see which buffers make
+a kernel's peak, run it with ``MLIR_ENABLE_DUMP=1`` and read the IR before ``TritonTensorMemoryAllocationPass``:
+every shared buffer carries its ``allocation.offset``, and its source line in the ``loc`` table.
 
 Runs with TRITON_INTERPRET unset (the interpreter replaces kernels by Python functions that cannot be compiled).
 """
@@ -81,6 +88,39 @@ def _signature(kernel, args, kwargs):
             raise TypeError(f"argument {p.name!r} of {kernel.__name__}: unsupported type {type(value).__name__}")
     options = {k: v for k, v in kwargs.items() if k in ("num_warps", "num_stages")}
     return signature, constexprs, options
+
+
+class _StopBeforePtx(Exception):
+    """Raised by the PTX stage that ``shared_without_ptxas`` installs: carries the allocated shared memory."""
+
+
+def shared_without_ptxas(kernel, args, kwargs, arch: int = 90) -> int:
+    """Shared memory (bytes) of one recorded launch for ``sm_<arch>``, compiling only up to Triton's allocation (its
+    LLVM-IR stage records it): no PTX, no ptxas."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.backends.nvidia.compiler import CUDABackend
+    from triton.compiler import ASTSource
+
+    def stop(src, metadata):
+        raise _StopBeforePtx(metadata["shared"])
+
+    add_stages = CUDABackend.add_stages
+
+    def add_stages_then_stop(self, stages, options, language):
+        add_stages(self, stages, options, language)
+        stages["ptx"] = stop
+
+    signature, constexprs, options = _signature(kernel, args, kwargs)
+    CUDABackend.add_stages = add_stages_then_stop
+    try:
+        compiled = triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=constexprs),
+                                  target=GPUTarget("cuda", arch, 32), options=options)
+    except _StopBeforePtx as stopped:
+        return int(stopped.args[0])
+    finally:
+        CUDABackend.add_stages = add_stages
+    return int(compiled.metadata.shared)  # compiled before: Triton's cache returned it without running a stage
 
 
 def compile_resources(kernel, args, kwargs, arch: int = 90) -> dict:
@@ -255,8 +295,9 @@ LAUNCHES = {"titan_memory_update": _titan_launches, "teach_signal": _teach_signa
 OPT_IN = {"self_modifying_titans": _self_modifying_titans_launches}
 
 
-def report(arch: int = 90, ops=None):
-    """Yields one row per compiled launch: op, case, kernel, shared, regs, spill_stack, fits (shared <= limit)."""
+def report(arch: int = 90, ops=None, ptxas: bool = True):
+    """Yields one row per compiled launch: op, case, kernel, shared, regs, spill_stack, fits (shared <= limit);
+    without ``ptxas`` shared memory only (``shared_without_ptxas``)."""
     seen = set()
     for op, launches in {**LAUNCHES, **OPT_IN}.items():
         if (ops and op not in ops) or (not ops and op in OPT_IN):
@@ -269,8 +310,9 @@ def report(arch: int = 90, ops=None):
                     continue
                 seen.add(key)
                 flags = "+".join(k for k, v in kwargs.items() if k.isupper() and v is True and k != "DGD")
-                row = {"op": op, "case": tag, "kernel": name, "flags": flags,
-                       **compile_resources(kernel, args, kwargs, arch)}
+                resources = (compile_resources(kernel, args, kwargs, arch) if ptxas
+                             else {"shared": shared_without_ptxas(kernel, args, kwargs, arch)})
+                row = {"op": op, "case": tag, "kernel": name, "flags": flags, **resources}
                 row["fits_h100"] = row["shared"] <= H100_MAX_SHARED
                 yield row
 
@@ -281,6 +323,8 @@ def main(argv=None) -> int:
     parser.add_argument("--json", help="also write the rows (with the Triton version) to this file")
     parser.add_argument("--op", action="append",
                         help="only these ops (default: every op of LAUNCHES; those of OPT_IN only when named)")
+    parser.add_argument("--no-ptxas", action="store_true",
+                        help="shared memory only, from Triton's allocation (no PTX, no ptxas: much faster)")
     ns = parser.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
         print("triton_resources: unset TRITON_INTERPRET (interpreted kernels cannot be compiled)", file=sys.stderr)
@@ -288,14 +332,15 @@ def main(argv=None) -> int:
     import triton
 
     rows = []
-    for row in report(ns.arch, ns.op):
+    for row in report(ns.arch, ns.op, ptxas=not ns.no_ptxas):
         rows.append(row)
         print(f"{row['case']:<34} {row['kernel']:<20} {row['flags']:<20} shared {row['shared'] / 1024:6.1f} KiB  regs "
               f"{row.get('regs', '?'):>3}  spill stack {row.get('spill_stack', '?'):>5} B"
               f"{'' if row['fits_h100'] else '  DOES NOT FIT an H100'}", flush=True)
     if ns.json:
         with open(ns.json, "w") as f:
-            json.dump({"triton": triton.__version__, "arch": ns.arch, "rows": rows}, f, indent=1)
+            json.dump({"triton": triton.__version__, "arch": ns.arch, "ptxas": not ns.no_ptxas, "rows": rows}, f,
+                      indent=1)
     return 0 if all(r["fits_h100"] for r in rows) else 1
 
 

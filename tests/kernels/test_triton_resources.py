@@ -40,3 +40,12 @@ def test_every_triton_launch_fits_an_h100(tmp_path):
     too_big = [f"{r['case']} {r['kernel']} {r['flags']}: {r['shared']} B" for r in rows if not r["fits_h100"]]
     assert not too_big, "launches that need more shared memory than an H100 has:\n" + "\n".join(too_big)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    # the quick mode (stopped before PTX; an empty cache, so that it compiles) reports the same shared memory
+    quick = tmp_path / "quick.json"
+    subprocess.run([sys.executable, str(root / "bench" / "triton_resources.py"), "--no-ptxas", "--op", "cms_update",
+                    "--op", "teach_signal", "--json", str(quick)], capture_output=True, text=True,
+                   env={**env, "TRITON_CACHE_DIR": str(tmp_path / "triton-cache")}, timeout=600, cwd=root)
+    quick_rows = json.loads(quick.read_text())["rows"]
+    full = {(r["case"], r["kernel"], r["flags"]): r["shared"] for r in rows}
+    assert quick_rows and all(full[(r["case"], r["kernel"], r["flags"])] == r["shared"] for r in quick_rows)
+    assert all("regs" not in r for r in quick_rows)
