@@ -17,6 +17,7 @@ from hope_kernels.self_modifying_titans.triton.kernels import (
     _gen_fwd_kernel,
     _mem_bwd_kernel,
     _mem_fwd_kernel,
+    park_floats,
 )
 
 #: hidden units per state tile; warps per program; software-pipelining stages (1: none, whose prefetch buffers would
@@ -128,7 +129,7 @@ class TritonKernel:
         dgen = _pack(dgW1, dgW2, dgS1, dgS2, G)
         dn = torch.empty(B * H, 4, D * E, device=dev, dtype=f32)
         BT, BD, BE, LOG2 = _blocks(settings.mem_chunk_size, D, E)
-        park = torch.empty(B * H, 6 * BT * BD + 5 * BT * BT, device=dev, dtype=f32)
+        park = torch.empty(B * H, park_floats(BT, BD), device=dev, dtype=f32)
         dkvq = torch.empty(B, H, T, 3, D, device=dev, dtype=f32)
         dgates = torch.empty(B, H, T, 2, device=dev, dtype=f32)
         dmom_mem = torch.empty(B * H, device=dev, dtype=f32)

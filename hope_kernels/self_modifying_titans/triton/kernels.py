@@ -189,17 +189,24 @@ def _read_bwd(p, p_d, X, dO, o_d, o_e, m_d, D, E, BT: tl.constexpr, BD: tl.const
 
 # ------------------------------------------------------------------------------------------------ one chunk
 #: slots of a chunk's parked dot operands (``_chunk_bwd`` with PARK): [BT, BD] blocks, then [BT, BT] ones
-_K, _KH, _Q, _ERR, _DO, _DERR = (tl.constexpr(i) for i in range(6))
-_AKK, _TINV, _AQK, _AQW, _DZ = (tl.constexpr(6 + i) for i in range(5))
+_N_TD_SLOTS = tl.constexpr(6)
+_N_TT_SLOTS = tl.constexpr(5)
+_K, _KH, _Q, _ERR, _DO, _DERR = (tl.constexpr(i) for i in range(_N_TD_SLOTS))
+_AKK, _TINV, _AQK, _AQW, _DZ = (tl.constexpr(_N_TD_SLOTS + i) for i in range(_N_TT_SLOTS))
+
+
+def park_floats(BT: int, BD: int) -> int:
+    """Floats one (b, h) parks: the [BT, BD] and [BT, BT] slots (the memory pass's backward's ``p_park`` stride)."""
+    return _N_TD_SLOTS.value * BT * BD + _N_TT_SLOTS.value * BT * BT
 
 
 @triton.jit
 def _slot(p_park, SLOT: tl.constexpr, o_t, o_d, BT: tl.constexpr, BD: tl.constexpr):
-    """Pointers of a park slot's block: [BT, BD] for the first six, [BT, BT] for the rest."""
-    if SLOT < 6:
+    """Pointers of a park slot's block: [BT, BD] for the first slots, [BT, BT] for the rest."""
+    if SLOT < _N_TD_SLOTS:
         p_slot = p_park + SLOT * BT * BD + o_t[:, None] * BD + o_d[None, :]
     else:
-        p_slot = p_park + 6 * BT * BD + (SLOT - 6) * BT * BT + o_t[:, None] * BT + o_t[None, :]
+        p_slot = p_park + _N_TD_SLOTS * BT * BD + (SLOT - _N_TD_SLOTS) * BT * BT + o_t[:, None] * BT + o_t[None, :]
     return p_slot
 
 
@@ -404,7 +411,7 @@ def _chunk_bwd(p_st, p_dst, p_dn, p_park, b_k, b_v, b_q, b_do, rho, L, o_t, o_d,
     """Backward of ``_chunk_fwd`` (docs: "backward"): p_st the chunk-start state (read only); p_dst holds the
     gradient of the bounded end state on entry and that of the chunk-start state on exit; p_dn: scratch for the
     unbounded end state's gradient (CLIP). PARK: the chunk's constant dot operands are parked at p_park (its
-    ``_slot``s, [6 BT BD + 5 BT BT] floats) and each product reloads its operand there (``_operand``).
+    ``_slot``s, ``park_floats`` floats) and each product reloads its operand there (``_operand``).
     Returns dK, dV, dQ [BT, BD] and dtheta, da, db [BT]."""
     DE = D * E
     err = _errors(p_st, b_k, b_v, o_d, o_e, m_d, D, E, BT, BD, BE, PRECISION)
@@ -834,7 +841,7 @@ def _mem_bwd_kernel(p_kvq, p_gates, p_ckpt, p_dstate, p_dn, p_park, p_mom, p_dy,
                     BEFORE: tl.constexpr, CLIP: tl.constexpr, PARK: tl.constexpr, PRECISION: tl.constexpr):
     """Backward of the memory pass for one (b, h), chunks in reverse: p_dstate [4, D E] holds the final state's
     gradient on entry and the initial state's on exit; writes dk, dv, dq [T, 3, D], deta, dalpha [T, 2] and this
-    (b, h)'s d momentum into p_dmom. PARK: p_park holds [6 BT BD + 5 BT BT] floats per (b, h) (``_chunk_bwd``)."""
+    (b, h)'s d momentum into p_dmom. PARK: p_park holds ``park_floats(BT, BD)`` floats per (b, h) (``_chunk_bwd``)."""
     i_bh = tl.program_id(0).to(tl.int64)
     h = i_bh % H
     o_t = tl.arange(0, BT)
@@ -855,9 +862,9 @@ def _mem_bwd_kernel(p_kvq, p_gates, p_ckpt, p_dstate, p_dn, p_park, p_mom, p_dy,
                                                  PRECISION)
         dk, dv, dq, dth, da, db = _chunk_bwd(
             p_ckpt + (i_bh * NC + c) * DE4, p_dstate + i_bh * DE4, p_dn + i_bh * DE4,
-            p_park + i_bh * (6 * BT * BD + 5 * BT * BT), b_k, b_v, b_q, b_do, rho, L, o_t, o_d, o_e, m_t, m_d, D, E,
-            th, b_a, b_b, P, Br, Gd, A, Bk, cc, Brs, Gs, wg, wp, wb, BL, cL, AL, kh, khn, KhKh, KhK, M, Akk, Tinv,
-            Bp, cp, Bq, cq, gq, bq, QK, QKh, BT, BD, BE, DGD, True, BEFORE, CLIP, PARK, PRECISION)
+            p_park + i_bh * (_N_TD_SLOTS * BT * BD + _N_TT_SLOTS * BT * BT), b_k, b_v, b_q, b_do, rho, L, o_t, o_d,
+            o_e, m_t, m_d, D, E, th, b_a, b_b, P, Br, Gd, A, Bk, cc, Brs, Gs, wg, wp, wb, BL, cL, AL, kh, khn, KhKh,
+            KhK, M, Akk, Tinv, Bp, cp, Bq, cq, gq, bq, QK, QKh, BT, BD, BE, DGD, True, BEFORE, CLIP, PARK, PRECISION)
         tl.store(p_dkvq + o_kvq, dk, mask=m_td)
         tl.store(p_dkvq + o_kvq + D, dv, mask=m_td)
         tl.store(p_dkvq + o_kvq + 2 * D, dq, mask=m_td)
