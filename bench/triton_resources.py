@@ -12,9 +12,9 @@ backward at Dk = 128, C = 64 needed 270336 bytes on the GPU (Triton 3.6) and com
 
 ``--no-ptxas`` stops each compile once Triton has allocated shared memory, before PTX and ptxas (the fused op's
 memory-pass backward: about a minute instead of eight on 2 cores): shared memory is exact, registers and spills are
-not reported. To see which buffers make
-a kernel's peak, run it with ``MLIR_ENABLE_DUMP=1`` and read the IR before ``TritonTensorMemoryAllocationPass``:
-every shared buffer carries its ``allocation.offset``, and its source line in the ``loc`` table.
+not reported. To see which buffers make a kernel's peak, run it with ``MLIR_ENABLE_DUMP=1`` and read the IR before
+``TritonTensorMemoryAllocationPass``: every shared buffer carries its ``allocation.offset``, and its source line in
+the ``loc`` table.
 
 Runs with TRITON_INTERPRET unset (the interpreter replaces kernels by Python functions that cannot be compiled).
 """
@@ -94,13 +94,21 @@ class _StopBeforePtx(Exception):
     """Raised by the PTX stage that ``shared_without_ptxas`` installs: carries the allocated shared memory."""
 
 
+def _compile(kernel, args, kwargs, arch: int):
+    """Triton's compile of one recorded launch for ``sm_<arch>``."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    signature, constexprs, options = _signature(kernel, args, kwargs)
+    return triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=constexprs),
+                          target=GPUTarget("cuda", arch, 32), options=options)
+
+
 def shared_without_ptxas(kernel, args, kwargs, arch: int = 90) -> int:
     """Shared memory (bytes) of one recorded launch for ``sm_<arch>``, compiling only up to Triton's allocation (its
     LLVM-IR stage records it): no PTX, no ptxas."""
-    import triton
-    from triton.backends.compiler import GPUTarget
     from triton.backends.nvidia.compiler import CUDABackend
-    from triton.compiler import ASTSource
 
     def stop(src, metadata):
         raise _StopBeforePtx(metadata["shared"])
@@ -111,11 +119,9 @@ def shared_without_ptxas(kernel, args, kwargs, arch: int = 90) -> int:
         add_stages(self, stages, options, language)
         stages["ptx"] = stop
 
-    signature, constexprs, options = _signature(kernel, args, kwargs)
     CUDABackend.add_stages = add_stages_then_stop
     try:
-        compiled = triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=constexprs),
-                                  target=GPUTarget("cuda", arch, 32), options=options)
+        compiled = _compile(kernel, args, kwargs, arch)
     except _StopBeforePtx as stopped:
         return int(stopped.args[0])
     finally:
@@ -126,12 +132,8 @@ def shared_without_ptxas(kernel, args, kwargs, arch: int = 90) -> int:
 def compile_resources(kernel, args, kwargs, arch: int = 90) -> dict:
     """Compiles one recorded launch for ``sm_<arch>``: ``{shared, regs, spill_stack, num_warps, num_stages}``."""
     import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
 
-    signature, constexprs, options = _signature(kernel, args, kwargs)
-    compiled = triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=constexprs),
-                              target=GPUTarget("cuda", arch, 32), options=options)
+    compiled = _compile(kernel, args, kwargs, arch)
     row = {"shared": int(compiled.metadata.shared), "num_warps": compiled.metadata.num_warps,
            "num_stages": compiled.metadata.num_stages}
     cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
