@@ -141,8 +141,8 @@ def self_modifying_titans(
     if checkpoint_every is None:
         checkpoint_every = default_checkpoint_every(T, gen_chunk_size)
     check_positive_int("checkpoint_every", checkpoint_every)
-    inputs = LayerTensors(xq, xk, xv, gen, mem, gate_readout, gate_bias, momentum).as_list()
-    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in inputs)
+    needs_grad = torch.is_grad_enabled() and any(
+        t.requires_grad for t in (xq, xk, xv, *gen, *mem, gate_readout, gate_bias, momentum))
     call = SelfModifyingTitansCall(xq.device, torch.float32, B, H, T, D, E, G, rule, gen_chunk_size, mem_chunk_size,
                                    float(gen_update_clip), float(mem_update_clip), bool(normalize_v),
                                    bool(readout_before), backward=needs_grad)
@@ -153,6 +153,7 @@ def self_modifying_titans(
             mem_chunk_size=mem_chunk_size, gen_update_clip=gen_update_clip, mem_update_clip=mem_update_clip,
             rule=rule, normalize_v=normalize_v, readout_before=readout_before)
         return SelfModifyingTitansOutput(y, gen_T, mem_T, eta, None, None)
+    inputs = LayerTensors(xq, xk, xv, gen, mem, gate_readout, gate_bias, momentum).as_list()
     if not needs_grad or xq_only_grad(inputs):
         checkpoint_every = 0  # no backward, or the xq-only one: no generator checkpoints to store
     settings = LayerSettings(gen_chunk_size, mem_chunk_size, float(gen_update_clip), float(mem_update_clip),
